@@ -1,0 +1,23 @@
+"""hf_distill: knowledge distillation for Hugging Face Transformers.
+
+from hf_distill import DistillationConfig, DistillationTrainer
+args = DistillationConfig(output_dir="out", losses={"hard_label": {"weight": 0.5},
+                                                    "soft_target": {"weight": 0.5, "temperature": 5.0}})
+DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
+"""
+
+from .config import DistillationConfig
+from .losses import DistillationLoss, available_losses, register_loss
+from .teacher import load_teacher
+from .trainer import DistillationTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillationConfig",
+    "DistillationLoss",
+    "DistillationTrainer",
+    "available_losses",
+    "load_teacher",
+    "register_loss",
+]

@@ -1,0 +1,70 @@
+"""`DistillationConfig`: every `TrainingArguments` field plus the distillation losses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .losses import available_losses, build_losses
+
+
+def _default_losses() -> dict[str, dict[str, Any]]:
+    # Hinton et al.'s classic mix, and the vision guide's lambda = 0.5.
+    return {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 2.0}}
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    r"""
+    Configuration of a [`DistillationTrainer`]: all [`~transformers.TrainingArguments`] plus the losses.
+
+    Parses with [`~transformers.HfArgumentParser`] from the command line (`--losses '{"soft_target": ...}'`,
+    a JSON string) and from YAML or JSON files (a mapping).
+
+    Args:
+        losses (`dict[str, dict]`, *optional*, defaults to `{"hard_label": {"weight": 0.5}, "soft_target":
+            {"weight": 0.5, "temperature": 2.0}}`):
+            The loss terms, summed with their weights. Each key is a term name (the name it is logged under)
+            and each value a mapping with `weight` (>= 0, defaults to 1.0), optionally `type` (the registered
+            loss to use, defaulting to the key, so one loss can appear twice under two names) and the loss's
+            own options. Built-in losses: `soft_target`, `hard_label`, `hidden_state`, `attention`,
+            `relation`, `feature_map`; add more with [`register_loss`].
+        teacher_trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow a teacher given as a Hub id or path to run modelling code from its repository. Only turn
+            this on for a repository you trust.
+    """
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
+
+    losses: dict | str = field(
+        default_factory=_default_losses,
+        metadata={
+            "help": "Loss terms as a JSON mapping of term name to {'weight': w, 'type': registered loss (defaults to "
+            "the name), ...options}, summed with their weights. Built-in: "
+            + ", ".join(available_losses())
+            + '. Example: \'{"soft_target": {"weight": 0.5, "temperature": 5.0}, "hard_label": {"weight": 0.5}}\'.'
+        },
+    )
+    teacher_trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a teacher loaded from a Hub id or path to run code from its repository. Off unless you "
+            "trust that repository."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.losses, str):
+            try:
+                self.losses = json.loads(self.losses)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f'losses must be a JSON mapping such as \'{{"soft_target": {{"weight": 1.0}}}}\'; '
+                    f"could not parse {self.losses!r}: {error}"
+                ) from None
+        # Building the losses validates names, weights and options before anything else runs.
+        build_losses(self.losses)
+        super().__post_init__()

@@ -1,0 +1,25 @@
+"""The loss library: one registry, each loss a pure tensor function (`functional`) plus a small module.
+
+Importing this package registers the built-in losses: `soft_target`, `hard_label`, `hidden_state`,
+`attention`, `relation` and `feature_map`.
+"""
+
+from . import functional
+from .base import DistillationLoss, available_losses, build_losses, register_loss
+from .feature_map import FeatureMapLoss
+from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
+from .logits import HardLabelLoss, SoftTargetLoss
+
+__all__ = [
+    "AttentionLoss",
+    "DistillationLoss",
+    "FeatureMapLoss",
+    "HardLabelLoss",
+    "HiddenStateLoss",
+    "RelationLoss",
+    "SoftTargetLoss",
+    "available_losses",
+    "build_losses",
+    "functional",
+    "register_loss",
+]

@@ -1,0 +1,255 @@
+"""The loss registry and the base class every distillation loss derives from.
+
+A loss is a small `nn.Module` registered under a name:
+
+    @register_loss("my_loss")
+    class MyLoss(DistillationLoss):
+        def forward(self, student_outputs, teacher_outputs, inputs):
+            return ...  # the SUM of the loss over this batch's items
+
+and used from the config as `losses={"my_loss": {"weight": 0.3, **options}}`; the options are the keyword
+arguments of its `__init__`. The trainer divides each sum by `count_items` over the whole accumulated
+batch, so a loss never needs to know about gradient accumulation or processes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type[DistillationLoss]] = {}
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+# Keys of a loss entry in the config that are not options of the loss itself.
+RESERVED_KEYS = ("weight", "type")
+# Names the trainer's own logs use: a term named like one would overwrite it.
+_LOG_KEYS = {"loss", "grad_norm", "learning_rate", "epoch"}
+
+
+class DistillationLoss(nn.Module):
+    """Base class of a distillation loss term.
+
+    Subclasses implement `forward` and, where needed, `setup` (checks and learnable parts) and
+    `count_items` (what one item is). Class attributes say what the models must return:
+    `student_outputs` / `teacher_outputs` are subsets of `{"hidden_states", "attentions"}` (instances
+    may narrow them in `__init__`), and `needs_teacher` is False for a loss on the student alone.
+    """
+
+    student_outputs: frozenset[str] = frozenset()
+    teacher_outputs: frozenset[str] = frozenset()
+    needs_teacher: bool = True
+    #: The name of the term in the config and in the logs; `build_loss` sets it.
+    term: str = ""
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Check that the two models suit this loss and build learnable parts; called once, before training.
+
+        Raise `ValueError` naming the fix for a bad pairing: the trainer calls this before the first step.
+        """
+
+    def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """How many items `forward` sums over for this batch; computed from the inputs alone.
+
+        The default counts examples. Token-level losses count tokens, so that a long and a short batch
+        weigh by their tokens, as when the whole batch is seen at once.
+        """
+        return torch.tensor(float(batch_size(inputs)))
+
+    def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Return the sum of the loss over this batch's items (see `count_items`)."""
+        raise NotImplementedError
+
+
+def register_loss(name: str):
+    """Class decorator: register a `DistillationLoss` subclass under `name` for use in `DistillationConfig.losses`."""
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise ValueError(
+            f"loss name {name!r} must be lower-case letters, digits and underscores, starting with a letter"
+        )
+    if name in _LOG_KEYS:
+        raise ValueError(f"loss name {name!r} would clash with the trainer's own log key; choose another name")
+
+    def decorator(cls: type[DistillationLoss]) -> type[DistillationLoss]:
+        if not (isinstance(cls, type) and issubclass(cls, DistillationLoss)):
+            raise TypeError(f"register_loss({name!r}) decorates subclasses of DistillationLoss, not {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"a loss named {name!r} is already registered ({_REGISTRY[name].__qualname__}); choose another name"
+            )
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_losses() -> list[str]:
+    """Names of all registered losses, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build_loss(term: str, spec: Mapping[str, Any]) -> tuple[float, DistillationLoss]:
+    """Turn one `losses` entry of the config into `(weight, loss module)`, with errors that name the fix."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"losses[{term!r}] must be a mapping such as {{'weight': 0.5, ...options}}, got {spec!r}")
+    loss_type = spec.get("type", term)
+    if loss_type not in _REGISTRY:
+        raise ValueError(
+            f"unknown loss {loss_type!r} in losses[{term!r}]; registered losses: {', '.join(available_losses())}. "
+            "Register your own with @hf_distill.register_loss(name)."
+        )
+    if term in _LOG_KEYS:
+        raise ValueError(f"losses[{term!r}]: {term!r} is a log key of the trainer; rename the term and set 'type'")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"losses[{term!r}]['weight'] must be a number >= 0, got {weight!r}")
+    cls = _REGISTRY[loss_type]
+    options = {key: value for key, value in spec.items() if key not in RESERVED_KEYS}
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(accepted) - {"self"})
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+        valid = [p for p in accepted if p not in ("self",)]
+        raise ValueError(
+            f"losses[{term!r}] ({loss_type}) has no option {', '.join(map(repr, unknown))}; "
+            f"valid options: {', '.join(list(RESERVED_KEYS) + valid)}"
+        )
+    loss = cls(**options)
+    loss.term = term
+    return float(weight), loss
+
+
+def build_losses(losses: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[float, DistillationLoss]]:
+    """Build every entry of `DistillationConfig.losses`."""
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError(
+            "losses must name at least one loss, e.g. {'soft_target': {'weight': 1.0, 'temperature': 2.0}}; "
+            f"registered losses: {', '.join(available_losses())}"
+        )
+    return {term: build_loss(term, spec) for term, spec in losses.items()}
+
+
+def batch_size(inputs: Mapping[str, Any]) -> int:
+    """Number of examples in a batch: the first dimension of its first tensor."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError(f"cannot tell the batch size: no tensor among the inputs {list(inputs)}")
+
+
+def token_mask(inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The real (non-padding) positions of a text batch, or None when the batch has no attention mask."""
+    mask = inputs.get("attention_mask")
+    return None if mask is None else mask.bool()
+
+
+def check_layer_map(term: str, layer_map: Any) -> list[tuple[int, int]] | None:
+    """Validate the shape of a user's `layer_map` (ranges are checked against the models in `setup`)."""
+    if layer_map is None:
+        return None
+    if not isinstance(layer_map, (list, tuple)) or not layer_map:
+        raise ValueError(f"losses[{term!r}]['layer_map'] must be a non-empty list of [student, teacher] pairs")
+    pairs = []
+    for pair in layer_map:
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        ):
+            raise ValueError(
+                f"losses[{term!r}]['layer_map'] holds {pair!r}; each entry must be a [student_layer, teacher_layer] "
+                "pair of integers, e.g. [[3, 6], [6, 12]]"
+            )
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def resolve_layer_map(
+    term: str,
+    layer_map: list[tuple[int, int]] | None,
+    student_layers: int,
+    teacher_layers: int,
+    first_layer: int = 1,
+) -> list[tuple[int, int]]:
+    """Return concrete, in-range layer pairs; the default spreads the student's layers evenly over the teacher's.
+
+    Layers are numbered as `output_hidden_states` returns them: 0 is the embedding output and 1..N the
+    blocks. Negative indices count from the last block (-1 is the last). `first_layer` is the lowest
+    valid index (1 for attention maps, which the embeddings do not have).
+    """
+    if layer_map is None:
+        # Student block i learns from teacher block round(i * T / S): with S = T/2, every other block.
+        return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
+    resolved = []
+    for student_layer, teacher_layer in layer_map:
+        pair = []
+        for side, index, depth in (
+            ("student", student_layer, student_layers),
+            ("teacher", teacher_layer, teacher_layers),
+        ):
+            absolute = index + depth + 1 if index < 0 else index
+            if not first_layer <= absolute <= depth:
+                raise ValueError(
+                    f"losses[{term!r}]['layer_map'] names {side} layer {index}, but the {side} has layers "
+                    f"{first_layer}..{depth} (or -1..-{depth + 1 - first_layer} from the end); fix the map"
+                )
+            pair.append(absolute)
+        resolved.append(tuple(pair))
+    return resolved
+
+
+def config_value(model: nn.Module, attribute: str, term: str) -> int:
+    """A size from a model's config (`hidden_size`, `num_hidden_layers`...), or an error that says which is missing."""
+    value = getattr(getattr(model, "config", None), attribute, None)
+    if not isinstance(value, int):
+        raise ValueError(
+            f"losses[{term!r}] needs `config.{attribute}`, which {type(model).__name__} does not have; "
+            "for convolutional models use the feature_map or relation loss"
+        )
+    return value
+
+
+def count_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Items of a per-position loss: real tokens when the batch has an attention mask, else examples."""
+    mask = token_mask(inputs)
+    return torch.tensor(float(batch_size(inputs))) if mask is None else mask.sum().float()
+
+
+def sum_positions(per_position: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """Sum a `[batch, positions]` loss over the items `count_positions` counts.
+
+    With a mask every real token is an item; without one (images) each example is an item worth the
+    mean over its positions.
+    """
+    mask = token_mask(inputs)
+    if mask is None:
+        return per_position.mean(-1).sum()
+    return (per_position * mask.to(per_position.dtype)).sum()
+
+
+class ModuleOutputs:
+    """Keeps the latest output of chosen submodules through forward hooks, for losses on inner activations."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[Any, torch.Tensor] = {}
+        self.handles: list[Any] = []
+
+    def watch(self, key: Any, module: nn.Module) -> None:
+        def keep(_module, _args, output, key=key):
+            self.outputs[key] = output[0] if isinstance(output, (tuple, list)) else output
+
+        self.handles.append(module.register_forward_hook(keep))
+
+    def get(self, key: Any) -> torch.Tensor:
+        if key not in self.outputs:
+            raise RuntimeError(
+                f"no output was captured for {key!r}: the hooked module did not run in this forward pass; "
+                "check the module path in the loss options"
+            )
+        return self.outputs[key]
+
+    def clear(self) -> None:
+        """Drop the kept outputs once used, so they do not hold activations until the next step."""
+        self.outputs.clear()

@@ -1,0 +1,217 @@
+"""Distillation losses as pure tensor functions.
+
+Every function here works on plain tensors, holds no state and knows nothing of models, so each can be
+tested (and reused) alone. The modules in `hf_distill.losses` wrap them, pick the tensors out of model
+outputs and own the learnable parts (projectors).
+
+Reductions: `"sum"` adds the loss of every selected item (a sequence, a token, a query row...), `"mean"`
+divides that sum by the number of selected items, `"none"` returns one value per item with the
+unselected ones set to zero. The trainer uses `"sum"` and divides by the item count of the whole
+accumulated batch, which keeps gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+HIDDEN_DISTANCES = ("mse", "cosine")
+ATTENTION_DISTANCES = ("kl", "mse")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def reduce_items(per_item: torch.Tensor, mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Reduce a tensor of per-item losses over the items that `mask` selects (all items when None)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if mask is not None:
+        per_item = per_item * mask.to(per_item.dtype)
+    if reduction == "none":
+        return per_item
+    total = per_item.sum()
+    if reduction == "sum":
+        return total
+    count = per_item.numel() if mask is None else mask.sum()
+    return total / torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp_min(1)
+
+
+def _row_kl(target_log_probs: torch.Tensor, input_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || input) over the last dimension, from log-probabilities."""
+    return F.kl_div(input_log_probs, target_log_probs, log_target=True, reduction="none").sum(-1)
+
+
+def soft_target_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Temperature-scaled divergence between teacher and student class distributions, times T² (Hinton et al., 2015).
+
+    `forward_kl` is KL(teacher || student), the published soft-target loss; `reverse_kl` is KL(student ||
+    teacher) (mode seeking); `jsd` is the Jensen-Shannon divergence, symmetric in its two arguments. Logits
+    have the classes (or vocabulary) last; every other position is an item: a sequence for `[batch,
+    classes]`, a token for `[batch, length, vocab]`. The T² factor keeps gradient magnitudes independent of
+    the temperature, so the weight of the term need not be retuned when T changes.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
+            "shape: soft targets need the same classes (or vocabulary) in the same order on both models"
+        )
+    # Softmax in float32: half-precision log-probabilities of a 30k vocabulary lose the tail.
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if divergence == "forward_kl":
+        per_item = _row_kl(teacher_log_probs, student_log_probs)
+    elif divergence == "reverse_kl":
+        per_item = _row_kl(student_log_probs, teacher_log_probs)
+    else:
+        mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs, teacher_log_probs]), dim=0) - math.log(2)
+        per_item = 0.5 * _row_kl(teacher_log_probs, mixture_log_probs) + 0.5 * _row_kl(
+            student_log_probs, mixture_log_probs
+        )
+    return reduce_items(per_item * temperature**2, mask, reduction)
+
+
+def hidden_state_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    distance: str = "mse",
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distance between student and teacher hidden states, one item per position (TinyBERT, Jiao et al., 2020).
+
+    `mse` is the mean squared difference over the features; `cosine` is 1 − cos(student, teacher), the
+    cosine embedding loss with target 1 that DistilBERT applies to its last hidden states.
+    """
+    if distance not in HIDDEN_DISTANCES:
+        raise ValueError(f"distance must be one of {HIDDEN_DISTANCES}, got {distance!r}")
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(
+            f"student hidden states {tuple(student_hidden.shape)} and teacher hidden states "
+            f"{tuple(teacher_hidden.shape)} differ in shape: project the student to the teacher's width first"
+        )
+    student_hidden, teacher_hidden = student_hidden.float(), teacher_hidden.float()
+    if distance == "mse":
+        per_item = (student_hidden - teacher_hidden).pow(2).mean(-1)
+    else:
+        per_item = 1.0 - F.cosine_similarity(student_hidden, teacher_hidden, dim=-1)
+    return reduce_items(per_item, mask, reduction)
+
+
+def attention_loss(
+    student_attention: torch.Tensor,
+    teacher_attention: torch.Tensor,
+    distance: str = "kl",
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Distance between attention distributions `[batch, heads, queries, keys]`, one item per query (TinyBERT).
+
+    `kl` is KL(teacher || student) of each query's distribution over keys, as MiniLM distils the last
+    layer's attention; `mse` is the mean squared difference over the keys, as TinyBERT does. Both are
+    averaged over heads. `mask` `[batch, queries]` selects the real (non-padding) queries.
+    """
+    if distance not in ATTENTION_DISTANCES:
+        raise ValueError(f"distance must be one of {ATTENTION_DISTANCES}, got {distance!r}")
+    if student_attention.shape != teacher_attention.shape:
+        raise ValueError(
+            f"student attention {tuple(student_attention.shape)} and teacher attention "
+            f"{tuple(teacher_attention.shape)} differ in shape: average the heads or compare relations instead"
+        )
+    student_attention, teacher_attention = student_attention.float(), teacher_attention.float()
+    if distance == "kl":
+        per_row = _row_kl(teacher_attention.clamp_min(eps).log(), student_attention.clamp_min(eps).log())
+    else:
+        per_row = (student_attention - teacher_attention).pow(2).mean(-1)
+    return reduce_items(per_row.mean(1), mask, reduction)
+
+
+def self_attention_relations(
+    vectors: torch.Tensor, num_relation_heads: int, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Log-probabilities of scaled dot-product relations among a layer's queries, keys or values (MiniLMv2).
+
+    `vectors` `[batch, length, width]` (all attention heads side by side) are split into
+    `num_relation_heads` heads whatever the model's own head count, so teacher and student may differ in
+    width and heads. Returns `[batch, relation_heads, length, length]` log-probabilities, padding keys
+    excluded through `key_mask` `[batch, length]`.
+    """
+    batch, length, width = vectors.shape
+    if width % num_relation_heads:
+        raise ValueError(f"width {width} is not divisible by num_relation_heads={num_relation_heads}")
+    head_width = width // num_relation_heads
+    heads = vectors.float().view(batch, length, num_relation_heads, head_width).transpose(1, 2)
+    scores = heads @ heads.transpose(-1, -2) / math.sqrt(head_width)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def relation_kl_loss(
+    student_relations: torch.Tensor,
+    teacher_relations: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL(teacher || student) between relation log-probabilities `[batch, heads, length, length]`, per query (MiniLMv2)."""
+    per_row = _row_kl(teacher_relations, student_relations).mean(1)
+    return reduce_items(per_row, mask, reduction)
+
+
+def similarity_preserving_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius distance of row-normalised batch Gram matrices, divided by batch² (Tung & Mori, 2019).
+
+    Only relations between the examples of the batch are compared, so the two feature widths may differ.
+    """
+
+    def gram(features: torch.Tensor) -> torch.Tensor:
+        flat = features.float().reshape(features.shape[0], -1)
+        return F.normalize(flat @ flat.T, dim=1)
+
+    batch = student_features.shape[0]
+    student_gram, teacher_gram = gram(student_features), gram(teacher_features)
+    return (student_gram - teacher_gram).pow(2).sum() / batch**2
+
+
+def distance_relation_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Huber loss between mean-normalised pairwise distances of the examples (RKD-D, Park et al., 2019)."""
+    batch = student_features.shape[0]
+    if batch < 2:
+        return student_features.float().sum() * 0.0
+
+    def normalised_distances(features: torch.Tensor) -> torch.Tensor:
+        distances = torch.cdist(features.float().reshape(batch, -1), features.float().reshape(batch, -1))
+        off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=distances.device)
+        return distances[off_diagonal] / distances[off_diagonal].mean().clamp_min(1e-12)
+
+    with torch.no_grad():
+        teacher_distances = normalised_distances(teacher_features)
+    return F.smooth_l1_loss(normalised_distances(student_features), teacher_distances, reduction="mean")
+
+
+def feature_map_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean squared difference of two `[batch, channels, height, width]` maps pooled to a common grid (FitNets, Romero et al., 2015).
+
+    The larger map is average-pooled down to the smaller grid; channels must already agree (the
+    module projects the student with a 1×1 convolution). One item per example.
+    """
+    if student_map.shape[:2] != teacher_map.shape[:2]:
+        raise ValueError(
+            f"feature maps {tuple(student_map.shape)} and {tuple(teacher_map.shape)} differ in batch or channels"
+        )
+    grid = (min(student_map.shape[-2], teacher_map.shape[-2]), min(student_map.shape[-1], teacher_map.shape[-1]))
+    student_map = F.adaptive_avg_pool2d(student_map.float(), grid)
+    teacher_map = F.adaptive_avg_pool2d(teacher_map.float(), grid)
+    per_item = (student_map - teacher_map).pow(2).flatten(1).mean(1)
+    return reduce_items(per_item, None, reduction)

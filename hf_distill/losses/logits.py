@@ -1,0 +1,160 @@
+"""Losses on the models' predictions: `soft_target` (the teacher's distribution) and `hard_label` (the labels)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from .base import DistillationLoss, batch_size, register_loss, token_mask
+from .functional import DIVERGENCES, soft_target_loss
+
+_TOKEN_LEVEL_CLASSES = {
+    *MODEL_FOR_MASKED_LM_MAPPING_NAMES.values(),
+    *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
+    *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
+}
+_CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+_LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | _CAUSAL_LM_CLASSES
+
+
+def _default_labels(id2label: Mapping[int, str] | None) -> bool:
+    """True when a config's labels are the placeholder LABEL_0, LABEL_1... that nobody chose."""
+    return not id2label or all(str(name) == f"LABEL_{index}" for index, name in id2label.items())
+
+
+def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a pair whose logits do not mean the same classes (or tokens) in the same order."""
+    student_config, teacher_config = student.config, teacher.config
+    if type(student).__name__ in _LANGUAGE_MODEL_CLASSES:
+        student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"token-level soft targets need one vocabulary, but the student has {student_vocab} tokens and the "
+                f"teacher {teacher_vocab}: build the student with the teacher's tokenizer (or drop soft_target)"
+            )
+        return
+    if student_config.num_labels != teacher_config.num_labels:
+        raise ValueError(
+            f"the student predicts {student_config.num_labels} labels and the teacher {teacher_config.num_labels}: "
+            "soft targets need the same label set; build the student with the teacher's num_labels, id2label and "
+            "label2id"
+        )
+    student_labels, teacher_labels = student_config.id2label, teacher_config.id2label
+    if not (_default_labels(student_labels) or _default_labels(teacher_labels)) and dict(student_labels) != dict(
+        teacher_labels
+    ):
+        raise ValueError(
+            f"student and teacher order their labels differently (student id2label {dict(student_labels)}, teacher "
+            f"{dict(teacher_labels)}): build the student with the teacher's id2label and label2id"
+        )
+
+
+@register_loss("soft_target")
+class SoftTargetLoss(DistillationLoss):
+    """Temperature-scaled divergence from the teacher's predicted distribution, times T² (Hinton et al., 2015).
+
+    Options:
+        temperature (`float`, defaults to 2.0): softens both distributions; must be > 0.
+        divergence (`str`, defaults to `"forward_kl"`): `"forward_kl"` (KL(teacher || student), the published
+            loss), `"reverse_kl"` or `"jsd"`.
+
+    One item per example for sequence and image classification; one per token for masked and causal LMs
+    and token classification, counting only positions whose label is not -100 (for masked LM: the masked
+    positions, as DistilBERT does) or, without labels, the non-padding positions.
+    """
+
+    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl"):
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"soft_target temperature must be a number > 0, got {temperature!r}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"soft_target divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        self.temperature = float(temperature)
+        self.divergence = divergence
+        self.token_level = False
+        self.shift = False
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, divergence={self.divergence!r}"
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        check_same_outputs(student, teacher)
+        self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES
+        # Causal LMs predict token i+1 at position i, so their labels line up one position later.
+        self.shift = type(student).__name__ in _CAUSAL_LM_CLASSES
+
+    def item_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Which positions count: `[batch, length]` for token-level tasks, None (every example) otherwise."""
+        if not self.token_level:
+            return None
+        labels = inputs.get("labels")
+        if labels is not None:
+            return labels[..., 1:].ne(-100) if self.shift else labels.ne(-100)
+        mask = token_mask(inputs)
+        if mask is not None:
+            return mask[..., 1:] if self.shift else mask
+        input_ids = inputs["input_ids"]
+        return torch.ones_like(input_ids[..., 1:] if self.shift else input_ids, dtype=torch.bool)
+
+    def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        mask = self.item_mask(inputs)
+        return torch.tensor(float(batch_size(inputs))) if mask is None else mask.sum().float()
+
+    def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
+        if self.shift:
+            student_logits, teacher_logits = student_logits[..., :-1, :], teacher_logits[..., :-1, :]
+        return soft_target_loss(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            mask=self.item_mask(inputs),
+            reduction="sum",
+        )
+
+
+@register_loss("hard_label")
+class HardLabelLoss(DistillationLoss):
+    """The student's own task loss on the labels, as its model computes it (`outputs.loss`).
+
+    One item per label that is not -100 (an example for classification, a masked token for masked LM),
+    the unit the model averages over.
+    """
+
+    needs_teacher = False
+
+    def __init__(self):
+        super().__init__()
+        self.shift = False
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        self.shift = type(student).__name__ in _CAUSAL_LM_CLASSES
+
+    def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "the hard_label loss needs labels, but the batch has none: give the dataset a 'label' or 'labels' "
+                "column (or use a collator that makes them), or drop hard_label from losses"
+            )
+        if self.shift:
+            labels = labels[..., 1:]
+        return labels.ne(-100).sum().float()
+
+    def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if student_outputs.loss is None:
+            raise ValueError(
+                "the student returned no loss although the batch has labels; hard_label needs a model with a task "
+                "head (e.g. *ForSequenceClassification) that computes its loss from `labels`"
+            )
+        # The model averages over its labels; undo it so the trainer can average over the whole batch.
+        return student_outputs.loss.float() * self.count_items(inputs).to(student_outputs.loss.device)

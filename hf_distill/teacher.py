@@ -1,0 +1,66 @@
+"""Loading a teacher from a Hub id or a local folder, with the same task head as its student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub import constants as hub_constants
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+_TASK_AUTO_CLASSES = (
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoModelForMaskedLM,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForQuestionAnswering,
+)
+
+
+def auto_class_for(student: nn.Module) -> type:
+    """The `AutoModelFor*` class whose task matches the student's (a sequence classifier for a sequence classifier)."""
+    name = type(student).__name__
+    for auto_class in _TASK_AUTO_CLASSES:
+        if name in auto_class._model_mapping._model_mapping.values():
+            return auto_class
+    raise ValueError(
+        f"cannot tell which task head a teacher for a {name} student needs; load the teacher yourself and pass "
+        "the model as teacher_model"
+    )
+
+
+def load_teacher(
+    name_or_path: str,
+    student: nn.Module,
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a teacher with the student's task head from a Hub id or a folder saved with `save_pretrained`.
+
+    Only safetensors weights are read, and no code from the repository runs unless `trust_remote_code`.
+    """
+    auto_class = auto_class_for(student)
+    if attn_implementation is not None:
+        from_pretrained_kwargs["attn_implementation"] = attn_implementation
+    try:
+        return auto_class.from_pretrained(
+            name_or_path, use_safetensors=True, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    except OSError as error:
+        where = "the Hub is switched off (HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else "loading failed"
+        raise OSError(
+            f"could not load the teacher {name_or_path!r} with {auto_class.__name__}: {where}. Pass the path of a "
+            "local folder holding config.json and model.safetensors (one written by save_pretrained), or check "
+            f"the Hub id and your connection. Cause: {error}"
+        ) from error

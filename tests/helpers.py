@@ -1,0 +1,129 @@
+"""Tiny random models and datasets shared by the tests: offline, CPU, seconds each."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_distill import DistillationConfig
+
+VOCAB = 64
+SEQ_LEN = 12
+IMAGE = 32
+
+
+def bert_config(layers: int = 4, width: int = 16, heads: int = 4, **overrides) -> BertConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * width,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def bert_classifier(seed: int = 0, **config) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(bert_config(**config))
+
+
+def bert_masked_lm(seed: int = 0, **config) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    return BertForMaskedLM(bert_config(**config))
+
+
+def vit_classifier(seed: int = 0, **overrides) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    settings = dict(
+        image_size=IMAGE,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    return ViTForImageClassification(ViTConfig(**settings))
+
+
+def mobilenet_classifier(seed: int = 0, **overrides) -> MobileNetV2ForImageClassification:
+    torch.manual_seed(seed)
+    settings = dict(image_size=IMAGE, num_channels=3, depth_multiplier=0.35, num_labels=3, classifier_dropout_prob=0.0)
+    settings.update(overrides)
+    return MobileNetV2ForImageClassification(MobileNetV2Config(**settings))
+
+
+def text_dataset(size: int = 32, seed: int = 0, labels: bool = True) -> Dataset:
+    """Padded token sequences of varying length; the label depends on the first token, so it can be learnt."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB, (size, SEQ_LEN), generator=generator)
+    lengths = torch.randint(4, SEQ_LEN + 1, (size,), generator=generator)
+    attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
+    input_ids = input_ids * attention_mask  # pad id 0
+    columns = {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist()}
+    if labels:
+        columns["label"] = (input_ids[:, 0] % 2).tolist()
+    return Dataset.from_dict(columns)
+
+
+def masked_lm_dataset(size: int = 32, seed: int = 0) -> Dataset:
+    """Padded sequences with fixed masked-LM labels (-100 off the masked positions), for deterministic runs."""
+    generator = torch.Generator().manual_seed(seed)
+    dataset = text_dataset(size, seed, labels=False)
+    input_ids = torch.tensor(dataset["input_ids"])
+    attention_mask = torch.tensor(dataset["attention_mask"])
+    chosen = (torch.rand(input_ids.shape, generator=generator) < 0.3) & attention_mask.bool()
+    chosen[:, 1] = True  # at least one masked token per sequence
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    masked = torch.where(chosen, torch.full_like(input_ids, 4), input_ids)  # 4 plays [MASK]
+    return Dataset.from_dict(
+        {"input_ids": masked.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def image_dataset(size: int = 24, seed: int = 0, num_labels: int = 3) -> Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(size, 3, IMAGE, IMAGE, generator=generator)
+    labels = torch.randint(0, num_labels, (size,), generator=generator)
+    return Dataset.from_dict({"pixel_values": pixels.tolist(), "label": labels.tolist()}).with_format("torch")
+
+
+def config(tmp_path, losses: dict | None = None, **overrides) -> DistillationConfig:
+    settings = dict(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    if losses is not None:
+        settings["losses"] = losses
+    settings.update(overrides)
+    return DistillationConfig(**settings)
