@@ -113,7 +113,7 @@ class DistillationTrainer(Trainer):
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._train_terms: dict[str, torch.Tensor] = {}
         self._eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._terms_logged_step = 0
+        self._term_steps = 0  # optimizer steps whose terms _train_terms holds
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         if self.is_deepspeed_enabled:
@@ -193,6 +193,9 @@ class DistillationTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' would pile up.
+        self.distillation_losses.zero_grad(set_to_none=True)
+        self._term_steps += 1
         if batch_samples:
             counts = torch.stack(
                 [
@@ -214,6 +217,13 @@ class DistillationTrainer(Trainer):
                 if parameter.grad is not None:
                     torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
         return loss
+
+    def _clip_grad_norm(self, model: nn.Module):
+        """Clip the student's and the projectors' gradients together, as one model's would be."""
+        parameters = list(self.distillation_losses.parameters())
+        if not parameters or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *parameters], self.args.max_grad_norm)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus a parameter group for the losses' projectors (also added to one you pass)."""
@@ -257,11 +267,11 @@ class DistillationTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._train_terms:
-            steps = max(self.state.global_step - self._terms_logged_step, 1)
+            steps = max(self._term_steps, 1)
             for term, total in self._train_terms.items():
                 logs[term] = self.accelerator.reduce(total, reduction="sum").item() / steps
             self._train_terms = {}
-            self._terms_logged_step = self.state.global_step
+            self._term_steps = 0
         super().log(logs, start_time)
 
     def _record_terms(self, terms: dict[str, torch.Tensor], inputs: Mapping[str, Any], training: bool) -> None:

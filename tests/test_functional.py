@@ -1,0 +1,193 @@
+"""Loss math on plain tensors: published formulas, masking, invariances."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_distill.losses import functional as L
+
+
+@pytest.fixture
+def logits():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(6, 10, generator=generator) * 3, torch.randn(6, 10, generator=generator) * 3
+
+
+@pytest.mark.parametrize("divergence", L.DIVERGENCES)
+def test_soft_target_is_zero_for_identical_logits(logits, divergence):
+    student, _ = logits
+    assert L.soft_target_loss(student, student.clone(), 4.0, divergence).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_soft_target_matches_the_vision_guide_formula(logits, temperature):
+    student, teacher = logits
+    # KLDiv(batchmean)(log_softmax(s/T), softmax(t/T)) * T^2, as in the HF computer-vision distillation guide.
+    reference = (
+        F.kl_div(F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1), reduction="batchmean")
+        * temperature**2
+    )
+    ours = L.soft_target_loss(student, teacher, temperature)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    # The T^2 factor: the same divergence without it is T^2 times smaller.
+    unscaled = L.soft_target_loss(student, teacher, temperature) / temperature**2
+    direct = (
+        (
+            F.softmax(teacher / temperature, -1)
+            * (F.log_softmax(teacher / temperature, -1) - F.log_softmax(student / temperature, -1))
+        )
+        .sum(-1)
+        .mean()
+    )
+    assert unscaled.item() == pytest.approx(direct.item(), rel=1e-5)
+
+
+def test_t_squared_keeps_gradient_scale_at_high_temperature(logits):
+    # Hinton et al.: at high T the gradient of KL*T^2 w.r.t. the student logits tends to (s - t) / (N * T)
+    # times T^2 / T = (s - t)/N for zero-mean logits, i.e. it does not vanish as T grows.
+    student, teacher = logits
+    student = (student - student.mean(-1, keepdim=True)).requires_grad_(True)
+    teacher = teacher - teacher.mean(-1, keepdim=True)
+    grads = []
+    for temperature in (20.0, 40.0):
+        (grad,) = torch.autograd.grad(L.soft_target_loss(student, teacher, temperature, reduction="sum"), student)
+        grads.append(grad.norm().item())
+    assert grads[0] == pytest.approx(grads[1], rel=0.05)
+    assert grads[0] > 0.01
+
+
+def test_token_level_soft_target_matches_distilbert_ce(logits):
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 5, 30, generator=generator)
+    teacher = torch.randn(2, 5, 30, generator=generator)
+    mask = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    temperature = 2.0
+    # DistilBERT: select the masked positions, KLDivLoss(batchmean) over them, times T^2.
+    reference = (
+        F.kl_div(
+            F.log_softmax(student[mask] / temperature, -1),
+            F.softmax(teacher[mask] / temperature, -1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
+    assert L.soft_target_loss(student, teacher, temperature, mask=mask).item() == pytest.approx(
+        reference.item(), rel=1e-5
+    )
+    assert L.soft_target_loss(student, teacher, temperature, mask=mask, reduction="sum").item() == pytest.approx(
+        reference.item() * 5, rel=1e-5
+    )
+
+
+def test_masked_positions_do_not_count():
+    generator = torch.Generator().manual_seed(2)
+    student = torch.randn(2, 4, 8, generator=generator)
+    teacher = torch.randn(2, 4, 8, generator=generator)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    before = L.soft_target_loss(student, teacher, 2.0, mask=mask)
+    student[~mask] = torch.randn_like(student[~mask]) * 100
+    teacher[~mask] = 0.0
+    assert L.soft_target_loss(student, teacher, 2.0, mask=mask).item() == pytest.approx(before.item(), rel=1e-6)
+
+
+def test_jsd_is_symmetric_and_bounded(logits):
+    student, teacher = logits
+    forward = L.soft_target_loss(student, teacher, 1.0, "jsd", reduction="none")
+    backward = L.soft_target_loss(teacher, student, 1.0, "jsd", reduction="none")
+    torch.testing.assert_close(forward, backward)
+    assert forward.max().item() <= math.log(2) + 1e-6
+    assert forward.min().item() > 0
+
+
+def test_reverse_kl_swaps_the_arguments(logits):
+    student, teacher = logits
+    torch.testing.assert_close(
+        L.soft_target_loss(student, teacher, 3.0, "reverse_kl"),
+        L.soft_target_loss(teacher, student, 3.0, "forward_kl"),
+    )
+    assert not torch.allclose(
+        L.soft_target_loss(student, teacher, 3.0, "reverse_kl"), L.soft_target_loss(student, teacher, 3.0)
+    )
+
+
+def test_soft_target_rejects_other_shapes():
+    with pytest.raises(ValueError, match="same classes"):
+        L.soft_target_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_hidden_state_distances():
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 8, generator=generator)
+    teacher = torch.randn(2, 5, 8, generator=generator)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert L.hidden_state_loss(student, student, "mse").item() == 0.0
+    assert L.hidden_state_loss(student, student * 3.0, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    expected_mse = (student - teacher).pow(2).mean(-1)[mask].mean()
+    assert L.hidden_state_loss(student, teacher, "mse", mask).item() == pytest.approx(expected_mse.item(), rel=1e-6)
+    # DistilBERT's cosine embedding loss (target 1) on the real positions.
+    expected_cos = F.cosine_embedding_loss(student[mask], teacher[mask], torch.ones(int(mask.sum())))
+    assert L.hidden_state_loss(student, teacher, "cosine", mask).item() == pytest.approx(expected_cos.item(), rel=1e-6)
+    padded = teacher.clone()
+    padded[~mask] = 1e3
+    assert L.hidden_state_loss(student, padded, "mse", mask).item() == pytest.approx(expected_mse.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("distance", L.ATTENTION_DISTANCES)
+def test_attention_loss_zero_and_masking(distance):
+    generator = torch.Generator().manual_seed(4)
+    student = torch.randn(2, 3, 4, 4, generator=generator).softmax(-1)
+    teacher = torch.randn(2, 3, 4, 4, generator=generator).softmax(-1)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    assert L.attention_loss(student, student.clone(), distance, mask).item() == pytest.approx(0.0, abs=1e-6)
+    before = L.attention_loss(student, teacher, distance, mask)
+    assert before.item() > 0
+    teacher[:, :, 3] = torch.full((4,), 0.25)  # a padding query row
+    assert L.attention_loss(student, teacher, distance, mask).item() == pytest.approx(before.item(), rel=1e-6)
+
+
+def test_attention_relations_are_distributions_that_ignore_padding_keys():
+    generator = torch.Generator().manual_seed(5)
+    vectors = torch.randn(2, 5, 12, generator=generator)
+    key_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    relations = L.self_attention_relations(vectors, 3, key_mask).exp()
+    assert relations.shape == (2, 3, 5, 5)
+    torch.testing.assert_close(relations.sum(-1), torch.ones(2, 3, 5))
+    assert relations[0, :, :, 4].max().item() < 1e-6
+    assert relations[1, :, :, 2:].max().item() < 1e-6
+    # Widths may differ between models once split into the same number of relation heads.
+    wider = L.self_attention_relations(torch.randn(2, 5, 24, generator=generator), 3, key_mask)
+    assert L.relation_kl_loss(L.self_attention_relations(vectors, 3, key_mask), wider).item() > 0
+    with pytest.raises(ValueError, match="divisible"):
+        L.self_attention_relations(vectors, 5)
+
+
+def test_relation_losses_are_scale_invariant_and_width_free():
+    generator = torch.Generator().manual_seed(6)
+    student = torch.randn(8, 6, generator=generator)
+    teacher = torch.randn(8, 20, generator=generator)
+    for loss in (L.similarity_preserving_loss, L.distance_relation_loss):
+        assert loss(student, student * 5.0).item() == pytest.approx(0.0, abs=1e-6)
+        assert loss(student, teacher).item() > 0
+        assert loss(student * 7.0, teacher).item() == pytest.approx(loss(student, teacher).item(), rel=1e-4)
+
+
+def test_similarity_preserving_matches_its_definition():
+    generator = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(4, 3, generator=generator), torch.randn(4, 5, generator=generator)
+    gs = F.normalize(student @ student.T, dim=1)
+    gt = F.normalize(teacher @ teacher.T, dim=1)
+    expected = ((gs - gt) ** 2).sum() / 16
+    assert L.similarity_preserving_loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_feature_map_loss_pools_to_the_smaller_grid():
+    generator = torch.Generator().manual_seed(8)
+    teacher = torch.randn(2, 4, 2, 2, generator=generator)
+    # A student map that is the teacher upsampled 2x pools back to it exactly.
+    student = teacher.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    assert L.feature_map_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert L.feature_map_loss(student + 1.0, teacher).item() == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        L.feature_map_loss(torch.zeros(2, 3, 2, 2), teacher)

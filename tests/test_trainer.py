@@ -1,0 +1,332 @@
+"""DistillationTrainer end to end on tiny random models: a few steps each, CPU, offline."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    bert_classifier,
+    bert_masked_lm,
+    config,
+    image_dataset,
+    masked_lm_dataset,
+    mobilenet_classifier,
+    text_dataset,
+    vit_classifier,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from hf_distill import DistillationLoss, DistillationTrainer, register_loss
+from hf_distill.trainer import LOSS_STATE_NAME
+
+CLASSIFICATION_LOSSES = {
+    "hard_label": {"weight": 0.5},
+    "soft_target": {"weight": 0.5, "temperature": 3.0},
+    "hidden_state": {"weight": 1.0, "distance": "mse"},
+    "relation": {"weight": 2.0, "method": "similarity"},
+    "attention": {"weight": 1.0, "heads": "relations", "num_relation_heads": 2},
+}
+
+
+def accuracy(eval_prediction):
+    return {"accuracy": float((eval_prediction.predictions.argmax(-1) == eval_prediction.label_ids).mean())}
+
+
+def train_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_loss_is_weighted_sum(trainer, losses):
+    logs = train_logs(trainer)
+    assert logs, "no training logs"
+    for entry in logs:
+        expected = sum(spec.get("weight", 1.0) * entry[term] for term, spec in losses.items())
+        assert entry["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_sequence_classification_logs_every_term_and_keeps_the_teacher_frozen(tmp_path):
+    teacher = bert_classifier(seed=1)
+    student = bert_classifier(seed=2, layers=2, width=8, heads=2)
+    teacher_before = {name: value.clone() for name, value in teacher.state_dict().items()}
+    student_before = {name: value.clone() for name, value in student.state_dict().items()}
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, CLASSIFICATION_LOSSES),
+        train_dataset=text_dataset(),
+        eval_dataset=text_dataset(16, seed=1),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    assert_loss_is_weighted_sum(trainer, CLASSIFICATION_LOSSES)
+    assert len(train_logs(trainer)) == 4
+
+    metrics = trainer.evaluate()
+    for term in CLASSIFICATION_LOSSES:
+        assert np.isfinite(metrics[f"eval_{term}"])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    expected_eval = sum(spec["weight"] * metrics[f"eval_{term}"] for term, spec in CLASSIFICATION_LOSSES.items())
+    assert metrics["eval_loss"] == pytest.approx(expected_eval, rel=1e-4)
+
+    # The teacher: frozen, in eval mode, out of the optimizer, bit-identical after training.
+    assert not trainer.teacher_model.training
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in trainer.teacher_model.parameters()}
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+    # The student and the projectors did train.
+    assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
+    assert optimized >= {id(p) for p in trainer.distillation_losses.parameters()}
+    assert len(trainer.distillation_losses["hidden_state"].projectors) == 2
+
+
+def test_masked_lm_distilbert_style(tmp_path):
+    losses = {
+        "soft_target": {"weight": 5.0, "temperature": 2.0},
+        "hard_label": {"weight": 2.0},
+        "hidden_state": {"weight": 1.0, "distance": "cosine", "layer_map": [[-1, -1]]},
+    }
+    teacher, student = bert_masked_lm(seed=1), bert_masked_lm(seed=2, layers=2)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, losses),
+        train_dataset=masked_lm_dataset(),
+        eval_dataset=masked_lm_dataset(8, seed=1),
+    )
+    assert trainer.distillation_losses["soft_target"].token_level
+    assert trainer.distillation_losses["hidden_state"].pairs == [(2, 4)]
+    trainer.train()
+    assert_loss_is_weighted_sum(trainer, losses)
+    metrics = trainer.evaluate()
+    # Same-width models: no projector for the cosine term, so nothing but the student trains.
+    assert len(list(trainer.distillation_losses.parameters())) == 0
+    assert 0.0 <= metrics["eval_hidden_state"] <= 2.0
+
+
+def test_image_classification_vit_teacher_mobilenet_student(tmp_path):
+    losses = {
+        "hard_label": {"weight": 0.5},
+        "soft_target": {"weight": 0.5, "temperature": 5.0},
+        "feature_map": {"weight": 1.0, "student_module": "mobilenet_v2.layer.12", "teacher_layer": -1},
+        "relation": {"weight": 1.0, "method": "distance", "source": "hidden_state"},
+    }
+    teacher, student = vit_classifier(seed=1), mobilenet_classifier(seed=2)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path, losses),
+        train_dataset=image_dataset(),
+        eval_dataset=image_dataset(8, seed=1),
+        compute_metrics=accuracy,
+    )
+    projector = trainer.distillation_losses["feature_map"].projector
+    assert projector.out_channels == teacher.config.hidden_size
+    before = projector.weight.detach().clone()
+    trainer.train()
+    assert_loss_is_weighted_sum(trainer, losses)
+    assert not torch.equal(projector.weight, before)
+    assert "eval_feature_map" in trainer.evaluate()
+
+
+def test_attention_maps_with_different_head_counts(tmp_path):
+    losses = {"attention": {"weight": 1.0, "heads": "average", "distance": "kl"}}
+    teacher = bert_classifier(seed=1, attn_implementation="eager")
+    student = bert_classifier(seed=2, layers=2, heads=2, attn_implementation="eager")
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, losses), train_dataset=text_dataset()
+    )
+    trainer.train()
+    assert all(entry["attention"] > 0 for entry in train_logs(trainer))
+
+
+def _run(tmp_path, model, teacher, losses, dataset, **overrides):
+    trainer = DistillationTrainer(
+        model=model, teacher_model=teacher, args=config(tmp_path, losses, **overrides), train_dataset=dataset
+    )
+    trainer.train()
+    return trainer
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    losses = {
+        "soft_target": {"weight": 1.0, "temperature": 2.0},
+        "hard_label": {"weight": 1.0},
+        "hidden_state": {"weight": 1.0},  # projected: widths 8 vs 16
+    }
+    dataset = masked_lm_dataset(16)
+    # Micro-batches of 4 hold different numbers of masked and real tokens, so averaging per micro-batch
+    # would weigh tokens unequally; only global normalisation makes the two runs agree.
+    labels = torch.tensor(dataset["labels"])
+    masked_per_micro_batch = (labels != -100).view(4, 4, -1).sum((1, 2))
+    assert len(set(masked_per_micro_batch.tolist())) > 1
+
+    runs = {}
+    for name, batch, accumulation in (("big", 8, 1), ("accumulated", 4, 2)):
+        trainer = _run(
+            tmp_path / name,
+            bert_masked_lm(seed=2, layers=2, width=8, heads=2),
+            bert_masked_lm(seed=1),
+            losses,
+            dataset,
+            max_steps=2,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
+        runs[name] = trainer
+    big, accumulated = (runs[name].model.state_dict() for name in ("big", "accumulated"))
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], atol=1e-6, rtol=1e-5, msg=key)
+    for key, value in runs["big"].distillation_losses.state_dict().items():
+        torch.testing.assert_close(
+            runs["accumulated"].distillation_losses.state_dict()[key], value, atol=1e-6, rtol=1e-5
+        )
+    for a, b in zip(train_logs(runs["big"]), train_logs(runs["accumulated"]), strict=True):
+        for term in losses:
+            assert a[term] == pytest.approx(b[term], rel=1e-4)
+
+
+def test_resume_restores_projectors_and_matches_an_uninterrupted_run(tmp_path):
+    losses = {"hard_label": {"weight": 1.0}, "hidden_state": {"weight": 1.0}, "soft_target": {"weight": 1.0}}
+    settings = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    full = _run(
+        tmp_path / "full",
+        bert_classifier(seed=2, layers=2, width=8, heads=2),
+        bert_classifier(seed=1),
+        losses,
+        text_dataset(),
+        **settings,
+    )
+
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / LOSS_STATE_NAME).is_file()
+    assert not any("projector" in key for key in load_file(checkpoint / "model.safetensors"))
+    assert not os.path.exists(str(checkpoint / LOSS_STATE_NAME) + ".tmp")
+
+    resumed = DistillationTrainer(
+        model=bert_classifier(seed=9, layers=2, width=8, heads=2),  # other weights: all must come from the checkpoint
+        teacher_model=bert_classifier(seed=1),
+        args=config(tmp_path / "resumed", losses, **settings),
+        train_dataset=text_dataset(),
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert_loss_is_weighted_sum(resumed, losses)  # the first log after resuming averages the right steps
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    for key, value in full.distillation_losses.state_dict().items():
+        torch.testing.assert_close(resumed.distillation_losses.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_resume_without_projector_state_is_refused(tmp_path):
+    losses = {"hidden_state": {"weight": 1.0}}
+    settings = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    _run(
+        tmp_path / "a",
+        bert_classifier(seed=2, layers=2, width=8, heads=2),
+        bert_classifier(seed=1),
+        losses,
+        text_dataset(),
+        **settings,
+    )
+    os.remove(tmp_path / "a" / "checkpoint-1" / LOSS_STATE_NAME)
+    trainer = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2, width=8, heads=2),
+        teacher_model=bert_classifier(seed=1),
+        args=config(tmp_path / "b", losses, **settings),
+        train_dataset=text_dataset(),
+    )
+    with pytest.raises(FileNotFoundError, match="projectors"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+
+
+def test_saved_student_loads_with_auto_model_without_extra_keys(tmp_path):
+    losses = {"hidden_state": {"weight": 1.0}, "soft_target": {"weight": 1.0}}
+    trainer = _run(
+        tmp_path / "run",
+        bert_classifier(seed=2, layers=2, width=8, heads=2),
+        bert_classifier(seed=1),
+        losses,
+        text_dataset(),
+    )
+    trainer.save_model(str(tmp_path / "student"))
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    assert not any("projector" in key for key in saved)
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student", output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert loaded.config.num_hidden_layers == 2
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, trainer.model(**batch).logits)
+
+
+def test_notebook_subclass_overrides_the_documented_points(tmp_path):
+    class MyTrainer(DistillationTrainer):
+        teacher_calls = 0
+
+        def teacher_forward(self, inputs, output_hidden_states=False, output_attentions=False):
+            type(self).teacher_calls += 1
+            return super().teacher_forward(inputs, output_hidden_states, output_attentions)
+
+        def compute_distillation_loss(self, student_outputs, teacher_outputs, inputs):
+            loss, terms = super().compute_distillation_loss(student_outputs, teacher_outputs, inputs)
+            terms["logit_norm"] = student_outputs.logits.pow(2).mean()
+            return loss + 0.1 * terms["logit_norm"], terms
+
+    losses = {"soft_target": {"weight": 1.0}}
+    trainer = MyTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        teacher_model=bert_classifier(seed=1),
+        args=config(tmp_path, losses),
+        train_dataset=text_dataset(),
+        eval_dataset=text_dataset(8, seed=1),
+    )
+    trainer.train()
+    assert MyTrainer.teacher_calls == 4
+    for entry in train_logs(trainer):
+        assert entry["loss"] == pytest.approx(entry["soft_target"] + 0.1 * entry["logit_norm"], rel=1e-4)
+    assert "eval_logit_norm" in trainer.evaluate()
+
+
+@register_loss("test_logit_mse")
+class LogitMSELoss(DistillationLoss):
+    """Mean squared error between logits, one item per example (a user-registered loss)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, student_outputs, teacher_outputs, inputs):
+        return self.scale * (student_outputs.logits - teacher_outputs.logits).pow(2).mean(-1).sum()
+
+
+def test_registered_user_loss_trains_and_evaluates_to_its_formula(tmp_path):
+    losses = {"test_logit_mse": {"weight": 1.0, "scale": 2.0}}
+    teacher = bert_classifier(seed=1)
+    trainer = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        teacher_model=teacher,
+        args=config(tmp_path, losses),
+        train_dataset=text_dataset(),
+        eval_dataset=text_dataset(8, seed=1),
+    )
+    trainer.train()
+    for entry in train_logs(trainer):
+        assert entry["loss"] == pytest.approx(entry["test_logit_mse"], rel=1e-5)
+    metrics = trainer.evaluate()
+    eval_data = text_dataset(8, seed=1)
+    inputs = {key: torch.tensor(eval_data[key]) for key in ("input_ids", "attention_mask")}
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = 2.0 * (trainer.model(**inputs).logits - teacher(**inputs).logits).pow(2).mean(-1).mean()
+    assert metrics["eval_test_logit_mse"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_hard_label_alone_needs_no_teacher(tmp_path):
+    trainer = _run(tmp_path, bert_classifier(seed=2, layers=2), None, {"hard_label": {"weight": 1.0}}, text_dataset())
+    assert trainer.teacher_model is None
+    assert all(entry["loss"] == pytest.approx(entry["hard_label"], rel=1e-6) for entry in train_logs(trainer))
