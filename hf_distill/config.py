@@ -39,7 +39,7 @@ class DistillationConfig(TrainingArguments):
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
 
-    losses: dict | str = field(
+    losses: dict | str | None = field(
         default_factory=_default_losses,
         metadata={
             "help": "Loss terms as a JSON mapping of term name to {'weight': w, 'type': registered loss (defaults to "
