@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -c .ci/constraints.txt -e ".[dev]"
 
 test:
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
