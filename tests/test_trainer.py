@@ -330,3 +330,27 @@ def test_hard_label_alone_needs_no_teacher(tmp_path):
     trainer = _run(tmp_path, bert_classifier(seed=2, layers=2), None, {"hard_label": {"weight": 1.0}}, text_dataset())
     assert trainer.teacher_model is None
     assert all(entry["loss"] == pytest.approx(entry["hard_label"], rel=1e-6) for entry in train_logs(trainer))
+
+
+@pytest.mark.parametrize(
+    "losses, student_flags, teacher_flags",
+    [
+        ({"soft_target": {}}, {}, {}),
+        ({"hidden_state": {}}, {"output_hidden_states": True}, {"output_hidden_states": True}),
+        ({"attention": {"heads": "relations"}}, {}, {}),  # relations come from hooks, not from returned maps
+        (
+            {"attention": {"heads": "average"}, "hard_label": {}},
+            {"output_attentions": True},
+            {"output_attentions": True},
+        ),
+    ],
+)
+def test_models_are_asked_only_for_the_outputs_the_losses_need(tmp_path, losses, student_flags, teacher_flags):
+    trainer = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2, attn_implementation="eager"),
+        teacher_model=bert_classifier(seed=1, attn_implementation="eager"),
+        args=config(tmp_path, losses),
+        train_dataset=text_dataset(),
+    )
+    assert trainer.student_output_flags == student_flags
+    assert trainer.teacher_output_flags == teacher_flags

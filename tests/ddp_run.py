@@ -1,0 +1,36 @@
+"""Two-process CPU training run for test_multiprocess.py (launched with torchrun; gloo backend)."""
+
+import sys
+from pathlib import Path
+
+import torch
+from helpers import bert_masked_lm, config, masked_lm_dataset
+from safetensors.torch import save_file
+
+from hf_distill import DistillationTrainer
+
+LOSSES = {"soft_target": {"weight": 1.0}, "hard_label": {"weight": 1.0}, "hidden_state": {"weight": 1.0}}
+
+
+def run(output_dir: Path, batch_size: int) -> DistillationTrainer:
+    trainer = DistillationTrainer(
+        model=bert_masked_lm(seed=2, layers=2, width=8, heads=2),
+        teacher_model=bert_masked_lm(seed=1),
+        # Plain SGD without clipping: Adam and clipping would hide a wrongly scaled loss or gradient.
+        args=config(
+            output_dir, LOSSES, max_steps=2, per_device_train_batch_size=batch_size, optim="sgd", max_grad_norm=0.0
+        ),
+        train_dataset=masked_lm_dataset(16),
+    )
+    trainer.train()
+    return trainer
+
+
+if __name__ == "__main__":
+    output_dir = Path(sys.argv[1])
+    trainer = run(output_dir, batch_size=4)
+    if trainer.args.process_index == 0:
+        state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
+        state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(output_dir / "final.safetensors"))
+    torch.distributed.barrier()

@@ -1,0 +1,39 @@
+"""Two CPU processes (torchrun, gloo) train exactly like one process with the combined batch."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_run import run
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).parent
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_match_one_process_with_the_combined_batch(tmp_path):
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(TESTS / "ddp_run.py"),
+        str(tmp_path / "ddp"),
+    ]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two_processes = load_file(tmp_path / "ddp" / "final.safetensors")
+
+    # One process, batch 8 = two processes of 4 (the distributed sampler interleaves, the update is the same
+    # only when every term is normalised by the global item count and projector gradients are averaged).
+    single = run(tmp_path / "single", batch_size=8)
+    assert any(key.startswith("losses.") for key in two_processes)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(two_processes[f"student.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
+    for key, value in single.distillation_losses.state_dict().items():
+        torch.testing.assert_close(two_processes[f"losses.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
