@@ -169,16 +169,18 @@ def check_layer_map(term: str, layer_map: Any) -> list[tuple[int, int]] | None:
 def resolve_layer_map(
     term: str,
     layer_map: list[tuple[int, int]] | None,
-    student_layers: int,
-    teacher_layers: int,
+    student: nn.Module,
+    teacher: nn.Module,
     first_layer: int = 1,
 ) -> list[tuple[int, int]]:
     """Return concrete, in-range layer pairs; the default spreads the student's layers evenly over the teacher's.
 
     Layers are numbered as `output_hidden_states` returns them: 0 is the embedding output and 1..N the
     blocks. Negative indices count from the last block (-1 is the last). `first_layer` is the lowest
-    valid index (1 for attention maps, which the embeddings do not have).
+    valid index (1 for attention maps, which the embeddings do not have). Depths come from the configs.
     """
+    student_layers = config_value(student, "num_hidden_layers", term)
+    teacher_layers = config_value(teacher, "num_hidden_layers", term)
     if layer_map is None:
         # Student block i learns from teacher block round(i * T / S): with S = T/2, every other block.
         return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]

@@ -74,13 +74,7 @@ class HiddenStateLoss(DistillationLoss):
         self.projectors = nn.ModuleList()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.pairs = resolve_layer_map(
-            self.term,
-            self.layer_map,
-            config_value(student, "num_hidden_layers", self.term),
-            config_value(teacher, "num_hidden_layers", self.term),
-            first_layer=0,
-        )
+        self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher, first_layer=0)
         student_width = config_value(student, "hidden_size", self.term)
         teacher_width = config_value(teacher, "hidden_size", self.term)
         if student_width != teacher_width:
@@ -148,12 +142,7 @@ class AttentionLoss(DistillationLoss):
         self.captured = ModuleOutputs()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.pairs = resolve_layer_map(
-            self.term,
-            self.layer_map,
-            config_value(student, "num_hidden_layers", self.term),
-            config_value(teacher, "num_hidden_layers", self.term),
-        )
+        self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher)
         if self.heads == "relations":
             self._setup_relations(student, teacher)
             return
