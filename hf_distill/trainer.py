@@ -195,8 +195,8 @@ class DistillationTrainer(Trainer):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' would pile up.
         self.distillation_losses.zero_grad(set_to_none=True)
-        self._term_steps += 1
         if batch_samples:
+            self._term_steps += 1  # an empty fetch (end of data) is followed by no optimizer step
             counts = torch.stack(
                 [
                     sum(loss.count_items(batch).to(device) for batch in batch_samples)
