@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import DataCollatorForLanguageModeling, Trainer
 
 from .config import DistillationConfig
 from .losses import DistillationLoss, HardLabelLoss, build_losses
@@ -92,7 +92,7 @@ class DistillationTrainer(Trainer):
             )
         if teacher_model is not None and teacher_model is model:
             raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
-        _check_labels(terms, kwargs.get("train_dataset"))
+        _check_labels(terms, kwargs.get("train_dataset"), kwargs.get("data_collator"))
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -295,8 +295,11 @@ def _output_flags(needs: Any) -> dict[str, bool]:
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
 
 
-def _check_labels(terms: dict[str, tuple[float, DistillationLoss]], train_dataset: Any) -> None:
-    """Refuse a hard_label loss on a dataset that has no labels, before any step runs."""
+def _check_labels(terms: dict[str, tuple[float, DistillationLoss]], train_dataset: Any, collator: Any) -> None:
+    """Refuse a hard_label loss on a dataset that has no labels, before any step runs (a masked-LM collator
+    makes its own labels)."""
+    if isinstance(collator, DataCollatorForLanguageModeling):
+        return
     columns = getattr(train_dataset, "column_names", None)
     uses_labels = [term for term, (_, loss) in terms.items() if isinstance(loss, HardLabelLoss)]
     if uses_labels and isinstance(columns, list) and not set(columns) & set(_LABEL_COLUMNS):

@@ -1,0 +1,45 @@
+"""The distillation pipeline behind `scripts/distill.py`, one public function per stage.
+
+from hf_distill.pipeline import parse_args, prepare_data, prepare_teacher, make_student, distill, ...
+args, config, recipe = parse_args(["--recipe", "minilm-rotten-tomatoes", "--max_train_samples", "500"])
+report = run_pipeline(args, config, recipe)     # or call the stages one by one, as run_pipeline does
+"""
+
+from .arguments import PipelineArguments, available_recipes, load_recipe, parse_args
+from .data import PreparedData, load_processor, mask_once, prepare_data
+from .evaluation import count_parameters, describe_model, evaluate_model, measure_latency
+from .models import build_student, default_student_layers, fresh_student, prepare_teacher, save_atomically
+from .report import model_card, push_student, save_student, write_report
+from .run import distill, losses_with_layer_map, main, make_student, run_pipeline
+from .sources import OFFLINE_SOURCES, load_raw_dataset
+
+__all__ = [
+    "OFFLINE_SOURCES",
+    "PipelineArguments",
+    "PreparedData",
+    "available_recipes",
+    "build_student",
+    "count_parameters",
+    "default_student_layers",
+    "describe_model",
+    "distill",
+    "evaluate_model",
+    "fresh_student",
+    "load_processor",
+    "load_raw_dataset",
+    "load_recipe",
+    "losses_with_layer_map",
+    "main",
+    "make_student",
+    "mask_once",
+    "measure_latency",
+    "model_card",
+    "parse_args",
+    "prepare_data",
+    "prepare_teacher",
+    "push_student",
+    "run_pipeline",
+    "save_atomically",
+    "save_student",
+    "write_report",
+]

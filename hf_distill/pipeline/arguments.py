@@ -1,0 +1,207 @@
+"""The pipeline's own settings and the one parser path: dataclass defaults < recipe YAML < command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from ..config import DistillationConfig
+
+TASKS = ("text-classification", "masked-lm", "image-classification")
+#: Folder of the recipes that ship with the project (one YAML file each; the file name is the recipe name).
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class PipelineArguments:
+    """What the pipeline distils: the task, the teacher, the student and the data.
+
+    Every field is a command-line flag of `scripts/distill.py` and a key of a recipe file.
+    """
+
+    task: str = field(
+        default="text-classification", metadata={"help": "What the models do: " + ", ".join(TASKS) + "."}
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher: a Hub id or a local folder (safetensors weights). When its checkpoint has no "
+            "trained head for the task, the teacher is fine-tuned first and kept in <output_dir>/teacher."
+        },
+    )
+    teacher_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Build the teacher from scratch from this config (a mapping with model_type, or a JSON "
+            "string) and train it first, instead of loading --teacher. Needs --processor settings via "
+            "--image_size for images."
+        },
+    )
+    teacher_num_train_epochs: float = field(
+        default=3.0, metadata={"help": "Epochs of teacher training, when the teacher has no trained head."}
+    )
+    teacher_learning_rate: float = field(
+        default=5e-5, metadata={"help": "Learning rate of teacher training, when the teacher has no trained head."}
+    )
+    teacher_train_new_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "When the teacher is trained first, train only the weights its checkpoint lacks (a head "
+            "warm-up: the pretrained encoder stays as it is, and each step costs little more than inference)."
+        },
+    )
+    teacher_max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train the teacher on the first N training examples (default: all)."}
+    )
+    student_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher layers the student is built from, in order (e.g. 0 2 4 7 9 11). Default: "
+            "--student_num_layers layers spread evenly from the first to the last."
+        },
+    )
+    student_num_layers: int | None = field(
+        default=None, metadata={"help": "Depth of a student built from the teacher's layers (default: half)."}
+    )
+    student_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Build a fresh, randomly initialised student from this config instead of from the teacher's "
+            "layers: a Hub id or folder holding a config (e.g. google/mobilenet_v2_1.4_224), a mapping with "
+            "model_type, or a JSON string."
+        },
+    )
+    processor: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer or image processor (Hub id or folder). Default: the teacher's own."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side in pixels the images are resized to (default: the processor's; required with "
+            "--teacher_config)."
+        },
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub id, a folder written by Dataset.save_to_disk, local text files (masked LM; a path, "
+            "glob or comma-separated list), or an offline source: offline:rotten_tomatoes, "
+            "offline:fashion_mnist, offline:wordnet_fortunes."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub configuration of --dataset."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split every model is evaluated on. Default: validation, else test, else 10% of "
+            "the training split held out with a fixed seed."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the image."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Distil on the first N training examples (shuffled with --seed)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N held-out examples."})
+    max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
+    mlm_probability: float = field(
+        default=0.15, metadata={"help": "Share of tokens masked for masked LM (80% [MASK], 10% random, 10% kept)."}
+    )
+    baseline: bool = field(
+        default=False,
+        metadata={"help": "Also train the same student without the teacher (hard labels only) and compare."},
+    )
+    latency_batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 32],
+        metadata={"help": "Batch sizes at which CPU latency is measured for the report."},
+    )
+    latency_repeats: int = field(
+        default=10, metadata={"help": "Timed forward passes per batch size (the median is reported)."}
+    )
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("teacher_config", "student_config"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                setattr(self, name, json.loads(value))
+        if self.teacher is None and self.teacher_config is None:
+            raise ValueError("name a teacher: --teacher <Hub id or folder>, or --teacher_config to train one here")
+        if self.teacher_config is not None and not isinstance(self.teacher_config, dict):
+            raise ValueError("teacher_config must be a mapping with model_type (in YAML) or a JSON string")
+        if self.teacher_config is not None and self.task == "image-classification" and self.image_size is None:
+            raise ValueError("a teacher built from --teacher_config needs --image_size for its image processor")
+        if self.dataset is None:
+            raise ValueError("name the data: --dataset <Hub id, folder, text files or offline:<source>>")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+        if self.student_layers is not None and self.student_config is not None:
+            raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
+
+
+def available_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
+    """Recipe name -> the one-line description on the first line of its file (`# ...`)."""
+    recipes = {}
+    for path in sorted(recipes_dir.glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        recipes[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return recipes
+
+
+def _field_names() -> set[str]:
+    return {f.name for cls in (PipelineArguments, DistillationConfig) for f in dataclasses.fields(cls) if f.init}
+
+
+def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
+    """The settings a recipe changes from the defaults; unknown recipes and keys are errors."""
+    recipes = available_recipes(recipes_dir)
+    path = Path(name)
+    if not path.is_file():
+        if name not in recipes:
+            raise ValueError(
+                f"unknown recipe {name!r}; choose one of: {', '.join(recipes)} (or a path to a YAML file)"
+            )
+        path = recipes_dir / f"{name}.yaml"
+    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"recipe {path} must be a mapping of setting to value")
+    unknown = sorted(set(settings) - _field_names())
+    if unknown:
+        raise ValueError(
+            f"recipe {path} sets unknown keys {unknown}; valid keys are the fields of PipelineArguments and "
+            f"DistillationConfig: {', '.join(sorted(_field_names()))}"
+        )
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[PipelineArguments, DistillationConfig, str | None]:
+    """Parse `--recipe NAME` and the flags that override it. Returns the two argument sets and the recipe name."""
+    listing = "\n".join(f"  {name:<24} {line}" for name, line in available_recipes().items())
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--recipe", default=None)
+    known, _ = recipe_parser.parse_known_args(argv)
+    parser = HfArgumentParser(
+        (PipelineArguments, DistillationConfig),
+        description="Distil a teacher into a student, stage by stage: teacher, student, distill, evaluate, "
+        "report, save (and push).",
+        epilog=f"recipes (--recipe NAME; flags after it override the recipe):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--recipe", default=None, help="A recipe from recipes/ (listed below) or a YAML file.")
+    if known.recipe is not None:
+        settings = load_recipe(known.recipe)
+        settings.setdefault("output_dir", str(Path("runs") / Path(known.recipe).stem))
+        parser.set_defaults(**settings)
+    pipeline_args, config, _recipe_namespace = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return pipeline_args, config, known.recipe

@@ -1,0 +1,188 @@
+"""Stage 0: the data, tokenised or turned into pixels once, with the collators each task trains and tests with.
+
+    data = prepare_data(args, seed=42)   # PreparedData: train / teacher_train / eval splits, collators, processor
+
+Masked LM: training batches are masked afresh by `DataCollatorForLanguageModeling`; the held-out split is
+masked once, with a fixed seed, so that teacher, student and baseline are scored on the same masked tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForTokenClassification,
+    DataCollatorWithPadding,
+    DefaultDataCollator,
+    ViTImageProcessor,
+)
+
+from .arguments import PipelineArguments
+from .sources import load_raw_dataset, resolve_model
+
+# Held-out share carved from the training split when a data set has no validation or test split.
+_CARVED_EVAL_FRACTION = 0.1
+
+
+@dataclass
+class PreparedData:
+    """Everything the stages need to know about the data, ready for `Trainer`s."""
+
+    task: str
+    processor: Any
+    train: Dataset
+    teacher_train: Dataset
+    eval: Dataset
+    train_collator: Any
+    eval_collator: Any
+    label_names: list[str] | None
+    image_size: int | None = None
+
+    def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """A batch of held-out inputs (no labels), for timing the models."""
+        rows = [self.eval[i % len(self.eval)] for i in range(batch_size)]
+        batch = self.eval_collator(rows)
+        return {key: value for key, value in batch.items() if key != "labels"}
+
+
+def load_processor(args: PipelineArguments):
+    """The tokenizer or image processor: `args.processor`, else the teacher's, else (a teacher built here) a
+    ViT-style processor that resizes to `args.image_size` and scales pixels to [-1, 1]."""
+    source = resolve_model(args.processor or args.teacher)
+    if args.task == "image-classification":
+        if source is None:
+            return ViTImageProcessor(
+                size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            )
+        processor = AutoImageProcessor.from_pretrained(source)
+        if args.image_size is not None:
+            processor.size = {"height": args.image_size, "width": args.image_size}
+        return processor
+    if source is None:
+        raise ValueError("a text teacher built from teacher_config needs --processor (a tokenizer id or folder)")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _splits(args: PipelineArguments, raw: DatasetDict | Dataset, seed: int) -> tuple[Dataset, Dataset]:
+    if isinstance(raw, Dataset):
+        raw = DatasetDict({args.train_split: raw})
+    if args.train_split not in raw:
+        raise ValueError(f"the data set has no {args.train_split!r} split (it has {list(raw)}); set --train_split")
+    if args.eval_split is not None:
+        if args.eval_split not in raw:
+            raise ValueError(f"the data set has no {args.eval_split!r} split (it has {list(raw)}); set --eval_split")
+        return raw[args.train_split], raw[args.eval_split]
+    for name in ("validation", "test"):
+        if name in raw and name != args.train_split:
+            return raw[args.train_split], raw[name]
+    carved = raw[args.train_split].train_test_split(test_size=_CARVED_EVAL_FRACTION, seed=seed)
+    return carved["train"], carved["test"]
+
+
+def _check_columns(data: Dataset, columns: list[str], flags: list[str]) -> None:
+    for column, flag in zip(columns, flags):
+        if column not in data.column_names:
+            raise ValueError(f"the data set has no column {column!r} (it has {data.column_names}); set {flag}")
+
+
+def _label_names(train: Dataset, column: str) -> list[str]:
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    return [str(value) for value in sorted(set(train[column]))]
+
+
+def prepare_data(args: PipelineArguments, seed: int, processor=None) -> PreparedData:
+    """Load, split, subsample and preprocess the data for `args.task`."""
+    processor = load_processor(args) if processor is None else processor
+    train, held_out = _splits(args, load_raw_dataset(args.dataset, args.dataset_config_name), seed)
+    train = train.shuffle(seed=seed)
+    full_train = train
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
+    teacher_train = full_train
+    if args.teacher_max_train_samples is not None:
+        teacher_train = full_train.select(range(min(args.teacher_max_train_samples, len(full_train))))
+
+    if args.task == "image-classification":
+        _check_columns(train, [args.image_column, args.label_column], ["--image_column", "--label_column"])
+        label_names = _label_names(train, args.label_column)
+
+        def to_pixels(batch):
+            images = [image.convert("RGB") for image in batch[args.image_column]]
+            return {
+                "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+                "labels": batch[args.label_column],
+            }
+
+        splits = [split.with_transform(to_pixels) for split in (train, teacher_train, held_out)]
+        size = processor.size.get("height") if isinstance(processor.size, dict) else None
+        collator = DefaultDataCollator()
+        return PreparedData(args.task, processor, *splits, collator, collator, label_names, size)
+
+    _check_columns(train, [args.text_column], ["--text_column"])
+
+    def tokenize(batch):
+        return processor(batch[args.text_column], truncation=True, max_length=args.max_length)
+
+    if args.task == "text-classification":
+        _check_columns(train, [args.label_column], ["--label_column"])
+        label_names = _label_names(train, args.label_column)
+        to_index = {name: index for index, name in enumerate(label_names)}
+        is_class_label = isinstance(train.features[args.label_column], ClassLabel)
+
+        def encode(batch):
+            encoded = tokenize(batch)
+            labels = batch[args.label_column]
+            encoded["labels"] = labels if is_class_label else [to_index[str(label)] for label in labels]
+            return encoded
+
+        splits = [
+            split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenising {name}")
+            for name, split in (("train", train), ("teacher train", teacher_train), ("eval", held_out))
+        ]
+        collator = DataCollatorWithPadding(processor)
+        return PreparedData(args.task, processor, *splits, collator, collator, label_names)
+
+    # Masked LM: drop empty lines, tokenise; the eval split is masked once with a fixed seed.
+    splits = [
+        split.filter(lambda text: bool(text.strip()), input_columns=args.text_column).map(
+            tokenize, batched=True, remove_columns=split.column_names, desc=f"Tokenising {name}"
+        )
+        for name, split in (("train", train), ("teacher train", teacher_train), ("eval", held_out))
+    ]
+    masking = DataCollatorForLanguageModeling(processor, mlm_probability=args.mlm_probability)
+    splits[2] = mask_once(splits[2], masking, seed)
+    return PreparedData(args.task, processor, *splits, masking, DataCollatorForTokenClassification(processor), None)
+
+
+def mask_once(data: Dataset, masking: DataCollatorForLanguageModeling, seed: int) -> Dataset:
+    """Apply the masking collator once to every example with a fixed seed, keeping the masked `input_ids` and
+    `labels` (-100 where unmasked) as columns, so that every model is scored on the same masked tokens."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+
+        def apply(batch):
+            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            masked = masking.torch_call(rows)
+            lengths = [len(row["input_ids"]) for row in rows]
+            return {
+                **{key: batch[key] for key in batch if key not in ("input_ids", "labels")},
+                "input_ids": [masked["input_ids"][i, :n].tolist() for i, n in enumerate(lengths)],
+                "labels": [masked["labels"][i, :n].tolist() for i, n in enumerate(lengths)],
+            }
+
+        return data.map(
+            apply, batched=True, batch_size=256, desc="Masking the eval split once", load_from_cache_file=False
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)

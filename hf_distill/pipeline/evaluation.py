@@ -1,0 +1,124 @@
+"""Stage 4: score every model on the same held-out split with the same metric, and time it on the CPU.
+
+Metrics are computed here from the predictions (`evaluate.load` would fetch its metric scripts from the
+Hub): accuracy for classification; masked-token accuracy and perplexity for masked LM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .data import PreparedData
+
+
+def _keep_label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shrink masked-LM logits to what the metrics need, per position: [argmax, log p(label)] (no vocab axis)."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    safe = labels.clamp(min=0).unsqueeze(-1)
+    return torch.stack([logits.argmax(-1).to(log_probs.dtype), log_probs.gather(-1, safe).squeeze(-1)], dim=-1)
+
+
+def _classification_metrics(prediction) -> dict[str, float]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
+
+
+def _masked_lm_metrics(prediction) -> dict[str, float]:
+    kept, labels = prediction.predictions, prediction.label_ids
+    masked = labels != -100
+    hits = kept[..., 0][masked] == labels[masked]
+    return {"accuracy": float(hits.mean()), "perplexity": float(math.exp(-kept[..., 1][masked].mean()))}
+
+
+def evaluate_model(
+    model: nn.Module, data: PreparedData, batch_size: int = 64, name: str = "model"
+) -> dict[str, float]:
+    """Accuracy (and, for masked LM, perplexity over the masked tokens) of `model` on `data.eval`."""
+    masked_lm = data.task == "masked-lm"
+    with tempfile.TemporaryDirectory() as scratch:
+        arguments = TrainingArguments(
+            output_dir=scratch,
+            per_device_eval_batch_size=batch_size,
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            eval_accumulation_steps=16,
+            disable_tqdm=False,
+            remove_unused_columns=False,  # image splits are transformed on the fly from their image column
+        )
+        trainer = Trainer(
+            model=model,
+            args=arguments,
+            eval_dataset=data.eval,
+            data_collator=data.eval_collator,
+            compute_metrics=_masked_lm_metrics if masked_lm else _classification_metrics,
+            preprocess_logits_for_metrics=_keep_label_log_probs if masked_lm else None,
+        )
+        metrics = trainer.evaluate(metric_key_prefix=name)
+    return {
+        key[len(name) + 1 :]: value for key, value in metrics.items() if not key.endswith(("runtime", "per_second"))
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, each tied tensor counted once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def weights_size_bytes(model: nn.Module) -> int:
+    """Bytes the model's weights take (each tied tensor once), as in a safetensors file minus its header."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module, data: PreparedData, batch_sizes: list[int], repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median CPU wall time of one forward pass, in milliseconds, per batch size (held-out inputs).
+
+    Runs on the CPU with the process's torch threads whatever device the model trained on, because the report
+    is about deployment where memory and latency are tight. The model is put back where it was.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.to("cpu").eval()
+    latency = {}
+    for batch_size in batch_sizes:
+        batch = data.example_batch(batch_size)
+        for _ in range(warmup):
+            model(**batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(**batch)
+            times.append(time.perf_counter() - start)
+        latency[f"latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times)
+    model.to(device).train(was_training)
+    return latency
+
+
+def describe_model(
+    model: nn.Module, data: PreparedData, latency_batch_sizes: list[int], repeats: int
+) -> dict[str, Any]:
+    """Size and CPU speed of one model: parameters, weight bytes and latency per batch size."""
+    return {
+        "parameters": count_parameters(model),
+        "size_bytes": weights_size_bytes(model),
+        **measure_latency(model, data, latency_batch_sizes, repeats),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }

@@ -1,0 +1,253 @@
+"""Stages 1 and 2: the teacher (loaded, or trained first when it has no task head) and the student.
+
+teacher = prepare_teacher(args, config, data, processor)
+student, layer_map = build_student(teacher, layers=[0, 2, 4, 7, 9, 11])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    Trainer,
+)
+
+from ..config import DistillationConfig
+from .arguments import PipelineArguments
+from .data import PreparedData
+from .sources import resolve_model
+
+logger = logging.getLogger(__name__)
+
+AUTO_CLASSES = {
+    "text-classification": AutoModelForSequenceClassification,
+    "masked-lm": AutoModelForMaskedLM,
+    "image-classification": AutoModelForImageClassification,
+}
+#: Written next to a teacher trained by the pipeline: what it was trained from, so a rerun can reuse it.
+TEACHER_RECORD = "hf_distill_teacher.json"
+
+
+def stage_args(config: DistillationConfig, output_dir: str, **changes: Any) -> DistillationConfig:
+    """A copy of `config` for one training stage: its own checkpoint folder, and no Hub pushes from the Trainer
+    (the pipeline pushes the finished student itself). Columns are kept: `prepare_data` leaves only model inputs,
+    and image splits are transformed on the fly from their `image` column."""
+    return dataclasses.replace(
+        config, output_dir=output_dir, push_to_hub=False, remove_unused_columns=False, **changes
+    )
+
+
+def _label_kwargs(data: PreparedData) -> dict[str, Any]:
+    if data.label_names is None:
+        return {}
+    return {
+        "num_labels": len(data.label_names),
+        "id2label": dict(enumerate(data.label_names)),
+        "label2id": {name: index for index, name in enumerate(data.label_names)},
+    }
+
+
+def _teacher_record(args: PipelineArguments, config: DistillationConfig, data: PreparedData) -> dict[str, Any]:
+    return {
+        "teacher": args.teacher,
+        "teacher_config": args.teacher_config,
+        "task": args.task,
+        "dataset": args.dataset,
+        "dataset_config_name": args.dataset_config_name,
+        "train_examples": len(data.teacher_train),
+        "labels": data.label_names,
+        "epochs": args.teacher_num_train_epochs,
+        "learning_rate": args.teacher_learning_rate,
+        "new_weights_only": args.teacher_train_new_weights_only,
+        "seed": config.seed,
+    }
+
+
+def prepare_teacher(
+    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+) -> tuple[PreTrainedModel, str]:
+    """Load the teacher, or train it first when it has no trained head for the task.
+
+    A teacher whose checkpoint lacks task-head weights (the load report lists them as missing), or one built
+    from `args.teacher_config`, is fine-tuned on the training split and saved in `<output_dir>/teacher` with a
+    record of its settings; a later run with the same settings loads it from there instead of training again.
+
+    Returns the teacher (in eval mode) and where it came from (a Hub id or folder, for the model card).
+    """
+    auto_class = AUTO_CLASSES[args.task]
+    kwargs = _label_kwargs(data)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    trained_dir = os.path.join(config.output_dir, "teacher")
+    record = _teacher_record(args, config, data)
+    record_path = os.path.join(trained_dir, TEACHER_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path, encoding="utf-8") as handle:
+            if json.load(handle) == json.loads(json.dumps(record)):
+                logger.info("Reusing the teacher trained earlier in %s", trained_dir)
+                teacher = auto_class.from_pretrained(trained_dir, use_safetensors=True, **kwargs)
+                return teacher.eval(), trained_dir
+        logger.warning("%s was trained with other settings; training the teacher again", trained_dir)
+
+    if args.teacher_config is not None:
+        teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
+        torch.manual_seed(config.seed)
+        teacher, missing = auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
+    else:
+        teacher, info = auto_class.from_pretrained(
+            resolve_model(args.teacher),
+            use_safetensors=True,
+            trust_remote_code=config.teacher_trust_remote_code,
+            output_loading_info=True,
+            **kwargs,
+        )
+        missing = info["missing_keys"]
+    if not missing:
+        return teacher.eval(), args.teacher
+
+    logger.warning(
+        "The teacher has untrained weights (%s); training it first for %s epochs (the record in %s lets later runs "
+        "reuse it)",
+        ", ".join(sorted(missing)[:6]) + (" ..." if len(missing) > 6 else ""),
+        args.teacher_num_train_epochs,
+        trained_dir,
+    )
+    teacher_args = stage_args(
+        config,
+        os.path.join(config.output_dir, "checkpoints", "teacher"),
+        num_train_epochs=args.teacher_num_train_epochs,
+        learning_rate=args.teacher_learning_rate,
+        max_steps=-1,
+        eval_strategy="no",
+        save_strategy="no",
+        load_best_model_at_end=False,
+    )
+    teacher.train()
+    if args.teacher_train_new_weights_only and args.teacher_config is None:
+        for name, parameter in teacher.named_parameters():
+            parameter.requires_grad_(name in missing)
+    Trainer(
+        model=teacher,
+        args=teacher_args,
+        train_dataset=data.teacher_train,
+        data_collator=data.train_collator,
+        processing_class=data.processor,
+    ).train()
+    teacher.requires_grad_(True)
+    save_atomically(trained_dir, lambda folder: _save_teacher(teacher, data, record, folder))
+    return teacher.eval(), trained_dir
+
+
+def _save_teacher(teacher: PreTrainedModel, data: PreparedData, record: dict[str, Any], folder: str) -> None:
+    teacher.save_pretrained(folder)
+    data.processor.save_pretrained(folder)
+    with open(os.path.join(folder, TEACHER_RECORD), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+
+
+def save_atomically(folder: str, write) -> None:
+    """Run `write(tmp_folder)` and then move the result to `folder` in one rename, so that a crash never leaves
+    a half-written folder under the final name."""
+    folder = os.path.abspath(folder)
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.isdir(folder):
+        old = folder + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer layers: the ModuleList as long as its config's num_hidden_layers."""
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and depth is not None and len(module) == depth:
+            return name, module
+    raise ValueError(
+        f"cannot find the layer stack of a {type(model).__name__} to build a student from; pass student_config "
+        "to build a fresh student instead"
+    )
+
+
+def default_student_layers(teacher_depth: int, student_depth: int | None = None) -> list[int]:
+    """`student_depth` teacher layers spread evenly from the first to the last (half the depth by default).
+
+    For 12 -> 6 this gives 0, 2, 4, 7, 9, 11: the layers DistilBERT's research code keeps.
+    """
+    student_depth = student_depth or max(1, teacher_depth // 2)
+    if not 0 < student_depth <= teacher_depth:
+        raise ValueError(
+            f"student_num_layers must lie in 1..{teacher_depth} (the teacher's depth), got {student_depth}"
+        )
+    if student_depth == 1:
+        return [teacher_depth - 1]
+    return [round(i * (teacher_depth - 1) / (student_depth - 1)) for i in range(student_depth)]
+
+
+def build_student(
+    teacher: PreTrainedModel,
+    layers: list[int] | None = None,
+    num_layers: int | None = None,
+) -> tuple[PreTrainedModel, list[list[int]]]:
+    """A shallower copy of the teacher made of some of its layers (DistilBERT's initialisation).
+
+    The student has the teacher's class and width; its embeddings, task head and the listed layers are copied
+    (`layers[i]` becomes student layer i). Returns the student and the hidden-state layer map this implies
+    (`[student, teacher]` pairs over hidden-state indices, 0 being the embedding output), which is the default
+    `layer_map` of the pipeline's `hidden_state` losses.
+    """
+    prefix, teacher_layers = _layer_list(teacher)
+    layers = list(layers) if layers is not None else default_student_layers(len(teacher_layers), num_layers)
+    bad = [index for index in layers if not 0 <= index < len(teacher_layers)]
+    if bad or not layers:
+        raise ValueError(f"student_layers must name teacher layers 0..{len(teacher_layers) - 1}, got {layers}")
+    student_config = copy.deepcopy(teacher.config)
+    student_config.num_hidden_layers = len(layers)
+    student = type(teacher)(student_config)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    renumber = {source: target for target, source in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(1)) in renumber:
+            state[f"{prefix}.{renumber[int(match.group(1))]}.{key[match.end() :]}"] = value
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"copying teacher weights left {result.missing_keys or result.unexpected_keys} unmatched")
+    layer_map = [[0, 0]] + [[target + 1, source + 1] for target, source in enumerate(layers)]
+    return student, layer_map
+
+
+def fresh_student(student_config: dict | str, data: PreparedData, task: str, seed: int) -> PreTrainedModel:
+    """A randomly initialised student from a config: a Hub id or folder holding one, or a mapping with model_type."""
+    kwargs = _label_kwargs(data)
+    if isinstance(student_config, dict):
+        config = AutoConfig.for_model(**{**student_config, **kwargs})
+    else:
+        config = AutoConfig.from_pretrained(student_config, **kwargs)
+    if task == "image-classification" and data.image_size is not None and hasattr(config, "image_size"):
+        config.image_size = data.image_size
+    torch.manual_seed(seed)
+    return AUTO_CLASSES[task].from_config(config)

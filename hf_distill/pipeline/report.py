@@ -1,0 +1,202 @@
+"""Stages 5 and 6: the report (JSON, Markdown, plot), the saved student with its model card, and the push.
+
+report = write_report(output_dir, results, recipe="distilbert")
+save_student(student, processor, folder, model_card(report, ...))
+push_student(folder, repo_id="me/my-student")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from huggingface_hub import HfApi, ModelCard, ModelCardData  # noqa: E402
+
+from .models import save_atomically  # noqa: E402
+
+MODEL_ORDER = ("teacher", "student", "baseline")
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> dict[str, float]:
+    """Retention, gap closure, speed-ups and compression of the student, from per-model results."""
+    teacher, student = results["teacher"], results["student"]
+    summary = {
+        "retention": _ratio(student[metric], teacher[metric]),
+        "parameter_ratio": student["parameters"] / teacher["parameters"],
+        "size_ratio": student["size_bytes"] / teacher["size_bytes"],
+    }
+    for key in teacher:
+        if key.startswith("latency_ms_batch_"):
+            summary[f"speedup_batch_{key.rsplit('_', 1)[1]}"] = _ratio(teacher[key], student[key])
+    if "baseline" in results:
+        baseline = results["baseline"][metric]
+        summary["gap_closure"] = _ratio(student[metric] - baseline, teacher[metric] - baseline)
+        summary["beats_baseline"] = student[metric] > baseline
+    return summary
+
+
+def _table(results: dict[str, dict[str, Any]], metrics: list[str]) -> list[str]:
+    latencies = sorted(
+        (key for key in results["teacher"] if key.startswith("latency_ms_batch_")),
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+    header = [
+        "model",
+        *metrics,
+        "parameters (M)",
+        "size (MB)",
+        *[f"CPU ms, batch {k.rsplit('_', 1)[1]}" for k in latencies],
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in MODEL_ORDER:
+        if name not in results:
+            continue
+        row = results[name]
+        cells = [
+            name,
+            *[f"{row[m]:.4f}" for m in metrics],
+            f"{row['parameters'] / 1e6:.2f}",
+            f"{row['size_bytes'] / 1e6:.1f}",
+            *[f"{row[k]:.1f}" for k in latencies],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot(results: dict[str, dict[str, Any]], metric: str, path: str) -> None:
+    latencies = [key for key in results["teacher"] if key.startswith("latency_ms_batch_")]
+    axes_keys = [("parameters", "parameters (millions)", 1e-6)] + [
+        (key, f"CPU latency, batch {key.rsplit('_', 1)[1]} (ms)", 1.0) for key in latencies
+    ]
+    figure, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
+    for axis, (key, label, scale) in zip(axes[0], axes_keys):
+        for name in MODEL_ORDER:
+            if name in results:
+                axis.scatter(results[name][key] * scale, results[name][metric], s=60, label=name)
+                axis.annotate(
+                    name,
+                    (results[name][key] * scale, results[name][metric]),
+                    textcoords="offset points",
+                    xytext=(5, 5),
+                )
+        axis.set_xlabel(label)
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(output_dir: str, results: dict[str, dict[str, Any]], **context: Any) -> dict[str, Any]:
+    """Write `report.json`, `report.md` and `report.png` (accuracy against parameters and CPU latency) and
+    return the report. `results` maps teacher/student/(baseline) to their metrics and measurements; `context`
+    (recipe, teacher, dataset, losses, seed, timings...) is stored as it is."""
+    metrics = [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
+    report = {**context, "results": results, "summary": summarise(results)}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, default=str)
+    with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(report_lines(report, metrics)) + "\n")
+    _plot(results, "accuracy", os.path.join(output_dir, "report.png"))
+    return report
+
+
+def report_lines(report: dict[str, Any], metrics: list[str] | None = None) -> list[str]:
+    """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
+    results, summary = report["results"], report["summary"]
+    metrics = metrics or [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
+    lines = [f"# Distillation report: {report.get('recipe') or 'custom run'}", "", *_table(results, metrics), ""]
+    lines.append(f"- retention (student / teacher accuracy): {summary['retention']:.2%}")
+    lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of the teacher's")
+    for key, value in summary.items():
+        if key.startswith("speedup_batch_"):
+            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}: {value:.2f}x")
+    if "gap_closure" in summary:
+        lines.append(
+            f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
+            f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
+        )
+    return lines
+
+
+def model_card(report: dict[str, Any], recipe: str | None, dataset: str, teacher: str, losses: dict) -> ModelCard:
+    """A model card that records the teacher, the losses, the data and the measured metrics and compression."""
+    results, summary = report["results"], report["summary"]
+    data = ModelCardData(
+        base_model=teacher if not os.path.isdir(teacher) else None,
+        library_name="transformers",
+        tags=["distillation", "hf_distill", *([f"recipe:{recipe}"] if recipe else [])],
+        datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
+        metrics=["accuracy"] + (["perplexity"] if "perplexity" in results["student"] else []),
+        hf_distill={"teacher": teacher, "recipe": recipe, "dataset": dataset, "losses": losses, "summary": summary},
+    )
+    loss_lines = [
+        f"- `{term}`: weight {spec.get('weight', 1.0)}"
+        + "".join(f", {key} {value}" for key, value in spec.items() if key not in ("weight",))
+        for term, spec in losses.items()
+    ]
+    body = [
+        "# Distilled student",
+        "",
+        f"Distilled with hf_distill from the teacher `{teacher}` on `{dataset}`"
+        + (f" (recipe `{recipe}`)." if recipe else "."),
+        "",
+        "## Losses",
+        "",
+        *loss_lines,
+        "",
+        "## Results on the held-out split",
+        "",
+        *report_lines(report)[2:],
+        "",
+        "## Compression",
+        "",
+        f"- parameters: {results['student']['parameters']:,} vs {results['teacher']['parameters']:,} "
+        f"({summary['parameter_ratio']:.1%})",
+        f"- size of the weights: {results['student']['size_bytes'] / 1e6:.1f} MB vs "
+        f"{results['teacher']['size_bytes'] / 1e6:.1f} MB",
+        *[
+            f"- CPU speed-up at batch {k.rsplit('_', 1)[1]}: {v:.2f}x"
+            for k, v in summary.items()
+            if k.startswith("speedup_batch_")
+        ],
+        "",
+        "## Use",
+        "",
+        "Load it like any Transformers model: `AutoModelFor<Task>.from_pretrained(<this folder or repo>)`.",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def save_student(model, processor, folder: str, card: ModelCard) -> str:
+    """Save the student (safetensors), its tokenizer or image processor and its model card as one folder,
+    written elsewhere first and moved into place in one rename."""
+
+    def write(tmp: str) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        card.save(os.path.join(tmp, "README.md"))
+
+    save_atomically(folder, write)
+    return folder
+
+
+def push_student(
+    folder: str, repo_id: str, token: str | None = None, private: bool | None = None, api: HfApi | None = None
+) -> str:
+    """Upload a folder written by `save_student` (model, processor, card) to the Hub in one commit."""
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload distilled student")
+    return str(getattr(commit, "commit_url", commit))

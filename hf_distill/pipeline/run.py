@@ -1,0 +1,165 @@
+"""The whole pipeline, stage by stage: data, teacher, student, distill, evaluate, report, save, push.
+
+Run it from the command line (`python scripts/distill.py --recipe NAME`) or call `run_pipeline(args, config)`
+from a notebook; each stage it calls is a public function of `hf_distill.pipeline`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+import transformers
+from transformers import set_seed
+
+from ..config import DistillationConfig
+from ..losses import build_losses
+from ..trainer import DistillationTrainer
+from .arguments import PipelineArguments, parse_args
+from .data import PreparedData, prepare_data
+from .evaluation import describe_model, evaluate_model
+from .models import build_student, fresh_student, prepare_teacher, stage_args
+from .report import model_card, push_student, report_lines, save_student, write_report
+
+logger = logging.getLogger(__name__)
+
+
+def needs_attention_maps(losses: dict[str, Any]) -> bool:
+    """Whether a configured loss reads attention maps (which only eager attention returns)."""
+    return any("attentions" in loss.teacher_outputs for _, loss in build_losses(losses).values())
+
+
+def losses_with_layer_map(losses: dict[str, Any], layer_map: list[list[int]] | None) -> dict[str, Any]:
+    """Give `hidden_state` and `attention` terms without a `layer_map` the one the student was built with."""
+    if layer_map is None:
+        return losses
+    filled = copy.deepcopy(losses)
+    for term, spec in filled.items():
+        kind = spec.get("type", term)
+        if kind == "hidden_state" and "layer_map" not in spec:
+            spec["layer_map"] = layer_map
+        elif kind == "attention" and "layer_map" not in spec:
+            spec["layer_map"] = [pair for pair in layer_map if pair[0] > 0]  # blocks only, numbered from 1
+    return filled
+
+
+def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int):
+    """The student and its layer map: a fresh model from `student_config`, or one built from teacher layers."""
+    if args.student_config is not None:
+        return fresh_student(args.student_config, data, args.task, seed), None
+    return build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
+
+
+def distill(student, teacher, data: PreparedData, config: DistillationConfig, output_dir: str) -> DistillationTrainer:
+    """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses."""
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=stage_args(config, output_dir),
+        train_dataset=data.train,
+        # A masked-LM eval split is masked once, ahead of time; the training collator would mask it again.
+        eval_dataset=None if data.task == "masked-lm" else data.eval,
+        data_collator=data.train_collator,
+        processing_class=data.processor,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    return trainer
+
+
+def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: str | None = None) -> dict[str, Any]:
+    """Run every stage and return the report (also written to `<output_dir>/report.{json,md,png}`)."""
+    timings, started = {}, time.perf_counter()
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - since, 1)
+        logger.info("Stage %s took %.1f s", stage, now - since)
+        return now
+
+    set_seed(config.seed)
+    clock = time.perf_counter()
+    data = prepare_data(args, config.seed)
+    clock = lap("data", clock)
+
+    attention = "eager" if needs_attention_maps(config.losses) else None
+    teacher, teacher_source = prepare_teacher(args, config, data, attn_implementation=attention)
+    clock = lap("teacher", clock)
+
+    set_seed(config.seed)
+    student, layer_map = make_student(args, teacher, data, config.seed)
+    losses = losses_with_layer_map(config.losses, layer_map)
+    distill_config = stage_args(config, config.output_dir, losses=losses)
+    clock = lap("student", clock)
+
+    trainer = distill(
+        student, teacher, data, distill_config, os.path.join(config.output_dir, "checkpoints", "distill")
+    )
+    clock = lap("distill", clock)
+
+    models = {"teacher": teacher, "student": trainer.model}
+    if args.baseline:
+        set_seed(config.seed)
+        baseline, _ = make_student(args, teacher, data, config.seed)
+        baseline_config = stage_args(config, config.output_dir, losses={"hard_label": {"weight": 1.0}})
+        models["baseline"] = distill(
+            baseline, None, data, baseline_config, os.path.join(config.output_dir, "checkpoints", "baseline")
+        ).model
+        clock = lap("baseline", clock)
+
+    batch_size = config.per_device_eval_batch_size
+    results = {}
+    for name, model in models.items():
+        results[name] = evaluate_model(model, data, batch_size=batch_size, name=name)
+        results[name].update(describe_model(model, data, args.latency_batch_sizes, args.latency_repeats))
+    clock = lap("evaluate", clock)
+
+    teacher_name = args.teacher or "a teacher built from teacher_config"
+    report = write_report(
+        config.output_dir,
+        results,
+        recipe=recipe,
+        task=args.task,
+        teacher=teacher_name,
+        teacher_used=teacher_source,
+        dataset=args.dataset,
+        train_examples=len(data.train),
+        eval_examples=len(data.eval),
+        losses=losses,
+        seed=config.seed,
+        machine={
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        timings_s=timings,
+    )
+    card = model_card(report, recipe, args.dataset, teacher_name, losses)
+    student_dir = save_student(trainer.model, data.processor, os.path.join(config.output_dir, "student"), card)
+    clock = lap("save", clock)
+    if config.push_to_hub:
+        repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
+        report["pushed_to"] = push_student(
+            student_dir, repo_id, token=config.hub_token, private=config.hub_private_repo
+        )
+        lap("push", clock)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    report["student_dir"] = student_dir
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of `scripts/distill.py`: parse the recipe and flags, run, print the table."""
+    args, config, recipe = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
+    report = run_pipeline(args, config, recipe)
+    print("\n" + "\n".join(report_lines(report)))
+    print(f"\nStudent saved to {report['student_dir']}; report in {config.output_dir}/report.md")
+    return report

@@ -1,0 +1,188 @@
+"""The pipeline behind scripts/distill.py, end to end on tiny local models and data, one test per recipe kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+from pipeline_assets import (
+    TINY_VIT,
+    write_encoder_teacher,
+    write_image_dataset,
+    write_masked_lm_teacher,
+    write_sentiment_dataset,
+    write_text_files,
+)
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from hf_distill.pipeline import models as pipeline_models
+from hf_distill.pipeline import parse_args, report, run_pipeline
+
+# Small enough for seconds on two CPU cores; the numbers are checked for shape and consistency, not quality.
+FAST = [
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_epochs", "1",
+    "--teacher_num_train_epochs", "1", "--latency_repeats", "1", "--latency_batch_sizes", "1", "4",
+    "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+    "--disable_tqdm", "true", "--seed", "0",
+]  # fmt: skip
+
+
+class FakeHub:
+    """Stands in for `HfApi`: records the calls and keeps a copy of each uploaded folder under `root`."""
+
+    calls: list = []
+    root: str = ""
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
+        FakeHub.calls.append(("create_repo", repo_id, private))
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        FakeHub.calls.append(("upload_folder", repo_id, commit_message))
+        shutil.copytree(folder_path, os.path.join(FakeHub.root, repo_id), dirs_exist_ok=True)
+        return f"local://{repo_id}"
+
+
+def run(argv):
+    args, config, recipe = parse_args(argv)
+    return run_pipeline(args, config, recipe), config
+
+
+def check_report(output_dir, with_baseline, smaller_student=True):
+    with open(os.path.join(output_dir, "report.json"), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    models = ["teacher", "student"] + (["baseline"] if with_baseline else [])
+    assert sorted(saved["results"]) == sorted(models)
+    for name in models:
+        row = saved["results"][name]
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["latency_ms_batch_1"] > 0 and row["latency_ms_batch_4"] > 0
+    teacher, student = saved["results"]["teacher"], saved["results"]["student"]
+    assert (student["parameters"] < teacher["parameters"]) == smaller_student
+    if teacher["accuracy"]:
+        assert saved["summary"]["retention"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
+    if with_baseline:
+        baseline = saved["results"]["baseline"]["accuracy"]
+        gap = teacher["accuracy"] - baseline
+        if gap:
+            expected = (student["accuracy"] - baseline) / gap
+            assert saved["summary"]["gap_closure"] == pytest.approx(expected)
+    with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as handle:
+        markdown = handle.read()
+    assert all(f"| {name} |" in markdown for name in models)
+    with open(os.path.join(output_dir, "report.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    return saved
+
+
+def read_card(folder):
+    with open(os.path.join(folder, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    front_matter = yaml.safe_load(text.split("---")[1])
+    return front_matter, text
+
+
+def test_text_classification_trains_a_headless_teacher_once_then_reuses_it(tmp_path, monkeypatch):
+    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    data = write_sentiment_dataset(str(tmp_path / "data"))
+    monkeypatch.setattr(report, "HfApi", FakeHub)
+    FakeHub.calls, FakeHub.root = [], str(tmp_path / "hub")
+    output = str(tmp_path / "run")
+    argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data, "--output_dir", output,
+            "--student_num_layers", "2", "--max_train_samples", "24", "--teacher_max_train_samples", "24",
+            "--push_to_hub", "true", "--hub_model_id", "me/tiny-student", *FAST]  # fmt: skip
+    first, config = run(argv)
+
+    # Stage 1: the encoder had no classifier, so the teacher was trained first and kept with a record.
+    assert os.path.isfile(os.path.join(output, "teacher", "model.safetensors"))
+    assert os.path.isfile(os.path.join(output, "teacher", pipeline_models.TEACHER_RECORD))
+    assert first["teacher_used"] == os.path.join(output, "teacher")
+    saved = check_report(output, with_baseline=True)
+    assert saved["losses"]["hidden_state"]["distance"] == "cosine"
+
+    # Stage 6: the student loads with plain Auto classes; the card records teacher, losses, data and metrics.
+    student_dir = os.path.join(output, "student")
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 2
+    assert student.config.id2label == {0: "bad", 1: "good"}
+    assert AutoTokenizer.from_pretrained(student_dir)("w1 w2")["input_ids"] == [2, 6, 7, 3]  # [CLS] w1 w2 [SEP]
+    assert not os.path.exists(student_dir + ".tmp")
+    front_matter, text = read_card(student_dir)
+    assert "distillation" in front_matter["tags"] and "recipe:minilm-rotten-tomatoes" in front_matter["tags"]
+    assert front_matter["hf_distill"]["teacher"] == teacher
+    assert front_matter["hf_distill"]["losses"]["soft_target"] == {"weight": 0.5, "temperature": 2.0}
+    assert front_matter["hf_distill"]["dataset"] == data
+    assert f"{saved['results']['student']['accuracy']:.4f}" in text
+    assert f"{saved['results']['student']['parameters']:,}" in text
+
+    # --push_to_hub: one repo, one commit of model, tokenizer and card, to the Hub stand-in.
+    assert FakeHub.calls == [
+        ("create_repo", "me/tiny-student", None),
+        ("upload_folder", "me/tiny-student", "Upload distilled student"),
+    ]
+    pushed = sorted(os.listdir(os.path.join(FakeHub.root, "me/tiny-student")))
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(pushed)
+    assert first["pushed_to"] == "local://me/tiny-student"
+
+    # A second run with the same settings reuses the trained teacher instead of training it again.
+    class NoTraining:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the teacher was trained again")
+
+    monkeypatch.setattr(pipeline_models, "Trainer", NoTraining)
+    second, _ = run([*argv, "--push_to_hub", "false", "--baseline", "false"])
+    assert second["teacher_used"] == os.path.join(output, "teacher")
+    assert second["results"]["teacher"]["accuracy"] == first["results"]["teacher"]["accuracy"]
+
+
+def test_masked_lm_distilbert_recipe_on_text_files(tmp_path):
+    teacher = write_masked_lm_teacher(str(tmp_path / "teacher"), layers=4)
+    files = write_text_files(str(tmp_path / "text"))
+    output = str(tmp_path / "run")
+    result, _ = run(["--recipe", "distilbert", "--teacher", teacher, "--dataset", files, "--output_dir", output,
+                     "--student_layers", "0", "3", "--max_length", "16", "--gradient_accumulation_steps", "1",
+                     "--baseline", "true", *FAST])  # fmt: skip
+    # The teacher had its head: used as it is, nothing trained first.
+    assert result["teacher_used"] == teacher and not os.path.exists(os.path.join(output, "teacher"))
+    check_report(output, with_baseline=True)
+    for name in ("teacher", "student", "baseline"):
+        perplexity = result["results"][name]["perplexity"]
+        assert 1.0 < perplexity < 10 * 64  # exp(cross-entropy) over a 64-token vocabulary, untrained-ish models
+    # DistilBERT's losses with the published weights.
+    assert result["losses"]["soft_target"] == {"weight": 5.0, "temperature": 2.0}
+    assert result["losses"]["hard_label"] == {"weight": 2.0}
+    assert result["losses"]["hidden_state"]["weight"] == 1.0
+    student = AutoModelForMaskedLM.from_pretrained(os.path.join(output, "student"))
+    assert student.config.num_hidden_layers == 2
+    front_matter, _ = read_card(os.path.join(output, "student"))
+    assert "perplexity" in front_matter["metrics"]
+
+
+def test_image_recipe_trains_a_vit_teacher_from_a_config_and_a_fresh_mobilenet(tmp_path):
+    data = write_image_dataset(str(tmp_path / "images"))
+    output = str(tmp_path / "run")
+    result, _ = run(["--recipe", "vit-fashion-mnist", "--dataset", data, "--output_dir", output,
+                     "--teacher_config", json.dumps(TINY_VIT), "--image_size", "32",
+                     "--student_config", json.dumps({"model_type": "mobilenet_v2", "depth_multiplier": 0.35}),
+                     "--max_train_samples", "27", "--teacher_max_train_samples", "27", *FAST])  # fmt: skip
+    assert os.path.isfile(os.path.join(output, "teacher", "model.safetensors"))
+    check_report(output, with_baseline=True, smaller_student=False)  # a 16-wide ViT is smaller than any MobileNet
+    student_dir = os.path.join(output, "student")
+    student = AutoModelForImageClassification.from_pretrained(student_dir)
+    assert type(student).__name__ == "MobileNetV2ForImageClassification"
+    assert student.config.id2label == {0: "dark", 1: "grey", 2: "light"}
+    processor = AutoImageProcessor.from_pretrained(student_dir)
+    assert processor.size == {"height": 32, "width": 32}
+    assert torch.isfinite(torch.tensor(result["summary"]["speedup_batch_1"]))
