@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from helpers import VOCAB, bert_config
-from transformers import BertForMaskedLM, BertModel, BertTokenizer, MobileNetV2Config
+from transformers import BertForMaskedLM, BertModel, BertTokenizer, MobileNetV2Config, ViTImageProcessor
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = [f"w{index}" for index in range(VOCAB - len(SPECIAL))]
@@ -79,6 +79,12 @@ def write_image_dataset(folder: str, size: int = 36) -> str:
 def write_mobilenet_config(folder: str) -> str:
     """A MobileNetV2 config folder, as `google/mobilenet_v2_1.4_224` holds one (smaller)."""
     MobileNetV2Config(depth_multiplier=0.35, image_size=32).save_pretrained(folder)
+    return folder
+
+
+def write_vit_processor(folder: str) -> str:
+    """An image processor folder, as a Hub ViT teacher holds one."""
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
 
 

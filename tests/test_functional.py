@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_distill.losses import chunked_soft_target_loss
 from hf_distill.losses import functional as L
+from hf_distill.losses.functional import soft_target_loss
 
 
 @pytest.fixture
@@ -191,3 +193,29 @@ def test_feature_map_loss_pools_to_the_smaller_grid():
     assert L.feature_map_loss(student + 1.0, teacher).item() == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(ValueError, match="channels"):
         L.feature_map_loss(torch.zeros(2, 3, 2, 2), teacher)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_chunked_soft_target_matches_the_plain_loss_in_value_and_gradient(divergence, chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(3, 11, 97, generator=generator)).requires_grad_(True)
+    teacher = 3 * torch.randn(3, 11, 97, generator=generator)
+    mask = torch.rand(3, 11, generator=generator) < 0.6
+    plain = soft_target_loss(student, teacher, 2.0, divergence, mask=mask, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain, student)
+    chunked = chunked_soft_target_loss(student, teacher, 2.0, divergence, mask=mask, chunk_size=chunk_size)
+    (chunked_grad,) = torch.autograd.grad(2.5 * chunked, student)  # an outer factor reaches the gradient
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(chunked_grad, 2.5 * plain_grad, rtol=1e-5, atol=1e-6)
+    assert chunked_grad[~mask].abs().max() == 0  # positions outside the mask get no gradient
+
+
+def test_chunked_soft_target_without_mask_counts_every_position_and_keeps_the_dtype():
+    student = torch.randn(2, 5, 13, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(2, 5, 13, dtype=torch.bfloat16)
+    loss = chunked_soft_target_loss(student, teacher, 1.0, chunk_size=3)
+    expected = soft_target_loss(student, teacher, 1.0, reduction="sum")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert student.grad.dtype == torch.bfloat16 and student.grad.shape == student.shape

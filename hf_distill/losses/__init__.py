@@ -6,6 +6,7 @@ Importing this package registers the built-in losses: `soft_target`, `hard_label
 
 from . import functional
 from .base import DistillationLoss, available_losses, build_losses, register_loss
+from .chunked import chunked_soft_target_loss
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
 from .logits import HardLabelLoss, SoftTargetLoss
@@ -20,6 +21,7 @@ __all__ = [
     "SoftTargetLoss",
     "available_losses",
     "build_losses",
+    "chunked_soft_target_loss",
     "functional",
     "register_loss",
 ]

@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .base import DistillationLoss, batch_size, register_loss, token_mask
+from .chunked import chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss
 
 _TOKEN_LEVEL_CLASSES = {
@@ -65,14 +66,20 @@ class SoftTargetLoss(DistillationLoss):
         temperature (`float`, defaults to 2.0): softens both distributions; must be > 0.
         divergence (`str`, defaults to `"forward_kl"`): `"forward_kl"` (KL(teacher || student), the published
             loss), `"reverse_kl"` or `"jsd"`.
+        chunk_size (`int`, defaults to 1024): token-level losses run this many positions at a time
+            ([`chunked_soft_target_loss`]), so that a large vocabulary adds one full-vocabulary tensor to peak
+            memory instead of several. Same value and gradients; smaller chunks save more and loop more.
 
     One item per example for sequence and image classification; one per token for masked and causal LMs
     and token classification, counting only positions whose label is not -100 (for masked LM: the masked
     positions, as DistilBERT does) or, without labels, the non-padding positions.
     """
 
-    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl"):
+    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 1024):
         super().__init__()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"soft_target chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"soft_target temperature must be a number > 0, got {temperature!r}")
         if divergence not in DIVERGENCES:
@@ -110,15 +117,17 @@ class SoftTargetLoss(DistillationLoss):
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
+        mask = self.item_mask(inputs)
+        if not self.token_level:
+            return soft_target_loss(
+                student_logits, teacher_logits, self.temperature, self.divergence, mask=mask, reduction="sum"
+            )
         if self.shift:
-            student_logits, teacher_logits = student_logits[..., :-1, :], teacher_logits[..., :-1, :]
-        return soft_target_loss(
-            student_logits,
-            teacher_logits,
-            temperature=self.temperature,
-            divergence=self.divergence,
-            mask=self.item_mask(inputs),
-            reduction="sum",
+            # Position i predicts token i+1: the last position predicts nothing. Masking it, rather than slicing
+            # the logits, keeps them contiguous so the chunked loss makes no full-vocabulary copy.
+            mask = torch.nn.functional.pad(mask, (0, 1), value=False)
+        return chunked_soft_target_loss(
+            student_logits, teacher_logits, self.temperature, self.divergence, mask=mask, chunk_size=self.chunk_size
         )
 
 

@@ -8,7 +8,14 @@ report = run_pipeline(args, config, recipe)     # or call the stages one by one,
 from .arguments import PipelineArguments, available_recipes, load_recipe, parse_args
 from .data import PreparedData, load_processor, mask_once, prepare_data
 from .evaluation import count_parameters, describe_model, evaluate_model, measure_latency
-from .models import build_student, default_student_layers, fresh_student, prepare_teacher, save_atomically
+from .models import (
+    build_student,
+    default_student_layers,
+    fresh_student,
+    load_initial_teacher,
+    prepare_teacher,
+    save_atomically,
+)
 from .report import model_card, push_student, save_student, write_report
 from .run import distill, losses_with_layer_map, main, make_student, run_pipeline
 from .sources import OFFLINE_SOURCES, load_raw_dataset
@@ -25,6 +32,7 @@ __all__ = [
     "distill",
     "evaluate_model",
     "fresh_student",
+    "load_initial_teacher",
     "load_processor",
     "load_raw_dataset",
     "load_recipe",

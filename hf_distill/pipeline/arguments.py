@@ -102,7 +102,7 @@ class PipelineArguments:
     eval_split: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out split every model is evaluated on. Default: validation, else test, else 10% of "
+            "help": "Held-out split every model is evaluated on. Default: validation, else test, else 10%% of "
             "the training split held out with a fixed seed."
         },
     )
@@ -115,7 +115,7 @@ class PipelineArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N held-out examples."})
     max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
     mlm_probability: float = field(
-        default=0.15, metadata={"help": "Share of tokens masked for masked LM (80% [MASK], 10% random, 10% kept)."}
+        default=0.15, metadata={"help": "Share of tokens masked for masked LM (80%% [MASK], 10%% random, 10%% kept)."}
     )
     baseline: bool = field(
         default=False,

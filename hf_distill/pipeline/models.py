@@ -103,19 +103,7 @@ def prepare_teacher(
                 return teacher.eval(), trained_dir
         logger.warning("%s was trained with other settings; training the teacher again", trained_dir)
 
-    if args.teacher_config is not None:
-        teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
-        torch.manual_seed(config.seed)
-        teacher, missing = auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
-    else:
-        teacher, info = auto_class.from_pretrained(
-            resolve_model(args.teacher),
-            use_safetensors=True,
-            trust_remote_code=config.teacher_trust_remote_code,
-            output_loading_info=True,
-            **kwargs,
-        )
-        missing = info["missing_keys"]
+    teacher, missing = load_initial_teacher(args, config, data, attn_implementation)
     if not missing:
         return teacher.eval(), args.teacher
 
@@ -150,6 +138,33 @@ def prepare_teacher(
     teacher.requires_grad_(True)
     save_atomically(trained_dir, lambda folder: _save_teacher(teacher, data, record, folder))
     return teacher.eval(), trained_dir
+
+
+def load_initial_teacher(
+    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+) -> tuple[PreTrainedModel, list[str]]:
+    """The teacher as its checkpoint (or `teacher_config`) gives it, before any training here, and the names of
+    the weights that were freshly initialised (seeded with `config.seed`).
+
+    Besides being where teacher training starts, this is what a baseline built "without the teacher" starts
+    from: the pretrained layers, not the ones the pipeline fine-tuned.
+    """
+    auto_class = AUTO_CLASSES[args.task]
+    kwargs = _label_kwargs(data)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    torch.manual_seed(config.seed)
+    if args.teacher_config is not None:
+        teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
+        return auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
+    teacher, info = auto_class.from_pretrained(
+        resolve_model(args.teacher),
+        use_safetensors=True,
+        trust_remote_code=config.teacher_trust_remote_code,
+        output_loading_info=True,
+        **kwargs,
+    )
+    return teacher, info["missing_keys"]
 
 
 def _save_teacher(teacher: PreTrainedModel, data: PreparedData, record: dict[str, Any], folder: str) -> None:

@@ -23,7 +23,7 @@ from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments, parse_args
 from .data import PreparedData, prepare_data
 from .evaluation import describe_model, evaluate_model
-from .models import build_student, fresh_student, prepare_teacher, stage_args
+from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
 from .report import model_card, push_student, report_lines, save_student, write_report
 
 logger = logging.getLogger(__name__)
@@ -103,8 +103,12 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
 
     models = {"teacher": teacher, "student": trainer.model}
     if args.baseline:
+        # Without the teacher means without what it learnt here too: a student built from teacher layers starts
+        # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
+        initial = teacher if teacher_source == args.teacher else load_initial_teacher(args, config, data, attention)[0]
         set_seed(config.seed)
-        baseline, _ = make_student(args, teacher, data, config.seed)
+        baseline, _ = make_student(args, initial, data, config.seed)
+        del initial
         baseline_config = stage_args(config, config.output_dir, losses={"hard_label": {"weight": 1.0}})
         models["baseline"] = distill(
             baseline, None, data, baseline_config, os.path.join(config.output_dir, "checkpoints", "baseline")

@@ -21,7 +21,6 @@ import gzip
 import importlib.metadata
 import importlib.util
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,7 +92,17 @@ def fashion_mnist() -> DatasetDict:
     return DatasetDict(splits)
 
 
-_OVERSTRIKE = re.compile(".\x08")
+def _strip_overstrike(text: str) -> str:
+    """Apply backspaces as a terminal would ("___\b\b\bBAD" prints BAD over underscores): each erases the
+    character before it."""
+    kept: list[str] = []
+    for character in text:
+        if character == "\b":
+            if kept:
+                kept.pop()
+        else:
+            kept.append(character)
+    return "".join(kept)
 
 
 def _wordnet_glosses() -> list[str]:
@@ -112,7 +121,7 @@ def _fortunes() -> list[str]:
     for path in sorted(FORTUNES_DIR.iterdir()):
         if path.suffix or not path.is_file():  # skip the .dat indexes and .u8 links
             continue
-        text = _OVERSTRIKE.sub("", path.read_text(encoding="utf-8", errors="replace"))
+        text = _strip_overstrike(path.read_text(encoding="utf-8", errors="replace"))
         entries.extend(" ".join(entry.split()) for entry in text.split("\n%\n"))
     return [entry for entry in entries if entry and entry != "%"]
 
