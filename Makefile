@@ -5,7 +5,7 @@ DEBIAN_ASSETS = wordnet-base fortunes dataset-fashion-mnist
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
-.PHONY: install assets test test-slow lint format demo
+.PHONY: install assets test test-slow lint format demo benchmark
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH_SPEC)"
@@ -28,10 +28,14 @@ test-slow:
 demo:
 	$(PYTHON) scripts/distill.py --recipe minilm-rotten-tomatoes --output_dir runs/minilm-rotten-tomatoes
 
+# Writes benchmarks/RESULTS.md and prints the ratios as a JSON line; --quick is a spot check under a minute.
+benchmark:
+	$(PYTHON) benchmarks/run.py
+
 lint:
-	$(PYTHON) -m ruff check hf_distill tests scripts
-	$(PYTHON) -m ruff format --check hf_distill tests scripts
+	$(PYTHON) -m ruff check hf_distill tests scripts benchmarks
+	$(PYTHON) -m ruff format --check hf_distill tests scripts benchmarks
 
 format:
-	$(PYTHON) -m ruff check --fix hf_distill tests scripts
-	$(PYTHON) -m ruff format hf_distill tests scripts
+	$(PYTHON) -m ruff check --fix hf_distill tests scripts benchmarks
+	$(PYTHON) -m ruff format hf_distill tests scripts benchmarks

@@ -122,6 +122,9 @@ class DistillationTrainer(Trainer):
             )
         teacher.requires_grad_(False)
         teacher.eval()
+        dtype = teacher_dtype(self.args)
+        if dtype is not None:
+            teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ---- override points -------------------------------------------------------------------------
@@ -293,6 +296,18 @@ class DistillationTrainer(Trainer):
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
+
+
+def teacher_dtype(args: DistillationConfig) -> torch.dtype | None:
+    """The dtype a frozen teacher's weights are cast to: the half-precision type the student trains in, on a
+    GPU. On the CPU, and in full precision, the teacher keeps its own dtype."""
+    if args.device.type != "cuda":
+        return None
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return None
 
 
 def _check_labels(terms: dict[str, tuple[float, DistillationLoss]], train_dataset: Any, collator: Any) -> None:

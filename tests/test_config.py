@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 import yaml
 from transformers import HfArgumentParser
 
@@ -35,3 +36,17 @@ def test_defaults_and_help_text():
     assert "soft_target" in help_text and "trust" in help_text
     # The config round-trips through the JSON the Trainer logs.
     assert json.loads(args.to_json_string())["losses"] == args.losses
+
+
+def test_teacher_weights_take_the_students_half_precision_on_a_gpu_only():
+    from types import SimpleNamespace
+
+    from hf_distill.trainer import teacher_dtype
+
+    def args(device, bf16=False, fp16=False):
+        return SimpleNamespace(device=torch.device(device), bf16=bf16, fp16=fp16)
+
+    assert teacher_dtype(args("cuda", bf16=True)) == torch.bfloat16
+    assert teacher_dtype(args("cuda", fp16=True)) == torch.float16
+    assert teacher_dtype(args("cuda")) is None
+    assert teacher_dtype(args("cpu", bf16=True)) is None

@@ -122,6 +122,9 @@ def test_text_classification_trains_a_headless_teacher_once_then_reuses_it(tmp_p
     front_matter, text = read_card(student_dir)
     assert "distillation" in front_matter["tags"] and "recipe:minilm-rotten-tomatoes" in front_matter["tags"]
     assert front_matter["hf_distill"]["teacher"] == teacher
+    assert "base_model" not in front_matter  # a local folder is no Hub id
+    assert "whose task head was trained here first" in text
+    assert "AutoModelForSequenceClassification.from_pretrained" in text
     assert front_matter["hf_distill"]["losses"]["soft_target"] == {"weight": 0.5, "temperature": 2.0}
     assert front_matter["hf_distill"]["dataset"] == data
     assert f"{saved['results']['student']['accuracy']:.4f}" in text

@@ -34,7 +34,7 @@ from hf_distill.pipeline import (
     prepare_data,
 )
 from hf_distill.pipeline.arguments import RECIPES_DIR
-from hf_distill.pipeline.sources import FASHION_MNIST_DIR, WORDNET_DIR, load_raw_dataset
+from hf_distill.pipeline.sources import FASHION_MNIST_DIR, WORDNET_DIR, hub_id, load_raw_dataset
 
 PIPELINE_FIELDS = {field.name for field in dataclasses.fields(PipelineArguments)}
 RECIPES = ["distilbert", "minilm-mlm", "minilm-rotten-tomatoes", "vit-fashion-mnist", "vit-mobilenet"]
@@ -195,6 +195,16 @@ def test_offline_fashion_mnist_matches_the_published_split():
     assert (len(data["train"]), len(data["test"])) == (60_000, 10_000)
     first = data["train"][0]
     assert first["image"].size == (28, 28) and first["label"] == 9  # the first training image is an ankle boot
+
+
+def test_model_cards_name_hub_ids_only(tmp_path):
+    assert (
+        hub_id("bert-base-uncased") == "bert-base-uncased" and hub_id("merve/beans-vit-224") == "merve/beans-vit-224"
+    )
+    assert hub_id("offline:minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id("offline:fashion_mnist") == "zalando-datasets/fashion_mnist"
+    assert hub_id("offline:wordnet_fortunes") is None
+    assert hub_id(str(tmp_path)) is None and hub_id(str(tmp_path / "*.txt")) is None
 
 
 def test_unknown_offline_source_lists_the_known_ones():

@@ -16,7 +16,7 @@ from .models import (
     prepare_teacher,
     save_atomically,
 )
-from .report import model_card, push_student, save_student, write_report
+from .report import build_report, model_card, push_student, save_student, write_report
 from .run import distill, losses_with_layer_map, main, make_student, run_pipeline
 from .sources import OFFLINE_SOURCES, load_raw_dataset
 
@@ -25,6 +25,7 @@ __all__ = [
     "PipelineArguments",
     "PreparedData",
     "available_recipes",
+    "build_report",
     "build_student",
     "count_parameters",
     "default_student_layers",

@@ -17,7 +17,8 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from huggingface_hub import HfApi, ModelCard, ModelCardData  # noqa: E402
 
-from .models import save_atomically  # noqa: E402
+from .models import AUTO_CLASSES, save_atomically  # noqa: E402
+from .sources import hub_id  # noqa: E402
 
 MODEL_ORDER = ("teacher", "student", "baseline")
 
@@ -97,25 +98,27 @@ def _plot(results: dict[str, dict[str, Any]], metric: str, path: str) -> None:
     plt.close(figure)
 
 
-def write_report(output_dir: str, results: dict[str, dict[str, Any]], **context: Any) -> dict[str, Any]:
-    """Write `report.json`, `report.md` and `report.png` (accuracy against parameters and CPU latency) and
-    return the report. `results` maps teacher/student/(baseline) to their metrics and measurements; `context`
-    (recipe, teacher, dataset, losses, seed, timings...) is stored as it is."""
-    metrics = [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
-    report = {**context, "results": results, "summary": summarise(results)}
+def build_report(results: dict[str, dict[str, Any]], **context: Any) -> dict[str, Any]:
+    """The report: `results` maps teacher/student(/baseline) to their metrics and measurements, `summary` adds
+    retention, gap closure and compression, and `context` (recipe, teacher, data, losses, seed, timings...) is
+    stored as it is."""
+    return {**context, "results": results, "summary": summarise(results)}
+
+
+def write_report(output_dir: str, report: dict[str, Any]) -> None:
+    """Write `report.json`, `report.md` and `report.png` (accuracy against parameters and CPU latency)."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2, default=str)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(report_lines(report, metrics)) + "\n")
-    _plot(results, "accuracy", os.path.join(output_dir, "report.png"))
-    return report
+        handle.write("\n".join(report_lines(report)) + "\n")
+    _plot(report["results"], "accuracy", os.path.join(output_dir, "report.png"))
 
 
-def report_lines(report: dict[str, Any], metrics: list[str] | None = None) -> list[str]:
+def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
-    metrics = metrics or [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
+    metrics = [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
     lines = [f"# Distillation report: {report.get('recipe') or 'custom run'}", "", *_table(results, metrics), ""]
     lines.append(f"- retention (student / teacher accuracy): {summary['retention']:.2%}")
     lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of the teacher's")
@@ -127,20 +130,49 @@ def report_lines(report: dict[str, Any], metrics: list[str] | None = None) -> li
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
         )
+    if "perplexity" in metrics:
+        lines.append(
+            "- perplexity: exp(mean cross-entropy) over the masked tokens of the held-out split, masked once with a "
+            "fixed seed"
+        )
+    timings = report.get("timings_s")
+    if timings:
+        stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items() if stage != "total")
+        total = f"{timings['total']:.0f} s in all: " if "total" in timings else ""
+        lines.append(f"- time taken: {total}{stages}")
     return lines
 
 
-def model_card(report: dict[str, Any], recipe: str | None, dataset: str, teacher: str, losses: dict) -> ModelCard:
-    """A model card that records the teacher, the losses, the data and the measured metrics and compression."""
+def model_card(
+    report: dict[str, Any], recipe: str | None, dataset: str, teacher: str | None, losses: dict
+) -> ModelCard:
+    """A model card that records the teacher, the losses, the data and the measured metrics and compression.
+
+    `teacher` is the `--teacher` value (None for a teacher built from a config); `base_model` names its Hub id,
+    or the Hub copy of an offline model, and is left out for local folders."""
     results, summary = report["results"], report["summary"]
     data = ModelCardData(
-        base_model=teacher if not os.path.isdir(teacher) else None,
+        base_model=hub_id(teacher),
         library_name="transformers",
         tags=["distillation", "hf_distill", *([f"recipe:{recipe}"] if recipe else [])],
-        datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
+        datasets=[hub_id(dataset)] if hub_id(dataset) else None,
         metrics=["accuracy"] + (["perplexity"] if "perplexity" in results["student"] else []),
-        hf_distill={"teacher": teacher, "recipe": recipe, "dataset": dataset, "losses": losses, "summary": summary},
+        hf_distill={
+            "teacher": teacher,
+            "teacher_config": report.get("teacher_config"),
+            "recipe": recipe,
+            "dataset": dataset,
+            "losses": losses,
+            "summary": summary,
+        },
     )
+    if teacher is None:
+        teacher_words = "a teacher trained here from a config"
+    elif report.get("teacher_used") != teacher:
+        teacher_words = f"the teacher `{teacher}`, whose task head was trained here first"
+    else:
+        teacher_words = f"the teacher `{teacher}`"
+    auto_class = AUTO_CLASSES[report["task"]].__name__ if report.get("task") in AUTO_CLASSES else "AutoModel"
     loss_lines = [
         f"- `{term}`: weight {spec.get('weight', 1.0)}"
         + "".join(f", {key} {value}" for key, value in spec.items() if key not in ("weight",))
@@ -149,8 +181,8 @@ def model_card(report: dict[str, Any], recipe: str | None, dataset: str, teacher
     body = [
         "# Distilled student",
         "",
-        f"Distilled with hf_distill from the teacher `{teacher}` on `{dataset}`"
-        + (f" (recipe `{recipe}`)." if recipe else "."),
+        f"Distilled with hf_distill from {teacher_words} on `{dataset}`"
+        + (f", recipe `{recipe}`." if recipe else "."),
         "",
         "## Losses",
         "",
@@ -174,7 +206,8 @@ def model_card(report: dict[str, Any], recipe: str | None, dataset: str, teacher
         "",
         "## Use",
         "",
-        "Load it like any Transformers model: `AutoModelFor<Task>.from_pretrained(<this folder or repo>)`.",
+        f"Load it like any Transformers model: `{auto_class}.from_pretrained(<this folder or repo>)`, with its "
+        "tokenizer or image processor from the same place.",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
 

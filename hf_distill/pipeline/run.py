@@ -24,7 +24,7 @@ from .arguments import PipelineArguments, parse_args
 from .data import PreparedData, prepare_data
 from .evaluation import describe_model, evaluate_model
 from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
-from .report import model_card, push_student, report_lines, save_student, write_report
+from .report import build_report, model_card, push_student, report_lines, save_student, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,16 @@ def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int
     return build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
 
 
-def distill(student, teacher, data: PreparedData, config: DistillationConfig, output_dir: str) -> DistillationTrainer:
-    """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses."""
+def distill(
+    student,
+    teacher,
+    data: PreparedData,
+    config: DistillationConfig,
+    output_dir: str,
+    resume_from_checkpoint: str | bool | None = None,
+) -> DistillationTrainer:
+    """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses,
+    checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last)."""
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -67,7 +75,7 @@ def distill(student, teacher, data: PreparedData, config: DistillationConfig, ou
         data_collator=data.train_collator,
         processing_class=data.processor,
     )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 
@@ -96,9 +104,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     distill_config = stage_args(config, config.output_dir, losses=losses)
     clock = lap("student", clock)
 
-    trainer = distill(
-        student, teacher, data, distill_config, os.path.join(config.output_dir, "checkpoints", "distill")
-    )
+    checkpoints = os.path.join(config.output_dir, "checkpoints", "distill")
+    trainer = distill(student, teacher, data, distill_config, checkpoints, config.resume_from_checkpoint)
     clock = lap("distill", clock)
 
     models = {"teacher": teacher, "student": trainer.model}
@@ -122,13 +129,12 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         results[name].update(describe_model(model, data, args.latency_batch_sizes, args.latency_repeats))
     clock = lap("evaluate", clock)
 
-    teacher_name = args.teacher or "a teacher built from teacher_config"
-    report = write_report(
-        config.output_dir,
+    report = build_report(
         results,
         recipe=recipe,
         task=args.task,
-        teacher=teacher_name,
+        teacher=args.teacher,
+        teacher_config=args.teacher_config,
         teacher_used=teacher_source,
         dataset=args.dataset,
         train_examples=len(data.train),
@@ -144,7 +150,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         },
         timings_s=timings,
     )
-    card = model_card(report, recipe, args.dataset, teacher_name, losses)
+    card = model_card(report, recipe, args.dataset, args.teacher, losses)
     student_dir = save_student(trainer.model, data.processor, os.path.join(config.output_dir, "student"), card)
     clock = lap("save", clock)
     if config.push_to_hub:
@@ -155,6 +161,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         lap("push", clock)
     timings["total"] = round(time.perf_counter() - started, 1)
     report["student_dir"] = student_dir
+    write_report(config.output_dir, report)
     return report
 
 

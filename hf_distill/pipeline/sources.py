@@ -166,6 +166,25 @@ def resolve_model(name: str | None) -> str | None:
     return OFFLINE_MODELS[key]()
 
 
+#: The Hub copies of offline models and data sets, named in model cards (`base_model`, `datasets`).
+OFFLINE_HUB_COPIES = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+}
+
+
+def hub_id(name: str | None) -> str | None:
+    """The Hub id a `--teacher` or `--dataset` value stands for: itself for a Hub id, the Hub copy of an offline
+    asset when there is one, None for local folders and files."""
+    if name is None:
+        return None
+    if name.startswith(OFFLINE_PREFIX):
+        return OFFLINE_HUB_COPIES.get(name[len(OFFLINE_PREFIX) :])
+    if os.path.exists(name) or _text_files(name) is not None or any(c in name for c in "*?[,"):
+        return None
+    return name
+
+
 def _text_files(spec: str) -> list[str] | None:
     """The local text files a `--dataset` value names (a file, a glob or a comma-separated list), or None."""
     files = []

@@ -1,0 +1,313 @@
+"""What distillation costs over plain training, measured in one run; writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (a few minutes on CPU)
+    python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, not a result
+
+Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
+callback reads the clock around every optimizer step). Peak memory is measured in a fresh process per case:
+the CUDA allocator's peak on a GPU, the process's peak resident memory (`ru_maxrss`) on a CPU, in both cases
+above what the process held before the measured work began. Weights are random: timings and memory do not
+depend on them. The last line printed is a JSON object of the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    TrainerCallback,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.losses import chunked_soft_target_loss
+from hf_distill.losses.functional import soft_target_loss
+from hf_distill.pipeline import build_student
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VOCAB = 30522
+SHAPES = {
+    # name: (batch, sequence length or image side, timed steps, warm-up steps, token-KL positions)
+    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "kl_tokens": 8192},
+    "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "kl_tokens": 2048},
+}
+TEXT_LOSSES = {
+    "soft_target": {"weight": 5.0, "temperature": 2.0},
+    "hard_label": {"weight": 2.0},
+    "hidden_state": {"weight": 1.0, "distance": "cosine", "layer_map": [[-1, -1]]},
+}
+VISION_LOSSES = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 5.0}}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---- the two pairs ------------------------------------------------------------------------------------
+
+
+def text_pair(shape: dict, quick: bool):
+    """A BERT-base-shaped masked-LM teacher (12 x 768, 30,522 tokens) and a 6-layer student built from it."""
+    torch.manual_seed(0)
+    layers, width = (4, 256) if quick else (12, 768)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=width, num_hidden_layers=layers,
+                        num_attention_heads=width // 64, intermediate_size=4 * width)  # fmt: skip
+    teacher = BertForMaskedLM(config)
+    student, _ = build_student(teacher)
+    generator = torch.Generator().manual_seed(0)
+    count = shape["batch"] * (shape["steps"] + shape["warmup"])
+    input_ids = torch.randint(1000, VOCAB, (count, shape["length"]), generator=generator)
+    chosen = torch.rand(input_ids.shape, generator=generator) < 0.15
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    masked = torch.where(chosen, torch.full_like(input_ids, 103), input_ids)
+    data = Dataset.from_dict(
+        {"input_ids": masked.tolist(), "attention_mask": torch.ones_like(masked).tolist(), "labels": labels.tolist()}
+    ).with_format("torch")
+    return teacher, student, data, TEXT_LOSSES
+
+
+def vision_pair(shape: dict, quick: bool):
+    """A ViT-base-shaped teacher (12 x 768, patch 16) and a fresh MobileNetV2 (1.4 width), as the vision guide."""
+    torch.manual_seed(0)
+    layers = 4 if quick else 12
+    teacher = ViTForImageClassification(
+        ViTConfig(
+            image_size=shape["image"],
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=layers,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            num_labels=3,
+        )  # fmt: skip
+    )
+    student = MobileNetV2ForImageClassification(
+        MobileNetV2Config(image_size=shape["image"], depth_multiplier=1.4, num_labels=3)
+    )
+    generator = torch.Generator().manual_seed(0)
+    count = shape["batch"] * (shape["steps"] + shape["warmup"])
+    pixels = torch.randn(count, 3, shape["image"], shape["image"], generator=generator)
+    labels = torch.randint(0, 3, (count,), generator=generator)
+    data = Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.tolist()}).with_format("torch")
+    return teacher, student, data, VISION_LOSSES
+
+
+PAIRS = {"bert-base -> 6 layers": text_pair, "vit -> mobilenet_v2": vision_pair}
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+
+
+class StepClock(TrainerCallback):
+    """Reads the clock around every optimizer step of `Trainer.train()`."""
+
+    def __init__(self):
+        self.times, self.start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        synchronize()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        synchronize()
+        self.times.append(time.perf_counter() - self.start)
+
+
+def train_steps(student, teacher, data, losses, shape, scratch) -> list[float]:
+    config = DistillationConfig(
+        output_dir=scratch, per_device_train_batch_size=shape["batch"], max_steps=shape["steps"] + shape["warmup"],
+        learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no",
+        losses=losses, bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+    )  # fmt: skip
+    clock = StepClock()
+    DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=data, callbacks=[clock]
+    ).train()
+    return clock.times[shape["warmup"] :]
+
+
+@torch.no_grad()
+def teacher_forwards(teacher, data, shape, hidden_states: bool) -> list[float]:
+    teacher.to(device()).eval()
+    times = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
+    for step in range(shape["steps"] + shape["warmup"]):
+        rows = data[step * shape["batch"] : (step + 1) * shape["batch"]]
+        inputs = {key: value.to(device()) for key, value in rows.items() if key != "labels"}
+        synchronize()
+        start = time.perf_counter()
+        with autocast:
+            teacher(**inputs, output_hidden_states=hidden_states)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times[shape["warmup"] :]
+
+
+def time_pair(name: str, shape: dict, quick: bool) -> dict:
+    teacher, student, data, losses = PAIRS[name](shape, quick)
+    initial = {key: value.clone() for key, value in student.state_dict().items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        plain = train_steps(student, None, data, {"hard_label": {"weight": 1.0}}, shape, scratch)
+        student.load_state_dict(initial)
+        online = train_steps(student, teacher, data, losses, shape, scratch)
+    forward = teacher_forwards(teacher, data, shape, hidden_states="hidden_state" in losses)
+    medians = {key: statistics.median(values) for key, values in
+               (("plain_step_s", plain), ("online_step_s", online), ("teacher_forward_s", forward))}  # fmt: skip
+    medians["online_over_parts"] = medians["online_step_s"] / (medians["plain_step_s"] + medians["teacher_forward_s"])
+    medians["online_over_plain"] = medians["online_step_s"] / medians["plain_step_s"]
+    return medians
+
+
+# ---- peak memory, each case in its own process ---------------------------------------------------------
+
+
+def peak_bytes(work) -> int:
+    """Peak memory `work()` adds above what the process holds when it starts."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        work()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    with open("/proc/self/statm") as handle:
+        start = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    work()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+
+
+def measure_in_child(case: str, quick: bool) -> int:
+    command = [sys.executable, os.path.abspath(__file__), "--child", case] + (["--quick"] if quick else [])
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return int(output.strip().splitlines()[-1])
+
+
+def child(case: str, quick: bool) -> None:
+    shape = SHAPES["quick" if quick else "full"]
+    if case in ("token_kl_naive", "token_kl_chunked"):
+        generator = torch.Generator().manual_seed(0)
+        student = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device()).requires_grad_(True)
+        teacher = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device())
+        if case == "token_kl_naive":
+            print(peak_bytes(lambda: soft_target_loss(student, teacher, 2.0, reduction="sum").backward()))
+        else:
+            print(peak_bytes(lambda: chunked_soft_target_loss(student, teacher, 2.0).backward()))
+        return
+    pair, kind = case.rsplit(":", 1)
+    teacher, student, data, losses = PAIRS[pair](shape, quick)
+    with tempfile.TemporaryDirectory() as scratch:
+        if kind == "plain":
+            print(
+                peak_bytes(lambda: train_steps(student, None, data, {"hard_label": {"weight": 1.0}}, shape, scratch))
+            )
+        else:
+            teacher_weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
+            # The teacher's weights are part of the KD peak: count them from before they reach the device.
+            print(peak_bytes(lambda: train_steps(student, teacher, data, losses, shape, scratch)) + (
+                teacher_weights if not torch.cuda.is_available() else 0))  # fmt: skip
+
+
+# ---- report -------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (not a result)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        child(options.child, options.quick)
+        return
+    shape = SHAPES["quick" if options.quick else "full"]
+    started = time.perf_counter()
+    results = {"pairs": {}}
+    for name in PAIRS:
+        timing = time_pair(name, shape, options.quick)
+        plain_peak = measure_in_child(f"{name}:plain", options.quick)
+        online_peak = measure_in_child(f"{name}:online", options.quick)
+        teacher, *_ = PAIRS[name](shape, options.quick)
+        teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        timing.update(plain_peak_bytes=plain_peak, online_peak_bytes=online_peak, teacher_weight_bytes=teacher_bytes,
+                      kd_peak_over_plain=online_peak / (plain_peak + teacher_bytes))  # fmt: skip
+        results["pairs"][name] = timing
+    naive, chunked = (measure_in_child(case, options.quick) for case in ("token_kl_naive", "token_kl_chunked"))
+    results["token_kl"] = {"positions": shape["kl_tokens"], "vocab": VOCAB, "naive_peak_bytes": naive,
+                           "chunked_peak_bytes": chunked, "token_kl_peak_saving": 1 - chunked / naive}  # fmt: skip
+    results["machine"] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "platform": platform.platform(), "shape": shape, "quick": options.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    ratios = {
+        "online_over_parts": max(p["online_over_parts"] for p in results["pairs"].values()),
+        "cached_over_plain": None,  # the teacher-output cache is not built yet (issue 4)
+        "cache_build_over_inference": None,
+        "token_kl_peak_saving": results["token_kl"]["token_kl_peak_saving"],
+        "kd_peak_over_plain": max(p["kd_peak_over_plain"] for p in results["pairs"].values()),
+    }
+    if not options.quick:
+        write_results(results, ratios)
+    print(json.dumps(ratios))
+
+
+def write_results(results: dict, ratios: dict) -> None:
+    machine = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run.py` on {machine['device']} ({machine['cpu_count']} cores, "
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {machine['platform']}) in "
+        f"{machine['seconds']} s. Shapes: {machine['shape']}. Medians over {machine['shape']['steps']} steps after "
+        f"{machine['shape']['warmup']} warm-up steps; peaks measured in a fresh process per case.",
+        "",
+        "| pair | plain step (s) | teacher forward (s) | online KD step (s) | online / (plain + teacher) | "
+        "online / plain | KD peak / (plain peak + teacher weights) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["pairs"].items():
+        lines.append(
+            f"| {name} | {row['plain_step_s']:.3f} | {row['teacher_forward_s']:.3f} | {row['online_step_s']:.3f} | "
+            f"{row['online_over_parts']:.3f} | {row['online_over_plain']:.2f} | {row['kd_peak_over_plain']:.3f} |"
+        )
+    kl = results["token_kl"]
+    lines += [
+        "",
+        f"Token-level KL at {kl['positions']} positions x {kl['vocab']} vocabulary: naive peak "
+        f"{kl['naive_peak_bytes'] / 2**30:.2f} GiB, chunked {kl['chunked_peak_bytes'] / 2**30:.2f} GiB "
+        f"(saving {kl['token_kl_peak_saving']:.1%}).",
+        "",
+        "Ratios (targets: online_over_parts <= 1.10, cached_over_plain <= 1.05, cache_build_over_inference <= 1.10, "
+        "token_kl_peak_saving >= 0.60, kd_peak_over_plain <= 1.10; the worst pair is reported):",
+        "",
+        "```json",
+        json.dumps(ratios),
+        "```",
+    ]
+    with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
