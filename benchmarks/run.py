@@ -5,8 +5,8 @@
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
 callback reads the clock around every optimizer step). Peak memory is measured in a fresh process per case:
-the CUDA allocator's peak on a GPU, the process's peak resident memory (`ru_maxrss`) on a CPU, in both cases
-above what the process held before the measured work began. Weights are random: timings and memory do not
+the CUDA allocator's peak on a GPU, the process's peak resident memory (`VmHWM`, reset just before the
+measured work) on a CPU, in both cases above what the process held when the measured work began. Weights are random: timings and memory do not
 depend on them. The last line printed is a JSON object of the ratios.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 30522
 SHAPES = {
     # name: (batch, sequence length or image side, timed steps, warm-up steps, token-KL positions)
-    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "kl_tokens": 8192},
+    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "kl_tokens": 16384},
     "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "kl_tokens": 2048},
 }
 TEXT_LOSSES = {
@@ -191,10 +190,21 @@ def peak_bytes(work) -> int:
         work()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    with open("/proc/self/statm") as handle:
-        start = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # The lifetime high-water mark may have been set while the models were built; reset it to the current
+    # resident size (Linux >= 4.0) so that the peak read afterwards belongs to work() alone.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    start = _status_bytes("VmRSS")
     work()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+    return _status_bytes("VmHWM") - start
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def measure_in_child(case: str, quick: bool) -> int:

@@ -59,7 +59,7 @@ def chunked_soft_target_loss(
     temperature: float = 1.0,
     divergence: str = "forward_kl",
     mask: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """The sum over positions of `soft_target_loss`, computed `chunk_size` positions at a time.
 

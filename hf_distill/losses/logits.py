@@ -66,7 +66,7 @@ class SoftTargetLoss(DistillationLoss):
         temperature (`float`, defaults to 2.0): softens both distributions; must be > 0.
         divergence (`str`, defaults to `"forward_kl"`): `"forward_kl"` (KL(teacher || student), the published
             loss), `"reverse_kl"` or `"jsd"`.
-        chunk_size (`int`, defaults to 1024): token-level losses run this many positions at a time
+        chunk_size (`int`, defaults to 256): token-level losses run this many positions at a time
             ([`chunked_soft_target_loss`]), so that a large vocabulary adds one full-vocabulary tensor to peak
             memory instead of several. Same value and gradients; smaller chunks save more and loop more.
 
@@ -75,7 +75,7 @@ class SoftTargetLoss(DistillationLoss):
     positions, as DistilBERT does) or, without labels, the non-padding positions.
     """
 
-    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 1024):
+    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 256):
         super().__init__()
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"soft_target chunk_size must be an integer >= 1, got {chunk_size!r}")
