@@ -61,6 +61,13 @@ def _label_kwargs(data: PreparedData) -> dict[str, Any]:
     }
 
 
+def _load_kwargs(data: PreparedData, attn_implementation: str | None) -> dict[str, Any]:
+    kwargs = _label_kwargs(data)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
 def _teacher_record(args: PipelineArguments, config: DistillationConfig, data: PreparedData) -> dict[str, Any]:
     return {
         "teacher": args.teacher,
@@ -69,6 +76,9 @@ def _teacher_record(args: PipelineArguments, config: DistillationConfig, data: P
         "dataset": args.dataset,
         "dataset_config_name": args.dataset_config_name,
         "train_examples": len(data.teacher_train),
+        "max_length": args.max_length,
+        "mlm_probability": args.mlm_probability,
+        "image_size": args.image_size,
         "labels": data.label_names,
         "epochs": args.teacher_num_train_epochs,
         "learning_rate": args.teacher_learning_rate,
@@ -88,10 +98,6 @@ def prepare_teacher(
 
     Returns the teacher (in eval mode) and where it came from (a Hub id or folder, for the model card).
     """
-    auto_class = AUTO_CLASSES[args.task]
-    kwargs = _label_kwargs(data)
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
     trained_dir = os.path.join(config.output_dir, "teacher")
     record = _teacher_record(args, config, data)
     record_path = os.path.join(trained_dir, TEACHER_RECORD)
@@ -99,7 +105,9 @@ def prepare_teacher(
         with open(record_path, encoding="utf-8") as handle:
             if json.load(handle) == json.loads(json.dumps(record)):
                 logger.info("Reusing the teacher trained earlier in %s", trained_dir)
-                teacher = auto_class.from_pretrained(trained_dir, use_safetensors=True, **kwargs)
+                teacher = AUTO_CLASSES[args.task].from_pretrained(
+                    trained_dir, use_safetensors=True, **_load_kwargs(data, attn_implementation)
+                )
                 return teacher.eval(), trained_dir
         logger.warning("%s was trained with other settings; training the teacher again", trained_dir)
 
@@ -150,9 +158,7 @@ def load_initial_teacher(
     from: the pretrained layers, not the ones the pipeline fine-tuned.
     """
     auto_class = AUTO_CLASSES[args.task]
-    kwargs = _label_kwargs(data)
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = _load_kwargs(data, attn_implementation)
     torch.manual_seed(config.seed)
     if args.teacher_config is not None:
         teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})

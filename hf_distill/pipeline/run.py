@@ -112,7 +112,10 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     if args.baseline:
         # Without the teacher means without what it learnt here too: a student built from teacher layers starts
         # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
-        initial = teacher if teacher_source == args.teacher else load_initial_teacher(args, config, data, attention)[0]
+        if args.student_config is not None or teacher_source == args.teacher:
+            initial = teacher  # a fresh student ignores it; an untouched checkpoint is the teacher itself
+        else:
+            initial = load_initial_teacher(args, config, data, attention)[0]
         set_seed(config.seed)
         baseline, _ = make_student(args, initial, data, config.seed)
         del initial
