@@ -7,7 +7,7 @@ report = run_pipeline(args, config, recipe)     # or call the stages one by one,
 
 from .arguments import PipelineArguments, available_recipes, load_recipe, parse_args
 from .data import PreparedData, load_processor, mask_once, prepare_data
-from .evaluation import count_parameters, describe_model, evaluate_model, measure_latency
+from .evaluation import count_parameters, describe_models, evaluate_model, measure_latency
 from .models import (
     build_student,
     default_student_layers,
@@ -29,7 +29,7 @@ __all__ = [
     "build_student",
     "count_parameters",
     "default_student_layers",
-    "describe_model",
+    "describe_models",
     "distill",
     "evaluate_model",
     "fresh_student",

@@ -126,7 +126,8 @@ class PipelineArguments:
         metadata={"help": "Batch sizes at which CPU latency is measured for the report."},
     )
     latency_repeats: int = field(
-        default=10, metadata={"help": "Timed forward passes per batch size (the median is reported)."}
+        default=20,
+        metadata={"help": "Timed forward passes per model and batch size, the models taking turns (median reported)."},
     )
 
     def __post_init__(self):

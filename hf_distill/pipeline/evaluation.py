@@ -86,39 +86,48 @@ def weights_size_bytes(model: nn.Module) -> int:
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, data: PreparedData, batch_sizes: list[int], repeats: int = 10, warmup: int = 2
-) -> dict[str, float]:
-    """Median CPU wall time of one forward pass, in milliseconds, per batch size (held-out inputs).
+    models: dict[str, nn.Module], data: PreparedData, batch_sizes: list[int], repeats: int = 20, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Median CPU wall time of one forward pass, in milliseconds, per model and batch size (held-out inputs).
 
-    Runs on the CPU with the process's torch threads whatever device the model trained on, because the report
-    is about deployment where memory and latency are tight. The model is put back where it was.
+    The models take turns, one forward each per round, so that whatever else the machine does drifts over all
+    of them alike instead of favouring the one timed in a quiet moment. Runs on the CPU with the process's
+    torch threads whatever device the models trained on, because the report is about deployment where memory
+    and latency are tight. Each model is put back where it was.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.to("cpu").eval()
-    latency = {}
+    placement = {name: (next(model.parameters()).device, model.training) for name, model in models.items()}
+    for model in models.values():
+        model.to("cpu").eval()
+    latency: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
         batch = data.example_batch(batch_size)
-        for _ in range(warmup):
-            model(**batch)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - start)
-        latency[f"latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times)
-    model.to(device).train(was_training)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for round_index in range(warmup + repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**batch)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        for name in models:
+            latency[name][f"latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times[name])
+    for name, model in models.items():
+        device, training = placement[name]
+        model.to(device).train(training)
     return latency
 
 
-def describe_model(
-    model: nn.Module, data: PreparedData, latency_batch_sizes: list[int], repeats: int
-) -> dict[str, Any]:
-    """Size and CPU speed of one model: parameters, weight bytes and latency per batch size."""
+def describe_models(
+    models: dict[str, nn.Module], data: PreparedData, latency_batch_sizes: list[int], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Size and CPU speed of each model: parameters, weight bytes and latency per batch size."""
+    latency = measure_latency(models, data, latency_batch_sizes, repeats)
     return {
-        "parameters": count_parameters(model),
-        "size_bytes": weights_size_bytes(model),
-        **measure_latency(model, data, latency_batch_sizes, repeats),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        name: {
+            "parameters": count_parameters(model),
+            "size_bytes": weights_size_bytes(model),
+            **latency[name],
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        }
+        for name, model in models.items()
     }

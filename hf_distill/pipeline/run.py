@@ -22,7 +22,7 @@ from ..losses import build_losses
 from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments, parse_args
 from .data import PreparedData, prepare_data
-from .evaluation import describe_model, evaluate_model
+from .evaluation import describe_models, evaluate_model
 from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
 
@@ -126,10 +126,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         clock = lap("baseline", clock)
 
     batch_size = config.per_device_eval_batch_size
-    results = {}
-    for name, model in models.items():
-        results[name] = evaluate_model(model, data, batch_size=batch_size, name=name)
-        results[name].update(describe_model(model, data, args.latency_batch_sizes, args.latency_repeats))
+    results = {name: evaluate_model(model, data, batch_size=batch_size, name=name) for name, model in models.items()}
+    for name, description in describe_models(models, data, args.latency_batch_sizes, args.latency_repeats).items():
+        results[name].update(description)
     clock = lap("evaluate", clock)
 
     report = build_report(
