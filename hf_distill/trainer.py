@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
 
 from .config import DistillationConfig
-from .losses import DistillationLoss, HardLabelLoss, build_losses
+from .losses import DistillationLoss, HardLabelLoss, build_losses, needs_attention_maps
 from .teacher import load_teacher
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
@@ -83,11 +83,10 @@ class DistillationTrainer(Trainer):
                 f"the losses {teacher_terms} need a teacher: pass teacher_model=(a model, Hub id or path)"
             )
         if isinstance(teacher_model, str):
-            wants_maps = any("attentions" in loss.teacher_outputs for _, loss in terms.values())
             teacher_model = load_teacher(
                 teacher_model,
                 model,
-                attn_implementation="eager" if wants_maps else None,
+                attn_implementation="eager" if needs_attention_maps(terms) else None,
                 trust_remote_code=args.teacher_trust_remote_code,
             )
         if teacher_model is not None and teacher_model is model:

@@ -5,7 +5,7 @@ Importing this package registers the built-in losses: `soft_target`, `hard_label
 """
 
 from . import functional
-from .base import DistillationLoss, available_losses, build_losses, register_loss
+from .base import DistillationLoss, available_losses, build_losses, needs_attention_maps, register_loss
 from .chunked import chunked_soft_target_loss
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
@@ -23,5 +23,6 @@ __all__ = [
     "build_losses",
     "chunked_soft_target_loss",
     "functional",
+    "needs_attention_maps",
     "register_loss",
 ]

@@ -131,6 +131,11 @@ def build_losses(losses: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[flo
     return {term: build_loss(term, spec) for term, spec in losses.items()}
 
 
+def needs_attention_maps(terms: Mapping[str, tuple[float, DistillationLoss]]) -> bool:
+    """Whether a built loss reads the teacher's attention maps, which only eager attention returns."""
+    return any("attentions" in loss.teacher_outputs for _, loss in terms.values())
+
+
 def batch_size(inputs: Mapping[str, Any]) -> int:
     """Number of examples in a batch: the first dimension of its first tensor."""
     for value in inputs.values():

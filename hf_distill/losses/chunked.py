@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import soft_target_loss
+from .functional import check_same_logits, soft_target_loss
 
 
 class _ChunkedSoftTarget(torch.autograd.Function):
@@ -67,11 +67,8 @@ def chunked_soft_target_loss(
     peak memory of one extra full-vocabulary tensor. `student_logits` and `teacher_logits` are `[..., vocab]`;
     `mask` (`[...]`, bool) picks the positions that count. The teacher's logits get no gradient.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
-            "shape: soft targets need the same vocabulary in the same order on both models"
-        )
+    # Checked before the reshape below, which would otherwise cut mismatched logits into wrong rows.
+    check_same_logits(student_logits, teacher_logits)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vocab = student_logits.shape[-1]

@@ -43,6 +43,15 @@ def _row_kl(target_log_probs: torch.Tensor, input_log_probs: torch.Tensor) -> to
     return F.kl_div(input_log_probs, target_log_probs, log_target=True, reduction="none").sum(-1)
 
 
+def check_same_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Refuse soft targets between logits of different shapes (other classes, other vocabulary)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
+            "shape: soft targets need the same classes (or vocabulary) in the same order on both models"
+        )
+
+
 def soft_target_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -61,11 +70,7 @@ def soft_target_loss(
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
-            "shape: soft targets need the same classes (or vocabulary) in the same order on both models"
-        )
+    check_same_logits(student_logits, teacher_logits)
     # Softmax in float32: half-precision log-probabilities of a 30k vocabulary lose the tail.
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)

@@ -18,7 +18,7 @@ import transformers
 from transformers import set_seed
 
 from ..config import DistillationConfig
-from ..losses import build_losses
+from ..losses import build_losses, needs_attention_maps
 from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments, parse_args
 from .data import PreparedData, prepare_data
@@ -27,11 +27,6 @@ from .models import build_student, fresh_student, load_initial_teacher, prepare_
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
 
 logger = logging.getLogger(__name__)
-
-
-def needs_attention_maps(losses: dict[str, Any]) -> bool:
-    """Whether a configured loss reads attention maps (which only eager attention returns)."""
-    return any("attentions" in loss.teacher_outputs for _, loss in build_losses(losses).values())
 
 
 def losses_with_layer_map(losses: dict[str, Any], layer_map: list[list[int]] | None) -> dict[str, Any]:
@@ -94,7 +89,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     data = prepare_data(args, config.seed)
     clock = lap("data", clock)
 
-    attention = "eager" if needs_attention_maps(config.losses) else None
+    attention = "eager" if needs_attention_maps(build_losses(config.losses)) else None
     teacher, teacher_source = prepare_teacher(args, config, data, attn_implementation=attention)
     clock = lap("teacher", clock)
 
