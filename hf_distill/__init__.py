@@ -6,12 +6,12 @@ args = DistillationConfig(output_dir="out", losses={"hard_label": {"weight": 0.5
 DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
 """
 
+__version__ = "0.1.0"  # before the imports: submodules record it
+
 from .config import DistillationConfig
 from .losses import DistillationLoss, available_losses, register_loss
 from .teacher import load_teacher
 from .trainer import DistillationTrainer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DistillationConfig",

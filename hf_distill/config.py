@@ -35,6 +35,15 @@ class DistillationConfig(TrainingArguments):
         teacher_trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow a teacher given as a Hub id or path to run modelling code from its repository. Only turn
             this on for a repository you trust.
+        teacher_cache (`str`, *optional*):
+            A folder for the teacher's outputs on the training set ([`hf_distill.cache`]). Built on first use
+            (resuming an interrupted build), then training runs from it with no teacher in memory. Refused
+            when it does not match the teacher, data, preprocessing or losses, or when the inputs are random
+            (masking or augmentation at batch time).
+        teacher_cache_top_k (`int`, *optional*, defaults to 64):
+            For token-level tasks, how many of the teacher's largest logits a cache keeps per counted position,
+            with the rest merged into one bucket (an approximation); 0 keeps every logit (the exact loss, a
+            vocabulary-sized row per position). Classifiers always keep every logit.
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
@@ -56,6 +65,22 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of precomputed teacher outputs on the training set: built on first use (an interrupted "
+            "build resumes), then reused with no teacher in memory. Refused if teacher, data, preprocessing or "
+            "losses differ."
+        },
+    )
+    teacher_cache_top_k: int = field(
+        default=64,
+        metadata={
+            "help": "Token-level tasks: teacher logits kept per counted position in the cache (the rest merged into "
+            "one bucket, an approximation); 0 keeps them all (exact, large). Classifiers keep all."
+        },
+    )
+
     def __post_init__(self):
         if isinstance(self.losses, str):
             try:
@@ -67,4 +92,12 @@ class DistillationConfig(TrainingArguments):
                 ) from None
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
+        if (
+            isinstance(self.teacher_cache_top_k, bool)
+            or not isinstance(self.teacher_cache_top_k, int)
+            or (self.teacher_cache_top_k < 0)
+        ):
+            raise ValueError(
+                f"teacher_cache_top_k must be an integer >= 0 (0: every logit), got {self.teacher_cache_top_k!r}"
+            )
         super().__post_init__()

@@ -219,3 +219,49 @@ def test_chunked_soft_target_without_mask_counts_every_position_and_keeps_the_dt
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert student.grad.dtype == torch.bfloat16 and student.grad.shape == student.shape
+
+
+def _top_k_loss(student, teacher, k, temperature, divergence="forward_kl"):
+    values, indices, normalizer, tail = L.teacher_top_k(teacher, k, [temperature])
+    return L.topk_soft_target_loss(
+        student, values, indices, normalizer[:, 0], None if tail is None else tail[:, 0], temperature, divergence,
+        reduction="sum",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("divergence", L.DIVERGENCES)
+def test_top_k_over_the_whole_vocabulary_is_the_exact_loss(divergence):
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(20, 50, generator=generator) * 3).requires_grad_(True)
+    teacher = torch.randn(20, 50, generator=generator) * 3
+    exact = soft_target_loss(student, teacher, 2.0, divergence, reduction="sum")
+    (exact_grad,) = torch.autograd.grad(exact, student)
+    top = _top_k_loss(student, teacher, 50, 2.0, divergence)
+    (top_grad,) = torch.autograd.grad(top, student)
+    torch.testing.assert_close(top, exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top_grad, exact_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", L.DIVERGENCES)
+def test_top_k_with_a_merged_tail_bounds_the_exact_loss_from_below_and_tightens_with_k(divergence):
+    generator = torch.Generator().manual_seed(1)
+    vocab = 1000
+    # Peaked, language-model-like teacher rows; a student that disagrees in the head and in the tail.
+    teacher = torch.randn(64, vocab, generator=generator) * 2 + torch.linspace(8, 0, vocab)
+    student = teacher + torch.randn(64, vocab, generator=generator)
+    exact = soft_target_loss(student, teacher, 2.0, divergence, reduction="sum").item()
+    approximations = [_top_k_loss(student, teacher, k, 2.0, divergence).item() for k in (8, 64, 256, 999)]
+    assert all(value <= exact * (1 + 1e-5) for value in approximations)
+    assert approximations == sorted(approximations)  # more of the vocabulary kept, closer to the exact loss
+    assert approximations[-1] == pytest.approx(exact, rel=1e-3)
+
+
+def test_top_k_tail_equals_the_exact_loss_when_the_tails_are_proportional():
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(8, 100, generator=generator) * 3
+    student = teacher.clone()
+    _, indices = teacher.topk(10, dim=-1)
+    # Move the student's head only: inside the tail both distributions keep the same shape.
+    student.scatter_(-1, indices, torch.randn(8, 10, generator=generator) * 3)
+    exact = soft_target_loss(student, teacher, 1.0, reduction="sum")
+    torch.testing.assert_close(_top_k_loss(student, teacher, 10, 1.0), exact, rtol=1e-5, atol=1e-6)

@@ -35,13 +35,16 @@ class DistillationLoss(nn.Module):
 
     Subclasses implement `forward` and, where needed, `setup` (checks and learnable parts) and
     `count_items` (what one item is). Class attributes say what the models must return:
-    `student_outputs` / `teacher_outputs` are subsets of `{"hidden_states", "attentions"}` (instances
-    may narrow them in `__init__`), and `needs_teacher` is False for a loss on the student alone.
+    `student_outputs` / `teacher_outputs` are subsets of `{"logits", "hidden_states", "attentions"}`
+    (instances may narrow them in `__init__`), and `needs_teacher` is False for a loss on the student alone.
+    `cacheable` is False for a loss that reads the teacher other than through those outputs (forward hooks,
+    probes), which a teacher-output cache cannot replay.
     """
 
     student_outputs: frozenset[str] = frozenset()
     teacher_outputs: frozenset[str] = frozenset()
     needs_teacher: bool = True
+    cacheable: bool = True
     #: The name of the term in the config and in the logs; `build_loss` sets it.
     term: str = ""
 
@@ -58,6 +61,13 @@ class DistillationLoss(nn.Module):
         weigh by their tokens, as when the whole batch is seen at once.
         """
         return torch.tensor(float(batch_size(inputs)))
+
+    def teacher_hidden_layers(self) -> list[int] | None:
+        """The indices into the teacher's `hidden_states` that `forward` reads, known after `setup`; None for all.
+
+        A teacher-output cache stores only these layers, so override it in a loss that reads hidden states.
+        """
+        return None
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Return the sum of the loss over this batch's items (see `count_items`)."""

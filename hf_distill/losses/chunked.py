@@ -5,52 +5,70 @@ for the backward pass (both log-softmaxes, the teacher's probabilities, their pr
 vocabulary and 16k positions, each is 2 GB. `chunked_soft_target_loss` computes the same sum chunk by chunk
 under `no_grad` and, in backward, recomputes each chunk's gradient with the very same function, so the only
 full-vocabulary tensor it adds is the gradient of the student's logits, which backward needs anyway.
+
+`chunked_rows_loss` is the general form: any per-row loss of the student's logits against teacher targets
+held elsewhere (a teacher-output cache's top-k rows, for instance).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from .functional import check_same_logits, soft_target_loss
 
+#: `row_loss(student_rows, start, end)`: the summed loss of the student rows at `positions[start:end]`.
+RowLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
 
-class _ChunkedSoftTarget(torch.autograd.Function):
+
+class _ChunkedRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_rows, teacher_rows, positions, temperature, divergence, chunk_size):
+    def forward(ctx, student_rows, positions, row_loss, chunk_size):
         total = torch.zeros((), dtype=torch.float32, device=student_rows.device)
         with torch.no_grad():
             for start in range(0, positions.numel(), chunk_size):
                 chunk = positions[start : start + chunk_size]
-                total += soft_target_loss(
-                    student_rows.index_select(0, chunk),
-                    teacher_rows.index_select(0, chunk),
-                    temperature=temperature,
-                    divergence=divergence,
-                    reduction="sum",
-                )
-        ctx.save_for_backward(student_rows, teacher_rows, positions)
-        ctx.settings = (temperature, divergence, chunk_size)
+                total += row_loss(student_rows.index_select(0, chunk), start, start + chunk.numel())
+        ctx.save_for_backward(student_rows, positions)
+        ctx.row_loss, ctx.chunk_size = row_loss, chunk_size
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        student_rows, teacher_rows, positions = ctx.saved_tensors
-        temperature, divergence, chunk_size = ctx.settings
+        student_rows, positions = ctx.saved_tensors
         grad = torch.zeros_like(student_rows)
-        for start in range(0, positions.numel(), chunk_size):
-            chunk = positions[start : start + chunk_size]
+        for start in range(0, positions.numel(), ctx.chunk_size):
+            chunk = positions[start : start + ctx.chunk_size]
             with torch.enable_grad():
                 student_chunk = student_rows.index_select(0, chunk).detach().requires_grad_(True)
-                loss = soft_target_loss(
-                    student_chunk,
-                    teacher_rows.index_select(0, chunk),
-                    temperature=temperature,
-                    divergence=divergence,
-                    reduction="sum",
-                )
+                loss = ctx.row_loss(student_chunk, start, start + chunk.numel())
                 (chunk_grad,) = torch.autograd.grad(loss, student_chunk)
             grad.index_copy_(0, chunk, (chunk_grad * grad_output).to(grad.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None
+
+
+def chunked_rows_loss(
+    student_logits: torch.Tensor, mask: torch.Tensor | None, row_loss: RowLoss, chunk_size: int = 256
+) -> torch.Tensor:
+    """Sum `row_loss` over the positions `mask` selects (all when None), `chunk_size` positions at a time.
+
+    `student_logits` is `[..., vocab]` and `mask` `[...]`; positions are taken in row-major order, and
+    `row_loss(rows, start, end)` receives the student's logits at positions `start..end-1` of that order (so
+    targets stored in the same order are sliced `[start:end]`). Gradients are recomputed chunk by chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    # reshape is a view for the contiguous logits models return, so no full-vocabulary copy is made here.
+    student_rows = student_logits.reshape(-1, student_logits.shape[-1])
+    return _ChunkedRows.apply(student_rows, selected_positions(student_rows, mask), row_loss, chunk_size)
+
+
+def selected_positions(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Indices of the rows of `[positions, vocab]` that `mask` selects, in row-major order (all when None)."""
+    if mask is None:
+        return torch.arange(rows.shape[0], device=rows.device)
+    return mask.reshape(-1).nonzero().squeeze(1).to(rows.device)
 
 
 def chunked_soft_target_loss(
@@ -69,13 +87,11 @@ def chunked_soft_target_loss(
     """
     # Checked before the reshape below, which would otherwise cut mismatched logits into wrong rows.
     check_same_logits(student_logits, teacher_logits)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab = student_logits.shape[-1]
-    # reshape is a view for the contiguous logits models return, so no full-vocabulary copy is made here.
-    student_rows, teacher_rows = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
-    if mask is None:
-        positions = torch.arange(student_rows.shape[0], device=student_rows.device)
-    else:
-        positions = mask.reshape(-1).nonzero().squeeze(1).to(student_rows.device)
-    return _ChunkedSoftTarget.apply(student_rows, teacher_rows, positions, float(temperature), divergence, chunk_size)
+    teacher_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    positions = selected_positions(teacher_rows, mask)
+
+    def row_loss(student_chunk: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        teacher_chunk = teacher_rows.index_select(0, positions[start:end])
+        return soft_target_loss(student_chunk, teacher_chunk, temperature, divergence, reduction="sum")
+
+    return chunked_rows_loss(student_logits, mask, row_loss, chunk_size)

@@ -67,10 +67,12 @@ class FeatureMapLoss(DistillationLoss):
 
     The student map goes through a learnable 1×1 convolution to the teacher's width (trained with the
     student, saved in checkpoints, left out of the saved student); both maps are average-pooled to the
-    smaller grid and compared by mean squared error. One item per example.
+    smaller grid and compared by mean squared error. One item per example. Not cacheable: `setup` probes
+    the teacher model itself.
     """
 
     teacher_outputs = frozenset({"hidden_states"})
+    cacheable = False
 
     def __init__(self, student_module: str | None = None, teacher_layer: int = -1):
         super().__init__()

@@ -74,16 +74,93 @@ def soft_target_loss(
     # Softmax in float32: half-precision log-probabilities of a 30k vocabulary lose the tail.
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_item = divergence_from_log_probs(student_log_probs, teacher_log_probs, divergence)
+    return reduce_items(per_item * temperature**2, mask, reduction)
+
+
+def divergence_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str
+) -> torch.Tensor:
+    """One of `DIVERGENCES` between two distributions given as log-probabilities over the last dimension."""
     if divergence == "forward_kl":
-        per_item = _row_kl(teacher_log_probs, student_log_probs)
-    elif divergence == "reverse_kl":
-        per_item = _row_kl(student_log_probs, teacher_log_probs)
-    else:
+        return _row_kl(teacher_log_probs, student_log_probs)
+    if divergence == "reverse_kl":
+        return _row_kl(student_log_probs, teacher_log_probs)
+    if divergence == "jsd":
         mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs, teacher_log_probs]), dim=0) - math.log(2)
-        per_item = 0.5 * _row_kl(teacher_log_probs, mixture_log_probs) + 0.5 * _row_kl(
+        return 0.5 * _row_kl(teacher_log_probs, mixture_log_probs) + 0.5 * _row_kl(
             student_log_probs, mixture_log_probs
         )
-    return reduce_items(per_item * temperature**2, mask, reduction)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def topk_soft_target_loss(
+    student_logits: torch.Tensor,
+    teacher_values: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_log_normalizer: torch.Tensor,
+    teacher_tail: torch.Tensor | None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`soft_target_loss` from the teacher's k largest logits per item instead of all of them.
+
+    Args:
+        student_logits (`torch.Tensor`): `[items, vocab]`, every logit of the student.
+        teacher_values / teacher_indices (`torch.Tensor`): `[items, k]`, the teacher's top-k logits and their
+            vocabulary indices.
+        teacher_log_normalizer (`torch.Tensor`): `[items]`, logsumexp of the teacher's logits / T over the whole
+            vocabulary, so that the k kept tokens get their exact probabilities.
+        teacher_tail (`torch.Tensor`, *optional*): `[items]`, the log of the teacher's probability (at T) of every
+            token outside its top k; None when k is the whole vocabulary.
+
+    The approximation: both distributions are coarsened to k + 1 outcomes, the k teacher tokens and one bucket
+    holding all the rest, and the divergence is taken between the coarsened distributions (the student's
+    bucket mass is computed exactly from its full logits). With k equal to the vocabulary this is the exact
+    loss. Otherwise it is never larger than the exact loss (merging outcomes cannot increase a KL or JS
+    divergence) and equals it when, outside the top k, the student's probabilities are proportional to the
+    teacher's; the difference is what is left of the divergence inside the teacher's tail.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if teacher_values.shape != teacher_indices.shape or teacher_values.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"top-k teacher values {tuple(teacher_values.shape)} and indices {tuple(teacher_indices.shape)} do not "
+            f"match the student's logits {tuple(student_logits.shape)}: one row of k per student row"
+        )
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    indices = teacher_indices.long()
+    student_top = student_log_probs.gather(-1, indices)
+    teacher_top = teacher_values.float() / temperature - teacher_log_normalizer.float().unsqueeze(-1)
+    if teacher_tail is not None:
+        # The student's mass outside the teacher's top k, exactly: logsumexp over the other tokens.
+        student_tail = torch.logsumexp(student_log_probs.scatter(-1, indices, float("-inf")), dim=-1)
+        student_top = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+        # A tail that underflowed to -inf would make KL's 0 * log 0 a NaN; exp(-1e4) is 0 all the same.
+        teacher_top = torch.cat([teacher_top, teacher_tail.float().clamp_min(-1e4).unsqueeze(-1)], dim=-1)
+    per_item = divergence_from_log_probs(student_top, teacher_top, divergence)
+    return reduce_items(per_item * temperature**2, None, reduction)
+
+
+def teacher_top_k(
+    teacher_logits: torch.Tensor, k: int, temperatures: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What `topk_soft_target_loss` needs from `[items, vocab]` teacher logits: values `[items, k]`, indices
+    `[items, k]`, and per temperature the log normaliser and the tail log-probability (`[items, temperatures]`;
+    the tail is None when k covers the vocabulary)."""
+    k = min(k, teacher_logits.shape[-1])
+    logits = teacher_logits.float()
+    values, indices = logits.topk(k, dim=-1)
+    normalizers, tails = [], []
+    for temperature in temperatures:
+        scaled = logits / temperature
+        normalizer = torch.logsumexp(scaled, dim=-1)
+        normalizers.append(normalizer)
+        if k < logits.shape[-1]:
+            tails.append(torch.logsumexp(scaled.scatter(-1, indices, float("-inf")), dim=-1) - normalizer)
+    tail = torch.stack(tails, dim=-1) if tails else None
+    return values, indices, torch.stack(normalizers, dim=-1), tail
 
 
 def hidden_state_loss(

@@ -88,6 +88,9 @@ class HiddenStateLoss(DistillationLoss):
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return count_positions(inputs)
 
+    def teacher_hidden_layers(self) -> list[int]:
+        return sorted({teacher_layer for _, teacher_layer in self.pairs})
+
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         total = 0.0
         for index, (student_layer, teacher_layer) in enumerate(self.pairs):
@@ -117,8 +120,12 @@ class AttentionLoss(DistillationLoss):
             student's head count. Must divide both widths.
 
     Attention maps need `attn_implementation="eager"` on both models: the default sdpa kernel returns none.
-    One item per real query token (or per example without an attention mask); averaged over layers.
+    One item per real query token (or per example without an attention mask); averaged over layers. Not
+    cacheable: relations are read from the teacher's projections by hooks, and maps are `layers x heads x
+    length²` per example, too large to store.
     """
+
+    cacheable = False
 
     def __init__(
         self,
@@ -251,6 +258,11 @@ class RelationLoss(DistillationLoss):
         self.method, self.source, self.layer = method, source, layer
         if source == "hidden_state":
             self.student_outputs = self.teacher_outputs = frozenset({"hidden_states"})
+        else:
+            self.teacher_outputs = frozenset({"logits"})
+
+    def teacher_hidden_layers(self) -> list[int]:
+        return [self.layer] if self.source == "hidden_state" else []
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return torch.tensor(1.0)

@@ -14,8 +14,8 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .base import DistillationLoss, batch_size, register_loss, token_mask
-from .chunked import chunked_soft_target_loss
-from .functional import DIVERGENCES, soft_target_loss
+from .chunked import chunked_rows_loss, chunked_soft_target_loss
+from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
 
 _TOKEN_LEVEL_CLASSES = {
     *MODEL_FOR_MASKED_LM_MAPPING_NAMES.values(),
@@ -73,7 +73,13 @@ class SoftTargetLoss(DistillationLoss):
     One item per example for sequence and image classification; one per token for masked and causal LMs
     and token classification, counting only positions whose label is not -100 (for masked LM: the masked
     positions, as DistilBERT does) or, without labels, the non-padding positions.
+
+    From a teacher-output cache ([`hf_distill.cache`]), classification uses the stored logits (the same loss);
+    token-level tasks use the stored rows of the counted positions: every logit (the same loss) or the top k,
+    with [`~hf_distill.losses.functional.topk_soft_target_loss`]'s documented approximation.
     """
+
+    teacher_outputs = frozenset({"logits"})
 
     def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 256):
         super().__init__()
@@ -115,20 +121,62 @@ class SoftTargetLoss(DistillationLoss):
         mask = self.item_mask(inputs)
         return torch.tensor(float(batch_size(inputs))) if mask is None else mask.sum().float()
 
-    def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
-        student_logits, teacher_logits = student_outputs.logits, teacher_outputs.logits
+    def position_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """For token-level tasks, the `[batch, length]` positions of the logits that count (in `item_mask`)."""
         mask = self.item_mask(inputs)
-        if not self.token_level:
-            return soft_target_loss(
-                student_logits, teacher_logits, self.temperature, self.divergence, mask=mask, reduction="sum"
-            )
         if self.shift:
             # Position i predicts token i+1: the last position predicts nothing. Masking it, rather than slicing
             # the logits, keeps them contiguous so the chunked loss makes no full-vocabulary copy.
             mask = torch.nn.functional.pad(mask, (0, 1), value=False)
+        return mask
+
+    def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        student_logits = student_outputs.logits
+        if not self.token_level:
+            return soft_target_loss(
+                student_logits, teacher_outputs.logits, self.temperature, self.divergence, reduction="sum"
+            )
+        mask = self.position_mask(inputs)
+        cached = getattr(teacher_outputs, "token_targets", None)
+        if cached is not None:
+            return chunked_rows_loss(student_logits, mask, self._cached_row_loss(cached, mask), self.chunk_size)
         return chunked_soft_target_loss(
-            student_logits, teacher_logits, self.temperature, self.divergence, mask=mask, chunk_size=self.chunk_size
+            student_logits,
+            teacher_outputs.logits,
+            self.temperature,
+            self.divergence,
+            mask=mask,
+            chunk_size=self.chunk_size,
         )
+
+    def _cached_row_loss(self, targets: Any, mask: torch.Tensor):
+        """The per-row loss against a cache's rows, stored in the order of the counted positions."""
+        if targets.num_rows != int(mask.sum()):
+            raise ValueError(
+                f"the teacher cache holds {targets.num_rows} target positions for this batch but the loss counts "
+                f"{int(mask.sum())}: the labels (masking) differ from those the cache was built with; rebuild it"
+            )
+        temperature, divergence = self.temperature, self.divergence
+        if targets.logits is not None:
+            return lambda rows, start, end: soft_target_loss(
+                rows, targets.logits[start:end], temperature, divergence, reduction="sum"
+            )
+        column = targets.temperature_column(temperature)
+
+        def row_loss(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+            tail = None if targets.tail is None else targets.tail[start:end, column]
+            return topk_soft_target_loss(
+                rows,
+                targets.values[start:end],
+                targets.indices[start:end],
+                targets.log_normalizer[start:end, column],
+                tail,
+                temperature,
+                divergence,
+                reduction="sum",
+            )
+
+        return row_loss
 
 
 @register_loss("hard_label")

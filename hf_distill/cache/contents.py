@@ -1,0 +1,227 @@
+"""What a teacher-output cache stores for a set of losses, how a batch's outputs become stored tensors, and how
+stored tensors become the `teacher_outputs` the losses read."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..losses import DistillationLoss, SoftTargetLoss
+from ..losses.functional import teacher_top_k
+
+#: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.
+CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
+_CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def cache_contents(losses: list[DistillationLoss], num_hidden_states: int, top_k: int) -> dict[str, Any]:
+    """What the cache must hold for `losses` (already `setup`): a JSON-able description, part of its record.
+
+    `num_hidden_states` is the length of the teacher's `hidden_states` (layers + 1); `top_k` is used for
+    token-level logits (0 keeps every logit).
+    """
+    teacher_losses = [loss for loss in losses if loss.needs_teacher]
+    refused = [loss.term for loss in teacher_losses if not loss.cacheable]
+    if refused:
+        raise ValueError(
+            f"the losses {refused} read the teacher in ways a teacher cache cannot replay (forward hooks on its "
+            "modules, probes, or attention maps too large to store): train them online (teacher_cache=None) or "
+            "drop them"
+        )
+    soft_targets = [loss for loss in teacher_losses if isinstance(loss, SoftTargetLoss)]
+    token_level = any(loss.token_level for loss in soft_targets)
+    reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
+    if token_level and any("logits" in loss.teacher_outputs for loss in teacher_losses if loss not in soft_targets):
+        raise ValueError(
+            "only soft_target can read a token-level teacher's logits from a cache (it stores the counted positions "
+            "only); train the other logit losses online"
+        )
+    layers: set[int] = set()
+    for loss in teacher_losses:
+        if "hidden_states" in loss.teacher_outputs:
+            wanted = loss.teacher_hidden_layers()
+            layers |= set(range(num_hidden_states)) if wanted is None else {i % num_hidden_states for i in wanted}
+    dense = not token_level or top_k <= 0
+    return {
+        "logits": None if not reads_logits else ("dense" if dense else "top_k"),
+        "token_level": token_level,
+        "shift": any(loss.shift for loss in soft_targets),
+        "top_k": None if dense or not reads_logits else int(top_k),
+        "temperatures": [] if dense or not reads_logits else sorted({loss.temperature for loss in soft_targets}),
+        "hidden_layers": sorted(layers),
+        "num_hidden_states": num_hidden_states,
+    }
+
+
+def contents_mismatch(stored: dict[str, Any], needed: dict[str, Any]) -> list[str]:
+    """Why a cache holding `stored` cannot serve losses that need `needed` (empty when it can)."""
+    problems = []
+    for key in ("token_level", "shift", "num_hidden_states"):
+        if stored[key] != needed[key]:
+            problems.append(f"{key} is {stored[key]} in the cache, {needed[key]} now")
+    if needed["logits"] is not None and (stored["logits"], stored["top_k"]) != (needed["logits"], needed["top_k"]):
+        problems.append(
+            f"the cache keeps {stored['logits'] or 'no'} logits (top_k {stored['top_k']}), the losses now need "
+            f"{needed['logits']} logits (top_k {needed['top_k']})"
+        )
+    for key in ("temperatures", "hidden_layers"):
+        missing = sorted(set(needed[key]) - set(stored[key]))
+        if missing:
+            problems.append(f"{key} {missing} are needed but the cache has only {stored[key]}")
+    return problems
+
+
+def input_checksums(inputs: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
+    """One float64 number per example, from the inputs the teacher sees, to tell whether they changed.
+
+    Token ids (real tokens only, so padding does not matter) give an exact integer: sum of (id + 1) x (1 +
+    rank among the real tokens). Float inputs (pixels) give a weighted sum, compared with a tolerance.
+    """
+    key = next((key for key in CHECKSUM_KEYS if isinstance(inputs.get(key), torch.Tensor)), None)
+    if key is None:
+        raise ValueError(
+            f"a teacher cache needs one of {CHECKSUM_KEYS} among the inputs; the batch has {list(inputs)}"
+        )
+    values = inputs[key]
+    flat = values.reshape(values.shape[0], -1)
+    if not values.is_floating_point():
+        mask = inputs.get("attention_mask")
+        if key != "input_ids" or mask is None:
+            mask = torch.ones_like(flat)
+        mask = mask.reshape(flat.shape).long()
+        ranks = mask.cumsum(1) * mask
+        return key, ((flat.long() + 1) * ranks).sum(1).double()
+    weights = _CHECKSUM_WEIGHTS.get((flat.shape[1], str(flat.device)))
+    if weights is None:
+        steps = torch.arange(flat.shape[1], dtype=torch.float64, device=flat.device)
+        weights = _CHECKSUM_WEIGHTS.setdefault((flat.shape[1], str(flat.device)), 1.0 + 0.5 * torch.sin(steps))
+    return key, flat.double() @ weights
+
+
+def same_inputs(stored: torch.Tensor, seen: torch.Tensor, exact: bool) -> torch.Tensor:
+    """Which examples' checksums agree: exactly for token ids, within float rounding for float inputs."""
+    stored, seen = stored.to(seen.device), seen
+    if exact:
+        return stored == seen
+    return torch.isclose(stored, seen, rtol=1e-6, atol=1e-6)
+
+
+class OutputExtractor:
+    """Turns one batch's teacher outputs into the per-example tensors a shard stores (see `store`)."""
+
+    def __init__(self, contents: dict[str, Any], soft_target: SoftTargetLoss | None):
+        self.contents, self.soft_target = contents, soft_target
+
+    def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
+        contents = self.contents
+        stored = {"checksum": input_checksums(inputs)[1]}
+        if contents["logits"] is not None and not contents["token_level"]:
+            stored["logits"] = outputs.logits.float()
+        elif contents["logits"] is not None:
+            mask = self.soft_target.position_mask(inputs)
+            stored["rows"] = mask.sum(1)
+            rows = outputs.logits[mask]  # the counted positions, in the order the loss takes them
+            if contents["logits"] == "dense":
+                stored["token.logits"] = rows.float()
+            else:
+                values, indices, normalizer, tail = teacher_top_k(rows, contents["top_k"], contents["temperatures"])
+                stored.update({"token.values": values, "token.indices": indices.int()})
+                stored["token.log_normalizer"] = normalizer
+                if tail is not None:
+                    stored["token.tail"] = tail
+        if contents["hidden_layers"]:
+            text_mask = inputs.get("attention_mask")
+            if text_mask is not None:
+                stored["hidden_rows"] = text_mask.sum(1)
+            for layer in contents["hidden_layers"]:
+                hidden = outputs.hidden_states[layer]
+                stored[f"hidden.{layer}"] = hidden if text_mask is None else hidden[text_mask.bool()]
+        return stored
+
+
+class TokenTargets:
+    """A batch's cached token-level targets, one row per counted position in the loss's order."""
+
+    def __init__(self, gathered: dict[str, torch.Tensor], temperatures: list[float], device: torch.device):
+        self.logits = _maybe(gathered, "token.logits", device)
+        self.values = _maybe(gathered, "token.values", device)
+        self.indices = _maybe(gathered, "token.indices", device)
+        self.log_normalizer = _maybe(gathered, "token.log_normalizer", device)
+        self.tail = _maybe(gathered, "token.tail", device)
+        self.temperatures = temperatures
+        self.num_rows = int(gathered["rows"].sum())
+
+    def temperature_column(self, temperature: float) -> int:
+        if temperature not in self.temperatures:
+            raise ValueError(
+                f"the teacher cache holds top-k targets for temperatures {self.temperatures}, not {temperature}: "
+                "rebuild it with the losses you train with"
+            )
+        return self.temperatures.index(temperature)
+
+
+class CachedHiddenStates:
+    """`hidden_states` as a sequence that holds only the cached layers and says so when another is read."""
+
+    def __init__(self, layers: dict[int, torch.Tensor], length: int):
+        self.layers, self.length = layers, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        layer = index % self.length if -self.length <= index < self.length else index
+        if layer not in self.layers:
+            raise KeyError(
+                f"the teacher cache holds hidden states {sorted(self.layers)}, not {index}: rebuild it for these losses"
+            )
+        return self.layers[layer]
+
+
+class CachedTeacherOutputs:
+    """Stands in for the teacher's model output when training from a cache: `logits`, `hidden_states`, and for
+    token-level tasks `token_targets` (the soft-target rows), each only as far as the cache holds it."""
+
+    def __init__(self, logits=None, hidden_states=None, token_targets=None):
+        self._logits, self.hidden_states, self.token_targets = logits, hidden_states, token_targets
+        self.attentions = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise ValueError(
+                "this teacher cache holds no per-example logits (token-level caches keep the soft-target rows of the "
+                "counted positions only); train losses that need the teacher's full logits online"
+            )
+        return self._logits
+
+
+def assemble(
+    gathered: dict[str, torch.Tensor], inputs: Mapping[str, Any], contents: dict[str, Any], device: torch.device
+) -> CachedTeacherOutputs:
+    """The `teacher_outputs` of a batch from the tensors `CacheReader.gather` returned for its examples."""
+    token_targets = None
+    if contents["token_level"] and contents["logits"] is not None:
+        token_targets = TokenTargets(gathered, contents["temperatures"], device)
+    hidden = None
+    if contents["hidden_layers"]:
+        mask = inputs.get("attention_mask")
+        layers = {}
+        for layer in contents["hidden_layers"]:
+            rows = gathered[f"hidden.{layer}"].to(device)
+            if mask is None:
+                layers[layer] = rows
+                continue
+            mask = mask.bool()
+            layer_states = rows.new_zeros((*mask.shape, rows.shape[-1]))
+            layer_states[mask] = rows  # real tokens back in place; padding stays zero (the losses mask it)
+            layers[layer] = layer_states
+        hidden = CachedHiddenStates(layers, contents["num_hidden_states"])
+    logits = _maybe(gathered, "logits", device)
+    return CachedTeacherOutputs(logits=logits, hidden_states=hidden, token_targets=token_targets)
+
+
+def _maybe(gathered: dict[str, torch.Tensor], name: str, device: torch.device) -> torch.Tensor | None:
+    return gathered[name].to(device) if name in gathered else None

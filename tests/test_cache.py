@@ -1,0 +1,293 @@
+"""The teacher-output cache: same loss as online, no teacher in memory, refusals, resumable atomic builds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from helpers import (
+    bert_classifier,
+    bert_masked_lm,
+    config,
+    image_dataset,
+    masked_lm_dataset,
+    mobilenet_classifier,
+    text_dataset,
+    vit_classifier,
+)
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerFast
+
+from hf_distill import DistillationTrainer
+from hf_distill.cache import INDEX_KEY, TeacherCache
+from hf_distill.pipeline import build_student
+
+MLM_LOSSES = {
+    "soft_target": {"weight": 1.0, "temperature": 2.0},
+    "hard_label": {"weight": 0.5},
+    "hidden_state": {"weight": 1.0, "distance": "cosine", "layer_map": [[-1, -1]]},
+}
+CLASSIFIER_LOSSES = {"soft_target": {"weight": 0.5, "temperature": 4.0}, "hard_label": {"weight": 0.5}}
+
+
+class Stack:
+    """Collator for pre-padded rows: stacks every column."""
+
+    def __call__(self, rows):
+        return {key: torch.as_tensor([row[key] for row in rows]) for key in rows[0]}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(64)}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")))
+    fast.pad_token, fast.mask_token = "t0", "t4"
+    return fast
+
+
+def mlm_pair(width: int = 16):
+    teacher = bert_masked_lm(0, width=width)
+    student, _ = build_student(teacher, num_layers=2)
+    return teacher, student
+
+
+def setups():
+    """(teacher, student, dataset, collator, losses) for each task a cache serves differently."""
+    teacher, student = mlm_pair()
+    yield "masked-lm", teacher, student, masked_lm_dataset(24), Stack(), MLM_LOSSES
+    yield "classifier", bert_classifier(0), bert_classifier(1, layers=2), text_dataset(24), None, CLASSIFIER_LOSSES
+    yield "vision", vit_classifier(0), mobilenet_classifier(1), image_dataset(24), None, CLASSIFIER_LOSSES
+
+
+def train(tmp_path, name, teacher, student, data, collator, losses, **overrides):
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config(tmp_path / name, losses, max_steps=5, **overrides),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("task", ["masked-lm", "classifier", "vision"])
+def test_dense_cache_trains_exactly_like_online_distillation(tmp_path, task):
+    _, teacher, student, data, collator, losses = next(s for s in setups() if s[0] == task)
+    online_student = copy.deepcopy(student)
+    online = train(tmp_path, "online", teacher, online_student, data, collator, losses)
+    cache_dir = str(tmp_path / "cache")
+    cached = train(tmp_path, "cached", teacher, student, data, collator, losses, teacher_cache=cache_dir,
+                   teacher_cache_top_k=0)  # fmt: skip
+    assert cached.teacher_model is None and TeacherCache.is_finished(cache_dir)
+    online_logs = [log for log in online.state.log_history if "loss" in log]
+    cached_logs = [log for log in cached.state.log_history if "loss" in log]
+    assert len(cached_logs) == 5
+    for online_log, cached_log in zip(online_logs, cached_logs, strict=True):
+        for term in [*losses, "loss"]:
+            assert cached_log[term] == pytest.approx(online_log[term], rel=1e-6, abs=1e-6), term
+    cached_weights = student.state_dict()
+    for name, online_value in online_student.state_dict().items():
+        torch.testing.assert_close(cached_weights[name], online_value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_second_run_needs_no_teacher_and_evaluates_student_only_terms(tmp_path):
+    teacher, student = mlm_pair()
+    data, cache_dir = masked_lm_dataset(24), str(tmp_path / "cache")
+    train(tmp_path, "first", teacher, copy.deepcopy(student), data, Stack(), MLM_LOSSES, teacher_cache=cache_dir)
+    trainer = DistillationTrainer(
+        model=student,
+        args=config(tmp_path / "second", MLM_LOSSES, teacher_cache=cache_dir),
+        train_dataset=data,
+        eval_dataset=masked_lm_dataset(8, seed=1),  # one batch: eval_loss is then exactly its weighted terms
+        data_collator=Stack(),
+    )
+    trainer.train()
+    assert trainer.teacher_model is None
+    assert {"soft_target", "hidden_state", "hard_label"} <= set(trainer.state.log_history[0])
+    metrics = trainer.evaluate()
+    # Outside the cache there is no teacher: only the student's own term is evaluated.
+    assert "eval_hard_label" in metrics and "eval_soft_target" not in metrics
+    assert metrics["eval_loss"] == pytest.approx(0.5 * metrics["eval_hard_label"], rel=1e-5)
+
+
+def test_top_k_cache_matches_online_when_k_covers_the_vocabulary_and_is_close_below(tmp_path):
+    teacher, student = bert_masked_lm(0), bert_masked_lm(1, layers=2)  # unrelated: a loss well above rounding
+    data = masked_lm_dataset(24)
+    losses = {"soft_target": {"weight": 1.0, "temperature": 2.0}}
+    online = train(tmp_path, "online", teacher, copy.deepcopy(student), data, Stack(), losses)
+    full = train(tmp_path, "k64", teacher, copy.deepcopy(student), data, Stack(), losses,
+                 teacher_cache=str(tmp_path / "k64"), teacher_cache_top_k=64)  # fmt: skip
+    top8 = train(tmp_path, "k8", teacher, copy.deepcopy(student), data, Stack(), losses,
+                 teacher_cache=str(tmp_path / "k8"), teacher_cache_top_k=8)  # fmt: skip
+    reference = online.state.log_history[0]["soft_target"]
+    # Same divergence through top-k arithmetic (values / T - log normaliser): float32 rounding apart.
+    assert full.state.log_history[0]["soft_target"] == pytest.approx(reference, rel=1e-4, abs=1e-6)
+    approximate = top8.state.log_history[0]["soft_target"]
+    assert approximate <= reference * (1 + 1e-6)  # merging the tail never increases the divergence
+    assert approximate > 0.3 * reference
+
+
+def test_mismatched_cache_is_refused(tmp_path):
+    teacher, student = mlm_pair()
+    data, cache_dir = masked_lm_dataset(24), str(tmp_path / "cache")
+    train(tmp_path, "build", teacher, copy.deepcopy(student), data, Stack(), MLM_LOSSES, teacher_cache=cache_dir)
+
+    def make(teacher_model=None, dataset=data, losses=MLM_LOSSES, **overrides):
+        return DistillationTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=teacher_model,
+            args=config(tmp_path / "again", losses, teacher_cache=cache_dir, **overrides),
+            train_dataset=dataset,
+            data_collator=Stack(),
+        )
+
+    with pytest.raises(ValueError, match="teacher's weights differ"):
+        make(teacher_model=bert_masked_lm(seed=5))
+    with pytest.raises(ValueError, match="training data differ"):
+        make(dataset=masked_lm_dataset(24, seed=3))
+    other_temperature = {**MLM_LOSSES, "soft_target": {"weight": 1.0, "temperature": 3.0}}
+    with pytest.raises(ValueError, match=r"temperatures \[3.0\] are needed"):
+        make(losses=other_temperature)
+    with pytest.raises(ValueError, match="top_k 64"):
+        make(teacher_cache_top_k=16)
+    more_layers = {**MLM_LOSSES, "hidden_state": {"weight": 1.0, "layer_map": [[1, 2], [2, 4]]}}
+    with pytest.raises(ValueError, match=r"hidden_layers \[2\] are needed"):
+        make(losses=more_layers)
+    make()  # the matching settings are accepted
+
+
+def test_random_masking_and_random_augmentation_are_refused_before_training(tmp_path):
+    teacher, student = mlm_pair()
+    masking = DataCollatorForLanguageModeling(tokenizer(), mlm_probability=0.15)
+    with pytest.raises(ValueError, match="masks each batch at random"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, MLM_LOSSES, teacher_cache=str(tmp_path / "cache")),
+            train_dataset=text_dataset(16, labels=False),
+            data_collator=masking,
+        )
+
+    def jitter(batch):
+        noise = torch.randn(len(batch["pixel_values"]), 3, 32, 32) * 0.1
+        pixels = torch.as_tensor(batch["pixel_values"]) + noise
+        return {"pixel_values": pixels, "label": batch["label"]}
+
+    augmented = image_dataset(16).with_transform(jitter)
+    with pytest.raises(ValueError, match="differ from those the teacher saw"):
+        DistillationTrainer(
+            model=mobilenet_classifier(1),
+            teacher_model=vit_classifier(0),
+            args=config(tmp_path, CLASSIFIER_LOSSES, teacher_cache=str(tmp_path / "vision")),
+            train_dataset=augmented,
+        )
+
+
+def test_inputs_that_change_later_are_caught_at_the_step(tmp_path):
+    teacher, student = mlm_pair()
+    data, cache_dir = masked_lm_dataset(24), str(tmp_path / "cache")
+    trainer = train(tmp_path, "build", teacher, student, data, Stack(), MLM_LOSSES, teacher_cache=cache_dir)
+    batch = Stack()([data[i] for i in (20, 21)])
+    trainer.teacher_cache.outputs_for([20, 21], batch, torch.device("cpu"))  # as built: accepted
+    batch["input_ids"][1, 0] += 1
+    with pytest.raises(ValueError, match=r"examples \[21\] differ"):
+        trainer.teacher_cache.outputs_for([20, 21], batch, torch.device("cpu"))
+
+
+def test_losses_a_cache_cannot_replay_are_refused(tmp_path):
+    losses = {"attention": {"weight": 1.0, "heads": "relations"}}
+    teacher, student = mlm_pair()
+    with pytest.raises(ValueError, match=r"\['attention'\] read the teacher in ways a teacher cache cannot replay"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config(tmp_path, losses, teacher_cache=str(tmp_path / "cache")),
+            train_dataset=masked_lm_dataset(8),
+            data_collator=Stack(),
+        )
+    with pytest.raises(ValueError, match="no configured loss reads the teacher"):
+        DistillationTrainer(
+            model=student,
+            args=config(tmp_path, {"hard_label": {}}, teacher_cache=str(tmp_path / "cache")),
+            train_dataset=masked_lm_dataset(8),
+            data_collator=Stack(),
+        )
+
+
+class Interrupting(DistillationTrainer):
+    """Stops the teacher after a number of batches, as a crash or Ctrl-C would."""
+
+    teacher_cache_shard_size = 8
+    calls = 0
+    stop_after: int | None = None
+
+    def teacher_forward(self, inputs, output_hidden_states=False, output_attentions=False):
+        type(self).calls += 1
+        if self.stop_after is not None and type(self).calls > self.stop_after:
+            raise KeyboardInterrupt
+        return super().teacher_forward(inputs, output_hidden_states, output_attentions)
+
+
+def test_interrupted_build_is_not_readable_and_resumes_to_the_same_cache(tmp_path):
+    teacher, student = mlm_pair()
+    data = masked_lm_dataset(24)
+
+    def build(directory, stop_after=None):
+        Interrupting.calls, Interrupting.stop_after = 0, stop_after
+        return Interrupting(
+            model=copy.deepcopy(student),
+            teacher_model=teacher,
+            args=config(tmp_path, MLM_LOSSES, teacher_cache=directory, per_device_eval_batch_size=4),
+            train_dataset=data,
+            data_collator=Stack(),
+        )
+
+    partial = str(tmp_path / "partial")
+    with pytest.raises(KeyboardInterrupt):
+        build(partial, stop_after=3)  # 3 batches of 4: one shard of 8 is whole, 4 examples are lost
+    assert not TeacherCache.is_finished(partial)
+    assert sorted(os.listdir(partial)) == ["building.json", "shard-000000000-000000008.safetensors"]
+    with pytest.raises(FileNotFoundError, match="interrupted"):
+        TeacherCache(partial)
+    open(os.path.join(partial, "shard-000000008-000000016.safetensors.tmp"), "wb").close()  # a half-written shard
+
+    resumed = build(partial)
+    assert Interrupting.calls == 4  # only examples 8..23 are run again, in batches of 4
+    assert not any(name.endswith(".tmp") for name in os.listdir(partial))
+    whole = build(str(tmp_path / "whole"))
+    everything = list(range(len(data)))
+    resumed_tensors = resumed.teacher_cache.reader.gather(everything)
+    whole_tensors = whole.teacher_cache.reader.gather(everything)
+    assert resumed_tensors.keys() == whole_tensors.keys()
+    for name, tensor in whole_tensors.items():
+        torch.testing.assert_close(resumed_tensors[name], tensor, rtol=0, atol=0, msg=name)
+    with open(os.path.join(partial, "cache.json")) as handle:
+        record = json.load(handle)
+    assert [shard["end"] for shard in record["shards"]] == [8, 16, 24]
+
+
+def test_batches_carry_the_example_index_only_to_the_cache(tmp_path):
+    teacher, student = mlm_pair()
+    seen = []
+    original_forward = student.forward
+
+    def forward(**inputs):
+        seen.append(set(inputs))
+        return original_forward(**inputs)
+
+    student.forward = forward
+    train(tmp_path, "run", teacher, student, masked_lm_dataset(16), Stack(), MLM_LOSSES,
+          teacher_cache=str(tmp_path / "cache"), remove_unused_columns=False)  # fmt: skip
+    assert seen and all(INDEX_KEY not in keys for keys in seen)
+
+
+def test_padding_collator_and_string_columns_work_with_a_cache(tmp_path):
+    teacher, student = bert_classifier(0), bert_classifier(1, layers=2)
+    data = text_dataset(16).add_column("text", [f"example {i}" for i in range(16)])
+    trainer = train(tmp_path, "run", teacher, student, data, DataCollatorWithPadding(tokenizer()), CLASSIFIER_LOSSES,
+                    teacher_cache=str(tmp_path / "cache"))  # fmt: skip
+    assert trainer.state.global_step == 5
