@@ -42,9 +42,10 @@ from hf_distill.pipeline import build_student
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 30522
 SHAPES = {
-    # name: (batch, sequence length or image side, timed steps, warm-up steps, token-KL positions)
-    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "kl_tokens": 16384},
-    "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "kl_tokens": 2048},
+    # batch, sequence length or image side, timed steps and warm-up steps per training run, rounds of (plain,
+    # online, cached) runs, token-KL positions
+    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "rounds": 2, "kl_tokens": 16384},
+    "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "rounds": 1, "kl_tokens": 2048},
 }
 TEXT_LOSSES = {
     "soft_target": {"weight": 5.0, "temperature": 2.0},
@@ -133,17 +134,53 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def train_steps(student, teacher, data, losses, shape, scratch) -> list[float]:
-    config = DistillationConfig(
-        output_dir=scratch, per_device_train_batch_size=shape["batch"], max_steps=shape["steps"] + shape["warmup"],
-        learning_rate=1e-5, save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no",
-        losses=losses, bf16=torch.cuda.is_available(), dataloader_num_workers=0,
+def benchmark_config(scratch, losses, shape, **overrides) -> DistillationConfig:
+    return DistillationConfig(
+        output_dir=scratch, per_device_train_batch_size=shape["batch"], per_device_eval_batch_size=shape["batch"],
+        max_steps=shape["steps"] + shape["warmup"], learning_rate=1e-5, save_strategy="no", report_to="none",
+        disable_tqdm=True, logging_strategy="no", losses=losses, bf16=torch.cuda.is_available(),
+        dataloader_num_workers=0, **overrides,
     )  # fmt: skip
+
+
+def train_steps(student, teacher, data, losses, shape, scratch, **overrides) -> list[float]:
     clock = StepClock()
+    config = benchmark_config(scratch, losses, shape, **overrides)
     DistillationTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=data, callbacks=[clock]
     ).train()
     return clock.times[shape["warmup"] :]
+
+
+def cache_build(student, teacher, data, losses, shape, scratch, attempts: int = 3) -> dict[str, float]:
+    """Seconds to build the teacher cache (hashing the teacher, running it, storing what the losses need, checking
+    the first batch) and seconds of one plain teacher inference pass over the same batches, alternated
+    `attempts` times; the best of each is kept. Returns the folder of the first cache too."""
+    times = {"build": [], "inference": []}
+    for attempt in range(attempts):
+        start = time.perf_counter()
+        plain = DistillationTrainer(
+            model=student, teacher_model=teacher, args=benchmark_config(scratch, losses, shape), train_dataset=data
+        )
+        setup = time.perf_counter() - start
+        start = time.perf_counter()
+        DistillationTrainer(
+            model=student, teacher_model=teacher, train_dataset=data,
+            args=benchmark_config(scratch, losses, shape, teacher_cache=os.path.join(scratch, f"cache-{attempt}")),
+        )  # fmt: skip
+        times["build"].append(time.perf_counter() - start - setup)  # what the cache adds to setting up
+        synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for inputs in plain._cache_batches(0):  # the same batches the build ran, in the same order
+                plain.teacher_forward(inputs, **plain.teacher_output_flags)
+        synchronize()
+        times["inference"].append(time.perf_counter() - start)
+    return {
+        "build": min(times["build"]),
+        "inference": min(times["inference"]),
+        "cache": os.path.join(scratch, "cache-0"),
+    }
 
 
 @torch.no_grad()
@@ -166,15 +203,28 @@ def teacher_forwards(teacher, data, shape, hidden_states: bool) -> list[float]:
 def time_pair(name: str, shape: dict, quick: bool) -> dict:
     teacher, student, data, losses = PAIRS[name](shape, quick)
     initial = {key: value.clone() for key, value in student.state_dict().items()}
+    plain_losses = {"hard_label": {"weight": 1.0}}
+    steps = {"plain": [], "online": [], "cached": []}
     with tempfile.TemporaryDirectory() as scratch:
-        plain = train_steps(student, None, data, {"hard_label": {"weight": 1.0}}, shape, scratch)
-        student.load_state_dict(initial)
-        online = train_steps(student, teacher, data, losses, shape, scratch)
+        build = cache_build(student, teacher, data, losses, shape, scratch, attempts=1 if quick else 3)
+        # Rounds of plain, online and cached training, so that a slow spell of a shared machine hits all three.
+        for _ in range(shape["rounds"]):
+            for kind, (kind_teacher, kind_losses, extra) in {
+                "plain": (None, plain_losses, {}),
+                "online": (teacher, losses, {}),
+                "cached": (None, losses, {"teacher_cache": build["cache"]}),
+            }.items():
+                student.load_state_dict(initial)
+                steps[kind] += train_steps(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
     forward = teacher_forwards(teacher, data, shape, hidden_states="hidden_state" in losses)
-    medians = {key: statistics.median(values) for key, values in
-               (("plain_step_s", plain), ("online_step_s", online), ("teacher_forward_s", forward))}  # fmt: skip
-    medians["online_over_parts"] = medians["online_step_s"] / (medians["plain_step_s"] + medians["teacher_forward_s"])
-    medians["online_over_plain"] = medians["online_step_s"] / medians["plain_step_s"]
+    medians = {f"{kind}_step_s": statistics.median(values) for kind, values in steps.items()}
+    medians["teacher_forward_s"] = statistics.median(forward)
+    plain_step = medians["plain_step_s"]
+    medians["online_over_parts"] = medians["online_step_s"] / (plain_step + medians["teacher_forward_s"])
+    medians["online_over_plain"] = medians["online_step_s"] / plain_step
+    medians["cached_over_plain"] = medians["cached_step_s"] / plain_step
+    medians.update(cache_build_s=build["build"], teacher_pass_s=build["inference"],
+                   cache_build_over_inference=build["build"] / build["inference"])  # fmt: skip
     return medians
 
 
@@ -272,8 +322,8 @@ def main() -> None:
     }  # fmt: skip
     ratios = {
         "online_over_parts": max(p["online_over_parts"] for p in results["pairs"].values()),
-        "cached_over_plain": None,  # the teacher-output cache is not built yet (issue 4)
-        "cache_build_over_inference": None,
+        "cached_over_plain": max(p["cached_over_plain"] for p in results["pairs"].values()),
+        "cache_build_over_inference": max(p["cache_build_over_inference"] for p in results["pairs"].values()),
         "token_kl_peak_saving": results["token_kl"]["token_kl_peak_saving"],
         "kd_peak_over_plain": max(p["kd_peak_over_plain"] for p in results["pairs"].values()),
     }
@@ -290,17 +340,31 @@ def write_results(results: dict, ratios: dict) -> None:
         f"Written by `python benchmarks/run.py` on {machine['device']} ({machine['cpu_count']} cores, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {machine['platform']}) in "
         f"{machine['seconds']} s. Shapes: {machine['shape']}. Medians over {machine['shape']['steps']} steps after "
-        f"{machine['shape']['warmup']} warm-up steps; peaks measured in a fresh process per case.",
+        f"{machine['shape']['warmup']} warm-up steps in each of {machine['shape']['rounds']} rounds; peaks measured in "
+        "a fresh process per case.",
         "",
-        "| pair | plain step (s) | teacher forward (s) | online KD step (s) | online / (plain + teacher) | "
-        "online / plain | KD peak / (plain peak + teacher weights) |",
-        "|---|---|---|---|---|---|---|",
+        "| pair | plain step (s) | teacher forward (s) | online KD step (s) | cached KD step (s) | "
+        "online / (plain + teacher) | online / plain | cached / plain | cache build (s) | teacher pass (s) | "
+        "build / pass | KD peak / (plain peak + teacher weights) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["pairs"].items():
         lines.append(
-            f"| {name} | {row['plain_step_s']:.3f} | {row['teacher_forward_s']:.3f} | {row['online_step_s']:.3f} | "
-            f"{row['online_over_parts']:.3f} | {row['online_over_plain']:.2f} | {row['kd_peak_over_plain']:.3f} |"
+            f"| {name} | {row['plain_step_s']:.3f} | {row['teacher_forward_s']:.3f} "
+            f"| {row['online_step_s']:.3f} | {row['cached_step_s']:.3f} | {row['online_over_parts']:.3f} | "
+            f"{row['online_over_plain']:.2f} | {row['cached_over_plain']:.3f} | {row['cache_build_s']:.2f} | "
+            f"{row['teacher_pass_s']:.2f} | {row['cache_build_over_inference']:.3f} | {row['kd_peak_over_plain']:.3f} |"
         )
+    lines += [
+        "",
+        "Step times: medians over every timed step of rounds of (plain, online, cached) training runs, so a slow "
+        "spell of the machine falls on all three. The cached KD step trains "
+        "from a cache built with the default settings (top-64 logits for masked LM, the hidden states the losses "
+        "read), with no teacher in memory. Cache build: the extra time a `DistillationTrainer` with an empty "
+        "`teacher_cache` takes to construct (hashing the teacher, running it over the data set, writing the "
+        "shards, checking the first batch), against one teacher inference pass over the same batches; the two "
+        "alternate three times and the best of each is kept.",
+    ]
     kl = results["token_kl"]
     lines += [
         "",

@@ -150,7 +150,7 @@ class DistillationTrainer(Trainer):
     def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
         """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
         losses = list(self.distillation_losses.values())
-        depth = getattr(teacher.config, "num_hidden_layers", None)
+        depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
         contents = cache_contents(losses, None if depth is None else depth + 1, self.args.teacher_cache_top_k)
         in_memory = None if isinstance(teacher, _ConfigOnly) else teacher
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)

@@ -12,14 +12,22 @@ from hf_distill import DistillationTrainer
 LOSSES = {"soft_target": {"weight": 1.0}, "hard_label": {"weight": 1.0}, "hidden_state": {"weight": 1.0}}
 
 
-def run(output_dir: Path, batch_size: int) -> DistillationTrainer:
+def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None) -> DistillationTrainer:
+    """Two steps; with `teacher_cache`, from a cache that keeps every logit (so the same loss as online)."""
     trainer = DistillationTrainer(
         model=bert_masked_lm(seed=2, layers=2, width=8, heads=2),
         teacher_model=bert_masked_lm(seed=1),
         # Plain SGD without clipping: Adam and clipping would hide a wrongly scaled loss or gradient.
         args=config(
-            output_dir, LOSSES, max_steps=2, per_device_train_batch_size=batch_size, optim="sgd", max_grad_norm=0.0
-        ),
+            output_dir,
+            LOSSES,
+            max_steps=2,
+            per_device_train_batch_size=batch_size,
+            optim="sgd",
+            max_grad_norm=0.0,
+            teacher_cache=teacher_cache,
+            teacher_cache_top_k=0,
+        ),  # fmt: skip
         train_dataset=masked_lm_dataset(16),
     )
     trainer.train()
@@ -28,7 +36,7 @@ def run(output_dir: Path, batch_size: int) -> DistillationTrainer:
 
 if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
-    trainer = run(output_dir, batch_size=4)
+    trainer = run(output_dir, batch_size=4, teacher_cache=str(output_dir / "cache") if sys.argv[2:] else None)
     if trainer.args.process_index == 0:
         state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
         state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})

@@ -14,7 +14,8 @@ TESTS = Path(__file__).parent
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-def test_two_processes_match_one_process_with_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("teacher", ["online", "cache"])
+def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teacher):
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [
         "torchrun",
@@ -24,6 +25,8 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path):
         "29517",
         str(TESTS / "ddp_run.py"),
         str(tmp_path / "ddp"),
+        # With a cache: process 0 builds it while process 1 waits, then each reads its share of every batch.
+        *(["cache"] if teacher == "cache" else []),
     ]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

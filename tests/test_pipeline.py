@@ -189,3 +189,24 @@ def test_image_recipe_trains_a_vit_teacher_from_a_config_and_a_fresh_mobilenet(t
     processor = AutoImageProcessor.from_pretrained(student_dir)
     assert processor.size == {"height": 32, "width": 32}
     assert torch.isfinite(torch.tensor(result["summary"]["speedup_batch_1"]))
+
+
+def test_teacher_cache_flag_builds_once_then_reuses_with_fixed_masks(tmp_path, monkeypatch):
+    teacher = write_masked_lm_teacher(str(tmp_path / "teacher"), layers=4)
+    files = write_text_files(str(tmp_path / "text"))
+    cache = str(tmp_path / "teacher-cache")
+    argv = ["--recipe", "distilbert", "--teacher", teacher, "--dataset", files, "--student_layers", "0", "3",
+            "--max_length", "16", "--gradient_accumulation_steps", "1", "--baseline", "true",
+            "--teacher_cache", cache, *FAST]  # fmt: skip
+    first, _ = run([*argv, "--output_dir", str(tmp_path / "first")])
+    assert os.path.isfile(os.path.join(cache, "cache.json")) and first["teacher_cache"] == cache
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr("hf_distill.trainer.build_teacher_cache", no_build)
+    second, _ = run([*argv, "--output_dir", str(tmp_path / "second")])
+    # The same fixed masks every run, so the cache is accepted and training repeats exactly.
+    for metric in ("accuracy", "perplexity"):
+        assert second["results"]["student"][metric] == pytest.approx(first["results"]["student"][metric], rel=1e-6)
+    check_report(str(tmp_path / "second"), with_baseline=True)

@@ -16,7 +16,7 @@ CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", 
 _CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def cache_contents(losses: list[DistillationLoss], num_hidden_states: int, top_k: int) -> dict[str, Any]:
+def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None, top_k: int) -> dict[str, Any]:
     """What the cache must hold for `losses` (already `setup`): a JSON-able description, part of its record.
 
     `num_hidden_states` is the length of the teacher's `hidden_states` (layers + 1); `top_k` is used for
@@ -40,6 +40,11 @@ def cache_contents(losses: list[DistillationLoss], num_hidden_states: int, top_k
         )
     layers: set[int] = set()
     for loss in teacher_losses:
+        if "hidden_states" in loss.teacher_outputs and num_hidden_states is None:
+            raise ValueError(
+                f"losses[{loss.term!r}] reads the teacher's hidden states, but its config has no num_hidden_layers "
+                "to tell how many it returns; train this loss online (teacher_cache=None)"
+            )
         if "hidden_states" in loss.teacher_outputs:
             wanted = loss.teacher_hidden_layers()
             layers |= set(range(num_hidden_states)) if wanted is None else {i % num_hidden_states for i in wanted}

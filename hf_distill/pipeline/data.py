@@ -4,10 +4,13 @@
 
 Masked LM: training batches are masked afresh by `DataCollatorForLanguageModeling`; the held-out split is
 masked once, with a fixed seed, so that teacher, student and baseline are scored on the same masked tokens.
+With a teacher cache the training split is masked once too (`fix_training_masks`): the teacher's cached
+outputs belong to one masking of each example.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +167,16 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
     return PreparedData(args.task, processor, *splits, masking, DataCollatorForTokenClassification(processor), None)
 
 
+def fix_training_masks(data: PreparedData, seed: int) -> PreparedData:
+    """Mask a masked-LM training split once with a fixed seed and pad it without masking again, for a teacher
+    cache. Other tasks are returned as they are (their preprocessing has no randomness)."""
+    if data.task != "masked-lm":
+        return data
+    return dataclasses.replace(
+        data, train=mask_once(data.train, data.train_collator, seed), train_collator=data.eval_collator
+    )
+
+
 def mask_once(data: Dataset, masking: DataCollatorForLanguageModeling, seed: int) -> Dataset:
     """Apply the masking collator once to every example with a fixed seed, keeping the masked `input_ids` and
     `labels` (-100 where unmasked) as columns, so that every model is scored on the same masked tokens."""
@@ -181,8 +194,6 @@ def mask_once(data: Dataset, masking: DataCollatorForLanguageModeling, seed: int
                 "labels": [masked["labels"][i, :n].tolist() for i, n in enumerate(lengths)],
             }
 
-        return data.map(
-            apply, batched=True, batch_size=256, desc="Masking the eval split once", load_from_cache_file=False
-        )
+        return data.map(apply, batched=True, batch_size=256, desc="Masking once", load_from_cache_file=False)
     finally:
         torch.random.set_rng_state(generator_state)

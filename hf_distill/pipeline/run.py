@@ -21,7 +21,7 @@ from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
 from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments, parse_args
-from .data import PreparedData, prepare_data
+from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
 from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
@@ -100,7 +100,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     clock = lap("student", clock)
 
     checkpoints = os.path.join(config.output_dir, "checkpoints", "distill")
-    trainer = distill(student, teacher, data, distill_config, checkpoints, config.resume_from_checkpoint)
+    # A teacher cache holds the teacher's outputs for one masking of each example: fix it (same seed every run).
+    distill_data = data if config.teacher_cache is None else fix_training_masks(data, config.seed)
+    trainer = distill(student, teacher, distill_data, distill_config, checkpoints, config.resume_from_checkpoint)
     clock = lap("distill", clock)
 
     models = {"teacher": teacher, "student": trainer.model}
@@ -114,7 +116,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         set_seed(config.seed)
         baseline, _ = make_student(args, initial, data, config.seed)
         del initial
-        baseline_config = stage_args(config, config.output_dir, losses={"hard_label": {"weight": 1.0}})
+        baseline_config = stage_args(
+            config, config.output_dir, losses={"hard_label": {"weight": 1.0}}, teacher_cache=None
+        )
         models["baseline"] = distill(
             baseline, None, data, baseline_config, os.path.join(config.output_dir, "checkpoints", "baseline")
         ).model
@@ -137,6 +141,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         train_examples=len(data.train),
         eval_examples=len(data.eval),
         losses=losses,
+        teacher_cache=config.teacher_cache,
         seed=config.seed,
         machine={
             "platform": platform.platform(),
