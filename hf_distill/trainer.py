@@ -52,6 +52,12 @@ class DistillationTrainer(Trainer):
     `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
     accumulated (and, across processes, global) batch, so gradient accumulation changes nothing but memory.
     Every term is logged under its name in training logs and as `eval_<name>` by `evaluate()`.
+
+    With `args.teacher_cache` set ([`hf_distill.cache`]), the teacher's outputs on the training set are built
+    there once (by the main process, resuming an interrupted build) and read back at each step; the trainer then
+    holds no teacher (`teacher_model` may be omitted once the cache exists; when given, its weights are hashed
+    and must match the cache's). Evaluation has no cached outputs, so only the terms that need no teacher are
+    computed there.
     """
 
     # Terms are normalised over the whole accumulated batch (see get_batch_samples): no further division.
