@@ -107,7 +107,7 @@ def input_checksums(inputs: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
 
 def same_inputs(stored: torch.Tensor, seen: torch.Tensor, exact: bool) -> torch.Tensor:
     """Which examples' checksums agree: exactly for token ids, within float rounding for float inputs."""
-    stored, seen = stored.to(seen.device), seen
+    stored = stored.to(seen.device)
     if exact:
         return stored == seen
     return torch.isclose(stored, seen, rtol=1e-6, atol=1e-6)
