@@ -44,6 +44,13 @@ class DistillationConfig(TrainingArguments):
             For token-level tasks, how many of the teacher's largest logits a cache keeps per counted position,
             with the rest merged into one bucket (an approximation); 0 keeps every logit (the exact loss, a
             vocabulary-sized row per position). Classifiers always keep every logit.
+        compact_token_logits (`bool`, *optional*, defaults to `True`):
+            For masked and causal LMs trained on labels: during training, run the vocabulary projection of the
+            student (and of an online teacher) only at the labeled positions, the only ones the losses read
+            ([`hf_distill.logit_rows`]). Same losses and gradients; for masked LM about a third less arithmetic
+            and far smaller logits. Applies only when every configured loss accepts such logits (all built-in
+            ones do, except `relation` on logits); set it to False when an override of yours reads full logits.
+            Evaluation always computes full logits.
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
@@ -78,6 +85,14 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Token-level tasks: teacher logits kept per counted position in the cache (the rest merged into "
             "one bucket, an approximation); 0 keeps them all (exact, large). Classifiers keep all."
+        },
+    )
+
+    compact_token_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Masked/causal LMs with labels: in training, project onto the vocabulary only at the labeled "
+            "positions the losses read (same losses, less time and memory). Off for overrides reading full logits."
         },
     )
 

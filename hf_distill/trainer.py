@@ -25,8 +25,10 @@ from .cache import INDEX_KEY, IndexedDataset, TeacherCache, build_teacher_cache,
 from .cache.contents import OutputExtractor
 from .cache.teacher_cache import cache_record
 from .config import DistillationConfig
+from .logit_rows import label_rows, project_rows, supports_rows
 from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
 from .losses.base import batch_size
+from .losses.logits import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES
 from .teacher import load_teacher
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
@@ -128,6 +130,7 @@ class DistillationTrainer(Trainer):
         self._train_terms: dict[str, torch.Tensor] = {}
         self._eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._term_steps = 0  # optimizer steps whose terms _train_terms holds
+        self.logit_rows = _logit_rows_use(args, student, teacher, [loss for _, loss in terms.values()])
         if args.teacher_cache is not None:
             self.teacher_cache = self._use_teacher_cache(cache, teacher)
             # From here on the cache stands in for the teacher, which leaves memory.
@@ -258,12 +261,18 @@ class DistillationTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # num_items_in_batch counts labels only; each term is normalised by its own count instead.
         examples = inputs.pop(INDEX_KEY, None)
-        student_outputs = model(**inputs, **self.student_output_flags)
+        rows = self._logit_rows(inputs) if model.training else None
+        # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
+        student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}
+        with project_rows(self.accelerator.unwrap_model(model), rows):
+            student_outputs = model(**student_inputs, **self.student_output_flags)
         teacher_outputs = None
         if self.teacher_cache is not None and examples is not None:
             teacher_outputs = self.teacher_cache.outputs_for(examples.tolist(), inputs, self.args.device)
         elif self.teacher_model is not None:
-            teacher_outputs = self.teacher_forward(inputs, **self.teacher_output_flags)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with project_rows(teacher, rows if self.logit_rows["teacher"] else None):
+                teacher_outputs = self.teacher_forward(inputs, **self.teacher_output_flags)
         loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
         self._record_terms(terms, inputs, training=model.training)
         if model.training and self.accelerator.num_processes > 1:
@@ -274,6 +283,14 @@ class DistillationTrainer(Trainer):
         # Hidden states and maps were for the losses; leaving them in would make them "predictions".
         kept = {key: value for key, value in student_outputs.items() if key not in _INTERNAL_OUTPUTS}
         return loss, type(student_outputs)(**kept)
+
+    def _logit_rows(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """The labeled positions whose logits the losses read, when only those are projected (`logit_rows`)."""
+        labels = inputs.get("labels")
+        if not self.logit_rows["student"] or labels is None:
+            return None
+        rows, _ = label_rows(labels, shift=self.logit_rows["shift"])
+        return rows
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
@@ -397,6 +414,25 @@ def _check_cache_use(args: DistillationConfig, teacher_terms: list[str], collato
             "(hf_distill.pipeline.mask_once) and pad with DataCollatorForTokenClassification, or distil online"
         )
     return TeacherCache(args.teacher_cache) if TeacherCache.is_finished(args.teacher_cache) else None
+
+
+def _logit_rows_use(
+    args: DistillationConfig, student: nn.Module, teacher: Any, losses: list[DistillationLoss]
+) -> dict[str, bool]:
+    """Which models project only the labeled positions in training (see `compact_token_logits`)."""
+    student_name = type(student).__name__
+    use = (
+        args.compact_token_logits
+        and not args.torch_compile  # a hook per step and data-dependent shapes would defeat compilation
+        and student_name in LANGUAGE_MODEL_CLASSES
+        and all(loss.accepts_row_logits for loss in losses)
+        and supports_rows(student)
+    )
+    return {
+        "student": use,
+        "teacher": use and isinstance(teacher, nn.Module) and supports_rows(teacher),
+        "shift": student_name in CAUSAL_LM_CLASSES,
+    }
 
 
 def _output_flags(needs: Any) -> dict[str, bool]:

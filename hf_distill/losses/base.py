@@ -38,13 +38,17 @@ class DistillationLoss(nn.Module):
     `student_outputs` / `teacher_outputs` are subsets of `{"logits", "hidden_states", "attentions"}`
     (instances may narrow them in `__init__`), and `needs_teacher` is False for a loss on the student alone.
     `cacheable` is False for a loss that reads the teacher other than through those outputs (forward hooks,
-    probes), which a teacher-output cache cannot replay.
+    probes), which a teacher-output cache cannot replay. `accepts_row_logits` is True for a loss that works
+    when a language model's `logits` arrive as `[rows, vocab]`, the rows of the labeled positions only (see
+    [`hf_distill.logit_rows`]): one that reads no logits, or reads them only at those positions. It is False
+    by default, so a loss of yours sees full logits unless it says otherwise.
     """
 
     student_outputs: frozenset[str] = frozenset()
     teacher_outputs: frozenset[str] = frozenset()
     needs_teacher: bool = True
     cacheable: bool = True
+    accepts_row_logits: bool = False
     #: The name of the term in the config and in the logs; `build_loss` sets it.
     term: str = ""
 

@@ -55,19 +55,33 @@ def chunked_rows_loss(
 
     `student_logits` is `[..., vocab]` and `mask` `[...]`; positions are taken in row-major order, and
     `row_loss(rows, start, end)` receives the student's logits at positions `start..end-1` of that order (so
-    targets stored in the same order are sliced `[start:end]`). Gradients are recomputed chunk by chunk.
+    targets stored in the same order are sliced `[start:end]`). Gradients are recomputed chunk by chunk; a
+    selection of at most `chunk_size` positions is one chunk, computed once with ordinary autograd.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # reshape is a view for the contiguous logits models return, so no full-vocabulary copy is made here.
     student_rows = student_logits.reshape(-1, student_logits.shape[-1])
-    return _ChunkedRows.apply(student_rows, selected_positions(student_rows, mask), row_loss, chunk_size)
+    return _rows_loss(
+        student_rows, None if mask is None else selected_positions(student_rows, mask), row_loss, chunk_size
+    )
 
 
-def selected_positions(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Indices of the rows of `[positions, vocab]` that `mask` selects, in row-major order (all when None)."""
-    if mask is None:
-        return torch.arange(rows.shape[0], device=rows.device)
+def _rows_loss(
+    student_rows: torch.Tensor, positions: torch.Tensor | None, row_loss: RowLoss, chunk_size: int
+) -> torch.Tensor:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    count = student_rows.shape[0] if positions is None else positions.numel()
+    if count <= chunk_size:
+        # One chunk: plain autograd holds no more than a chunk's intermediates and skips the recomputation.
+        rows = student_rows if positions is None else student_rows.index_select(0, positions)
+        return row_loss(rows, 0, count).float()
+    if positions is None:
+        positions = torch.arange(count, device=student_rows.device)
+    return _ChunkedRows.apply(student_rows, positions, row_loss, chunk_size)
+
+
+def selected_positions(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of `[positions, vocab]` that `mask` selects, in row-major order."""
     return mask.reshape(-1).nonzero().squeeze(1).to(rows.device)
 
 
@@ -88,10 +102,11 @@ def chunked_soft_target_loss(
     # Checked before the reshape below, which would otherwise cut mismatched logits into wrong rows.
     check_same_logits(student_logits, teacher_logits)
     teacher_rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    positions = selected_positions(teacher_rows, mask)
+    positions = None if mask is None else selected_positions(teacher_rows, mask)
 
     def row_loss(student_chunk: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        teacher_chunk = teacher_rows.index_select(0, positions[start:end])
+        teacher_chunk = teacher_rows[start:end] if positions is None else teacher_rows[positions[start:end]]
         return soft_target_loss(student_chunk, teacher_chunk, temperature, divergence, reduction="sum")
 
-    return chunked_rows_loss(student_logits, mask, row_loss, chunk_size)
+    student_rows = student_logits.reshape(-1, student_logits.shape[-1])
+    return _rows_loss(student_rows, positions, row_loss, chunk_size)

@@ -73,6 +73,7 @@ class FeatureMapLoss(DistillationLoss):
 
     teacher_outputs = frozenset({"hidden_states"})
     cacheable = False
+    accepts_row_logits = True  # reads no logits
 
     def __init__(self, student_module: str | None = None, teacher_layer: int = -1):
         super().__init__()

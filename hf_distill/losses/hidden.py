@@ -63,6 +63,7 @@ class HiddenStateLoss(DistillationLoss):
 
     student_outputs = frozenset({"hidden_states"})
     teacher_outputs = frozenset({"hidden_states"})
+    accepts_row_logits = True  # reads no logits
 
     def __init__(self, distance: str = "mse", layer_map: list | None = None, projection: bool = True):
         super().__init__()
@@ -126,6 +127,7 @@ class AttentionLoss(DistillationLoss):
     """
 
     cacheable = False
+    accepts_row_logits = True  # reads no logits
 
     def __init__(
         self,
@@ -258,6 +260,7 @@ class RelationLoss(DistillationLoss):
         self.method, self.source, self.layer = method, source, layer
         if source == "hidden_state":
             self.student_outputs = self.teacher_outputs = frozenset({"hidden_states"})
+            self.accepts_row_logits = True  # reads no logits
         else:
             self.teacher_outputs = frozenset({"logits"})
 

@@ -13,6 +13,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
+from ..logit_rows import label_rows
 from .base import DistillationLoss, batch_size, register_loss, token_mask
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
@@ -22,8 +23,8 @@ _TOKEN_LEVEL_CLASSES = {
     *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
     *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
 }
-_CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-_LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | _CAUSAL_LM_CLASSES
+CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | CAUSAL_LM_CLASSES
 
 
 def _default_labels(id2label: Mapping[int, str] | None) -> bool:
@@ -34,7 +35,7 @@ def _default_labels(id2label: Mapping[int, str] | None) -> bool:
 def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a pair whose logits do not mean the same classes (or tokens) in the same order."""
     student_config, teacher_config = student.config, teacher.config
-    if type(student).__name__ in _LANGUAGE_MODEL_CLASSES:
+    if type(student).__name__ in LANGUAGE_MODEL_CLASSES:
         student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -77,9 +78,13 @@ class SoftTargetLoss(DistillationLoss):
     From a teacher-output cache ([`hf_distill.cache`]), classification uses the stored logits (the same loss);
     token-level tasks use the stored rows of the counted positions: every logit (the same loss) or the top k,
     with [`~hf_distill.losses.functional.topk_soft_target_loss`]'s documented approximation.
+
+    A language model's logits may also arrive as `[rows, vocab]`, the counted positions only, in row-major
+    order ([`hf_distill.logit_rows`]): the same loss on the same rows.
     """
 
     teacher_outputs = frozenset({"logits"})
+    accepts_row_logits = True
 
     def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 256):
         super().__init__()
@@ -102,7 +107,7 @@ class SoftTargetLoss(DistillationLoss):
         check_same_outputs(student, teacher)
         self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES
         # Causal LMs predict token i+1 at position i, so their labels line up one position later.
-        self.shift = type(student).__name__ in _CAUSAL_LM_CLASSES
+        self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
 
     def item_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """Which positions count: `[batch, length]` for token-level tasks, None (every example) otherwise."""
@@ -137,17 +142,39 @@ class SoftTargetLoss(DistillationLoss):
                 student_logits, teacher_outputs.logits, self.temperature, self.divergence, reduction="sum"
             )
         mask = self.position_mask(inputs)
+        # Logits of the counted positions only ([rows, vocab]) need no mask; full ones are masked.
+        student_mask = self._rows_mask(student_logits, mask, "student")
         cached = getattr(teacher_outputs, "token_targets", None)
         if cached is not None:
-            return chunked_rows_loss(student_logits, mask, self._cached_row_loss(cached, mask), self.chunk_size)
+            return chunked_rows_loss(
+                student_logits, student_mask, self._cached_row_loss(cached, mask), self.chunk_size
+            )
+        teacher_logits = teacher_outputs.logits
+        if self._rows_mask(teacher_logits, mask, "teacher") is not None and student_mask is None:
+            teacher_logits = teacher_logits[mask.to(teacher_logits.device)]  # only the student's are rows
+        elif student_mask is not None and teacher_logits.dim() == 2:
+            student_logits = student_logits[student_mask]  # only the teacher's are rows
+            student_mask = None
         return chunked_soft_target_loss(
             student_logits,
-            teacher_outputs.logits,
+            teacher_logits,
             self.temperature,
             self.divergence,
-            mask=mask,
+            mask=student_mask,
             chunk_size=self.chunk_size,
         )
+
+    @staticmethod
+    def _rows_mask(logits: torch.Tensor, mask: torch.Tensor, side: str) -> torch.Tensor | None:
+        """`mask` for full `[batch, length, vocab]` logits; None for the rows of the counted positions alone."""
+        if logits.dim() != 2:
+            return mask
+        if logits.shape[0] != int(mask.sum()):
+            raise ValueError(
+                f"the {side}'s logits hold {logits.shape[0]} rows, but the batch counts {int(mask.sum())} positions: "
+                "row logits must be those of the counted positions (hf_distill.logit_rows), in row-major order"
+            )
+        return None
 
     def _cached_row_loss(self, targets: Any, mask: torch.Tensor):
         """The per-row loss against a cache's rows, stored in the order of the counted positions."""
@@ -183,18 +210,24 @@ class SoftTargetLoss(DistillationLoss):
 class HardLabelLoss(DistillationLoss):
     """The student's own task loss on the labels, as its model computes it (`outputs.loss`).
 
+    For a language model whose logits arrive as the rows of the labeled positions ([`hf_distill.logit_rows`]),
+    the same cross-entropy is computed from those rows.
+
     One item per label that is not -100 (an example for classification, a masked token for masked LM),
     the unit the model averages over.
     """
 
     needs_teacher = False
+    accepts_row_logits = True
 
     def __init__(self):
         super().__init__()
         self.shift = False
+        self.language_model = False
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.shift = type(student).__name__ in _CAUSAL_LM_CLASSES
+        self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
+        self.language_model = type(student).__name__ in LANGUAGE_MODEL_CLASSES
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         labels = inputs.get("labels")
@@ -208,6 +241,11 @@ class HardLabelLoss(DistillationLoss):
         return labels.ne(-100).sum().float()
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        logits = getattr(student_outputs, "logits", None)
+        if self.language_model and logits is not None and logits.dim() == 2:
+            # Logits of the labeled positions only (hf_distill.logit_rows): the model's own cross-entropy, summed.
+            _, targets = label_rows(inputs["labels"], self.shift)
+            return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
         if student_outputs.loss is None:
             raise ValueError(
                 "the student returned no loss although the batch has labels; hard_label needs a model with a task "

@@ -1,0 +1,94 @@
+"""The vocabulary projection of a language model, run only at the positions its losses read.
+
+A masked LM scores every position against the whole vocabulary, although its loss reads only the masked
+positions (15% of them in BERT's recipe), and so do the built-in distillation losses on its logits. For a
+BERT-base-sized student that projection is about a third of a training step's arithmetic, and its
+`[batch, length, vocab]` logits (with their gradient) are the largest tensors of the step.
+
+`project_rows(model, rows)` makes the model's output embeddings (`get_output_embeddings()`, the vocabulary
+projection) see only the hidden states at `rows` for the duration of a block, through a forward pre-hook
+removed on exit. The logits then come out as `[rows.sum(), vocab]`, in the row-major order of `rows`, which
+is the order in which the losses, and a teacher-output cache, take the counted positions. The values are the
+same rows the full projection would give; nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def label_rows(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rows, targets)`: the `[batch, length]` positions whose prediction has a label, and those labels in order.
+
+    For a causal LM (`shift`), position i predicts token i+1, so it counts when label i+1 is not -100 and the
+    last position never does.
+    """
+    if shift:
+        labels = nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+    rows = labels.ne(-100)
+    return rows, labels[rows]
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's vocabulary projection (`get_output_embeddings()`), or None when it has none."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+@contextmanager
+def project_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, `model`'s vocabulary projection runs only at the `[batch, length]` positions `rows`.
+
+    With `rows=None` nothing changes. The model must not also compute its own loss from `labels` inside the
+    block: that loss expects logits at every position.
+    """
+    head = None if rows is None else output_head(model)
+    if head is None:
+        yield
+        return
+
+    def select(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        if tuple(hidden.shape[:-1]) != tuple(rows.shape):
+            raise RuntimeError(
+                f"{type(model).__name__}'s vocabulary projection received hidden states of shape "
+                f"{tuple(hidden.shape)}, not [batch, length, width] matching the label positions {tuple(rows.shape)}; "
+                "set compact_token_logits=False in the DistillationConfig for this model"
+            )
+        return (hidden[rows.to(hidden.device)], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def supports_rows(model: nn.Module) -> bool:
+    """Whether `project_rows` works on `model`: a two-position forward gives the logits of the one row selected.
+
+    Some models apply their output embeddings' weight without calling the module, or reshape the logits
+    afterwards; those keep their full projection. The probe is one tiny forward without gradients.
+    """
+    if output_head(model) is None:
+        return False
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    rows = torch.tensor([[True, False]], device=device)
+    training = model.training
+    model.eval()  # no dropout: the probe leaves the random state alone
+    try:
+        with torch.no_grad(), project_rows(model, rows):
+            logits = model(input_ids=input_ids).logits
+    except Exception:  # noqa: BLE001 - any failure means: keep the full projection
+        return False
+    finally:
+        model.train(training)
+    return logits.dim() == 2 and logits.shape[0] == 1
