@@ -167,12 +167,11 @@ class DistillationTrainer(Trainer):
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
                 soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
-                flags = self.teacher_output_flags
                 cache = build_teacher_cache(
                     directory,
                     record,
                     self._cache_batches,
-                    lambda inputs: self.teacher_forward(inputs, **flags),
+                    lambda inputs: self._teacher_outputs(inputs, self._logit_rows(inputs)),
                     OutputExtractor(contents, soft_target),
                     shard_size=self.teacher_cache_shard_size,
                 )
@@ -270,9 +269,7 @@ class DistillationTrainer(Trainer):
         if self.teacher_cache is not None and examples is not None:
             teacher_outputs = self.teacher_cache.outputs_for(examples.tolist(), inputs, self.args.device)
         elif self.teacher_model is not None:
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with project_rows(teacher, rows if self.logit_rows["teacher"] else None):
-                teacher_outputs = self.teacher_forward(inputs, **self.teacher_output_flags)
+            teacher_outputs = self._teacher_outputs(inputs, rows)
         loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
         self._record_terms(terms, inputs, training=model.training)
         if model.training and self.accelerator.num_processes > 1:
@@ -283,6 +280,12 @@ class DistillationTrainer(Trainer):
         # Hidden states and maps were for the losses; leaving them in would make them "predictions".
         kept = {key: value for key, value in student_outputs.items() if key not in _INTERNAL_OUTPUTS}
         return loss, type(student_outputs)(**kept)
+
+    def _teacher_outputs(self, inputs: Mapping[str, Any], rows: torch.Tensor | None) -> Any:
+        """`teacher_forward` with the outputs the losses need; its logits only at `rows` where it can."""
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with project_rows(teacher, rows if self.logit_rows["teacher"] else None):
+            return self.teacher_forward(inputs, **self.teacher_output_flags)
 
     def _logit_rows(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """The labeled positions whose logits the losses read, when only those are projected (`logit_rows`)."""

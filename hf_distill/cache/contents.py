@@ -127,7 +127,13 @@ class OutputExtractor:
         elif contents["logits"] is not None:
             mask = self.soft_target.position_mask(inputs)
             stored["rows"] = mask.sum(1)
-            rows = outputs.logits[mask]  # the counted positions, in the order the loss takes them
+            rows = outputs.logits
+            if rows.dim() != 2:  # not already the counted rows (hf_distill.logit_rows)
+                rows = rows[mask]  # the counted positions, in the order the loss takes them
+            elif rows.shape[0] != int(mask.sum()):
+                raise ValueError(
+                    f"the teacher returned {rows.shape[0]} logit rows for {int(mask.sum())} counted positions"
+                )
             if contents["logits"] == "dense":
                 stored["token.logits"] = rows.float()
             else:
