@@ -60,6 +60,11 @@ class DistillationTrainer(Trainer):
     holds no teacher (`teacher_model` may be omitted once the cache exists; when given, its weights are hashed
     and must match the cache's). Evaluation has no cached outputs, so only the terms that need no teacher are
     computed there.
+
+    For a masked or causal LM student trained on labels, the vocabulary projection of the student (and of an
+    online teacher) runs only at the labeled positions during training (`args.compact_token_logits`,
+    [`hf_distill.logit_rows`]): `student_outputs.logits` seen by the losses and by `compute_distillation_loss`
+    are then `[rows, vocab]`, the labeled positions in row-major order. Evaluation and prediction see full logits.
     """
 
     # Terms are normalised over the whole accumulated batch (see get_batch_samples): no further division.
@@ -231,7 +236,9 @@ class DistillationTrainer(Trainer):
         training the item count of the whole accumulated batch, otherwise of this batch. A term you add
         should follow the same rule (a per-batch mean is exact without gradient accumulation).
         `teacher_outputs` is None when the teacher's outputs are unknown (evaluating on data outside a teacher
-        cache): the terms that need them are left out.
+        cache): the terms that need them are left out. In training, a language model's `logits` may be the
+        `[rows, vocab]` of its labeled positions (see `compact_token_logits`); an override that needs every
+        position's logits sets `compact_token_logits=False`.
         """
         loss = torch.zeros((), device=self.args.device)
         terms = {}
@@ -428,6 +435,8 @@ def _logit_rows_use(
         args.compact_token_logits
         and not args.torch_compile  # a hook per step and data-dependent shapes would defeat compilation
         and student_name in LANGUAGE_MODEL_CLASSES
+        # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
+        and not getattr(student.config, "is_encoder_decoder", False)
         and all(loss.accepts_row_logits for loss in losses)
         and supports_rows(student)
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import VOCAB, bert_classifier, bert_masked_lm, config, masked_lm_dataset, text_dataset
-from transformers import BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import BartConfig, BartForConditionalGeneration, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 from hf_distill import DistillationLoss, DistillationTrainer, register_loss
 from hf_distill.logit_rows import label_rows, output_head, project_rows, supports_rows
@@ -161,6 +161,18 @@ def test_classifiers_keep_their_logits(tmp_path):
         train_dataset=text_dataset(),
     )
     assert trainer.logit_rows["student"] is False
+
+
+def test_encoder_decoders_keep_their_logits(tmp_path):
+    """BART sits in the masked-LM mapping but builds its decoder inputs from the labels, which must stay."""
+    torch.manual_seed(0)
+    settings = dict(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)  # fmt: skip
+    student = BartForConditionalGeneration(BartConfig(**settings))
+    trainer = DistillationTrainer(
+        model=student, args=config(tmp_path, {"hard_label": {}}), train_dataset=causal_lm_dataset()
+    )
+    assert supports_rows(student) and trainer.logit_rows["student"] is False
 
 
 class ReshapingMaskedLM(BertForMaskedLM):
