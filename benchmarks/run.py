@@ -26,6 +26,7 @@ import time
 
 import torch
 from datasets import Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -59,6 +60,11 @@ VISION_LOSSES = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "
 # The student on its labels alone through DistillationTrainer: like for like with the KD steps (for masked LM,
 # the vocabulary projection runs at the labeled positions only, as in the KD steps).
 PLAIN_LOSSES = {"hard_label": {"weight": 1.0}}
+
+
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from the vendor's data sheets, by device name; the most
+# specific name first. Other devices: pass --peak_tflops.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
 
 def device() -> torch.device:
@@ -163,6 +169,29 @@ def train_steps(student, teacher, data, losses, shape, scratch, **overrides) -> 
     return clock.times[shape["warmup"] :]
 
 
+def step_flops(student, teacher, data, losses, shape, scratch, **overrides) -> int:
+    """FLOPs of one training step as torch's `FlopCounterMode` counts them: matrix products, convolutions and
+    attention, forward and backward, which is where nearly all the arithmetic is. The step trains the student,
+    which `time_pair` restores before timing."""
+    config = benchmark_config(scratch, losses or PLAIN_LOSSES, shape, **overrides)
+    config.max_steps = 1
+    if losses is None:
+        trainer = Trainer(model=student, args=config, train_dataset=data)
+    else:
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train()  # one step; the optimizer's elementwise updates are not counted
+    return counter.get_total_flops()
+
+
+def peak_tflops(override: float | None) -> float | None:
+    """The GPU's dense bf16 peak (TFLOP/s), or None on a CPU or an unknown device without --peak_tflops."""
+    if override is not None or not torch.cuda.is_available():
+        return override
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
 def cache_build(student, teacher, data, losses, shape, scratch, attempts: int = 3) -> dict[str, float]:
     """Seconds to build the teacher cache (hashing the teacher, running it, storing what the losses need, checking
     the first batch) and seconds of one plain teacher inference pass over the same batches, alternated
@@ -211,25 +240,35 @@ def teacher_forwards(teacher, data, shape, hidden_states: bool) -> list[float]:
     return times[shape["warmup"] :]
 
 
-def time_pair(name: str, shape: dict, quick: bool) -> dict:
+def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
     teacher, student, data, losses = PAIRS[name](shape, quick)
     initial = {key: value.clone() for key, value in student.state_dict().items()}
     steps = {"plain": [], "hard_label": [], "online": [], "cached": []}
+    flops = {}
     with tempfile.TemporaryDirectory() as scratch:
         build = cache_build(student, teacher, data, losses, shape, scratch, attempts=1 if quick else 3)
+        kinds = {
+            "plain": (None, None, {}),
+            "hard_label": (None, PLAIN_LOSSES, {}),
+            "online": (teacher, losses, {}),
+            "cached": (None, losses, {"teacher_cache": build["cache"]}),
+        }
+        for kind, (kind_teacher, kind_losses, extra) in kinds.items():
+            flops[kind] = step_flops(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
         # Rounds of every kind of training, so that a slow spell of a shared machine hits them all.
         for _ in range(shape["rounds"]):
-            for kind, (kind_teacher, kind_losses, extra) in {
-                "plain": (None, None, {}),
-                "hard_label": (None, PLAIN_LOSSES, {}),
-                "online": (teacher, losses, {}),
-                "cached": (None, losses, {"teacher_cache": build["cache"]}),
-            }.items():
+            for kind, (kind_teacher, kind_losses, extra) in kinds.items():
                 student.load_state_dict(initial)
                 steps[kind] += train_steps(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
     forward = teacher_forwards(teacher, data, shape, hidden_states="hidden_state" in losses)
     medians = {f"{kind}_step_s": statistics.median(values) for kind, values in steps.items()}
     medians["teacher_forward_s"] = statistics.median(forward)
+    for kind, count in flops.items():
+        seconds = medians[f"{kind}_step_s"]
+        medians[f"{kind}_steps_per_s"] = 1 / seconds
+        medians[f"{kind}_step_tflop"] = count / 1e12
+        medians[f"{kind}_tflops"] = count / seconds / 1e12
+        medians[f"{kind}_peak_fraction"] = None if peak is None else count / seconds / 1e12 / peak
     plain_step = medians["plain_step_s"]
     medians["online_over_parts"] = medians["online_step_s"] / (plain_step + medians["teacher_forward_s"])
     medians["online_over_plain"] = medians["online_step_s"] / plain_step
@@ -310,6 +349,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (not a result)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--peak_tflops", type=float, help="the GPU's dense peak TFLOP/s, if not in PEAK_TFLOPS")
     options = parser.parse_args()
     if options.child:
         child(options.child, options.quick)
@@ -318,7 +358,7 @@ def main() -> None:
     started = time.perf_counter()
     results = {"pairs": {}}
     for name in PAIRS:
-        timing = time_pair(name, shape, options.quick)
+        timing = time_pair(name, shape, options.quick, peak_tflops(options.peak_tflops))
         plain_peak, hard_label_peak, online_peak = (
             measure_in_child(f"{name}:{kind}", options.quick) for kind in ("plain", "hard_label", "online")
         )
@@ -336,6 +376,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "platform": platform.platform(), "shape": shape, "quick": options.quick,
+        "peak_tflops": peak_tflops(options.peak_tflops),
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     ratios = {
@@ -401,6 +442,29 @@ def format_results(results: dict, ratios: dict) -> str:
         "shards, checking the first batch), against one plain teacher inference pass over the same batches; the two "
         "alternate three times and the best of each is kept. Peaks: above what the process held before training "
         "began; the KD peak counts the teacher's weights, which the plain peaks do not hold.",
+    ]
+    lines += [
+        "",
+        "| pair | step | steps/s | TFLOP per step | TFLOP/s reached | fraction of peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["pairs"].items():
+        for kind in ("plain", "hard_label", "online", "cached"):
+            fraction = row[f"{kind}_peak_fraction"]
+            lines.append(
+                f"| {name} | {kind} | {row[f'{kind}_steps_per_s']:.3f} | {row[f'{kind}_step_tflop']:.4f} | "
+                f"{row[f'{kind}_tflops']:.4f} | {'-' if fraction is None else f'{fraction:.1%}'} |"
+            )
+    lines += [
+        "",
+        "FLOPs per step: one training step (forward and backward, teacher included; the optimizer's elementwise "
+        "updates are not counted) counted by "
+        "`torch.utils.flop_counter.FlopCounterMode` (matrix products, convolutions, attention). Fraction of peak: "
+        + (
+            "not given on a CPU."
+            if machine["peak_tflops"] is None
+            else f"against {machine['peak_tflops']} TFLOP/s (the device's dense bf16 peak)."
+        ),
     ]
     kl = results["token_kl"]
     lines += [
