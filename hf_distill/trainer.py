@@ -176,7 +176,7 @@ class DistillationTrainer(Trainer):
                     directory,
                     record,
                     self._cache_batches,
-                    lambda inputs: self._teacher_outputs(inputs, self._logit_rows(inputs)),
+                    lambda inputs: self._teacher_outputs(inputs, self._projected_rows(inputs)),
                     OutputExtractor(contents, soft_target),
                     shard_size=self.teacher_cache_shard_size,
                 )
@@ -267,7 +267,7 @@ class DistillationTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # num_items_in_batch counts labels only; each term is normalised by its own count instead.
         examples = inputs.pop(INDEX_KEY, None)
-        rows = self._logit_rows(inputs) if model.training else None
+        rows = self._projected_rows(inputs) if model.training else None
         # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
         student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}
         with project_rows(self.accelerator.unwrap_model(model), rows):
@@ -294,7 +294,7 @@ class DistillationTrainer(Trainer):
         with project_rows(teacher, rows if self.logit_rows["teacher"] else None):
             return self.teacher_forward(inputs, **self.teacher_output_flags)
 
-    def _logit_rows(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    def _projected_rows(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """The labeled positions whose logits the losses read, when only those are projected (`logit_rows`)."""
         labels = inputs.get("labels")
         if not self.logit_rows["student"] or labels is None:
