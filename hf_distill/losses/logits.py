@@ -150,10 +150,13 @@ class SoftTargetLoss(DistillationLoss):
                 student_logits, student_mask, self._cached_row_loss(cached, mask), self.chunk_size
             )
         teacher_logits = teacher_outputs.logits
-        if self._rows_mask(teacher_logits, mask, "teacher") is not None and student_mask is None:
-            teacher_logits = teacher_logits[mask.to(teacher_logits.device)]  # only the student's are rows
-        elif student_mask is not None and teacher_logits.dim() == 2:
-            student_logits = student_logits[student_mask]  # only the teacher's are rows
+        teacher_mask = self._rows_mask(teacher_logits, mask, "teacher")
+        if (student_mask is None) != (teacher_mask is None):
+            # One side holds only the counted rows: take the same rows of the other.
+            if student_mask is None:
+                teacher_logits = teacher_logits[teacher_mask.to(teacher_logits.device)]
+            else:
+                student_logits = student_logits[student_mask]
             student_mask = None
         return chunked_soft_target_loss(
             student_logits,
