@@ -16,18 +16,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
 
-from .cache import INDEX_KEY, IndexedDataset, TeacherCache, build_teacher_cache, cache_contents
-from .cache.contents import OutputExtractor
-from .cache.teacher_cache import cache_record
+from .cache import INDEX_KEY, IndexedDataset
+from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
 from .config import DistillationConfig
 from .logit_rows import label_rows, project_rows, supports_rows
-from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
-from .losses.base import batch_size
+from .losses import DistillationLoss, HardLabelLoss, build_losses, needs_attention_maps
 from .losses.logits import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES
 from .teacher import load_teacher
 
@@ -37,7 +34,7 @@ _LABEL_COLUMNS = ("label", "labels", "label_ids")
 _INTERNAL_OUTPUTS = ("hidden_states", "attentions")
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(TeacherCacheMixin, Trainer):
     """A [`~transformers.Trainer`] whose loss is a weighted sum of distillation terms from a frozen teacher.
 
     Args:
@@ -96,7 +93,7 @@ class DistillationTrainer(Trainer):
             )
         terms = build_losses(args.losses)
         teacher_terms = [term for term, (_, loss) in terms.items() if loss.needs_teacher]
-        cache = _check_cache_use(args, teacher_terms, kwargs.get("data_collator"))
+        cache = check_cache_use(args, teacher_terms, kwargs.get("data_collator"))
         if teacher_model is None and teacher_terms and cache is None:
             raise ValueError(
                 f"the losses {teacher_terms} need a teacher: pass teacher_model=(a model, Hub id or path)"
@@ -121,7 +118,7 @@ class DistillationTrainer(Trainer):
         student = self.accelerator.unwrap_model(self.model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
         if teacher is None and cache is not None:
-            teacher = _ConfigOnly(cache.teacher_config())  # what the losses' setup reads of a teacher
+            teacher = ConfigOnly(cache.teacher_config())  # what the losses' setup reads of a teacher
         for _, loss in terms.values():
             loss.setup(student, teacher)
         student_dtype = next(student.parameters()).dtype
@@ -142,11 +139,6 @@ class DistillationTrainer(Trainer):
             self.teacher_model = teacher = teacher_model = None
             self.train_dataset = IndexedDataset(self.train_dataset)
 
-    #: The teacher cache in use (None when distilling online).
-    teacher_cache: TeacherCache | None = None
-    #: Examples per shard of a cache built here: at most this much teacher work is lost to an interruption.
-    teacher_cache_shard_size: int = 1024
-
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
@@ -158,56 +150,6 @@ class DistillationTrainer(Trainer):
         if dtype is not None:
             teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
-
-    # ---- teacher-output cache ------------------------------------------------------------------------
-
-    def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
-        """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
-        losses = list(self.distillation_losses.values())
-        depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
-        contents = cache_contents(losses, None if depth is None else depth + 1, self.args.teacher_cache_top_k)
-        in_memory = None if isinstance(teacher, _ConfigOnly) else teacher
-        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
-        directory = self.args.teacher_cache
-        with self.args.main_process_first(local=False, desc="teacher cache"):
-            if cache is None and not TeacherCache.is_finished(directory):
-                soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
-                cache = build_teacher_cache(
-                    directory,
-                    record,
-                    self._cache_batches,
-                    lambda inputs: self._teacher_outputs(inputs, self._projected_rows(inputs)),
-                    OutputExtractor(contents, soft_target),
-                    shard_size=self.teacher_cache_shard_size,
-                )
-            elif cache is None:
-                cache = TeacherCache(directory)
-        cache.check(record)
-        # Before any step: the first examples, prepared again, must be the inputs the teacher saw.
-        first = next(iter(self._cache_batches(0, batch_size=min(8, len(self.train_dataset)))))
-        cache.outputs_for(list(range(batch_size(first))), first, self.args.device)
-        return cache
-
-    def _cache_batches(self, start: int, batch_size: int | None = None):
-        """The training set from example `start` on, in order, prepared as for training and on the device."""
-        dataset, collator = self.train_dataset, self.data_collator
-        if isinstance(dataset, Dataset):
-            dataset = self._remove_unused_columns(dataset, description="teacher cache")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="teacher cache")
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, len(dataset))),
-            batch_size=batch_size or self.args.per_device_eval_batch_size,
-            collate_fn=collator,
-            num_workers=self.args.dataloader_num_workers,
-        )
-        for batch in loader:
-            yield self._prepare_inputs(batch)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self.args.teacher_cache is not None and INDEX_KEY not in self._signature_columns:
-            self._signature_columns.append(INDEX_KEY)  # the example index travels to compute_loss
 
     # ---- override points -------------------------------------------------------------------------
 
@@ -400,30 +342,6 @@ class DistillationTrainer(Trainer):
                 count = torch.ones_like(value)
             total, seen = self._eval_terms.get(term, (torch.zeros_like(value), torch.zeros_like(value)))
             self._eval_terms[term] = (total + value * count, seen + count)
-
-
-class _ConfigOnly:
-    """A teacher known by its config alone (from a cache): what the losses' `setup` reads of a teacher."""
-
-    def __init__(self, config: Any):
-        self.config = config
-
-
-def _check_cache_use(args: DistillationConfig, teacher_terms: list[str], collator: Any) -> TeacherCache | None:
-    """Refuse a teacher cache that cannot serve this run, before anything is built; open a finished one."""
-    if args.teacher_cache is None:
-        return None
-    if not teacher_terms:
-        raise ValueError(
-            f"teacher_cache is set ({args.teacher_cache}) but no configured loss reads the teacher; unset teacher_cache"
-        )
-    if isinstance(collator, DataCollatorForLanguageModeling) and collator.mlm:
-        raise ValueError(
-            "a teacher cache cannot serve DataCollatorForLanguageModeling(mlm=True): it masks each batch at random, "
-            "so the student would see masks the teacher never saw. Mask the training set once with a fixed seed "
-            "(hf_distill.pipeline.mask_once) and pad with DataCollatorForTokenClassification, or distil online"
-        )
-    return TeacherCache(args.teacher_cache) if TeacherCache.is_finished(args.teacher_cache) else None
 
 
 def _logit_rows_use(

@@ -204,7 +204,7 @@ def test_teacher_cache_flag_builds_once_then_reuses_with_fixed_masks(tmp_path, m
     def no_build(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr("hf_distill.trainer.build_teacher_cache", no_build)
+    monkeypatch.setattr("hf_distill.cache.training.build_teacher_cache", no_build)
     second, _ = run([*argv, "--output_dir", str(tmp_path / "second")])
     # The same fixed masks every run, so the cache is accepted and training repeats exactly.
     for metric in ("accuracy", "perplexity"):

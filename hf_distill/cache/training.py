@@ -1,0 +1,100 @@
+"""The trainer's side of a teacher-output cache: open or build it, check it serves the run, feed it the indices.
+
+`TeacherCacheMixin` is mixed into [`~hf_distill.DistillationTrainer`]; it reads the trainer's losses, datasets and
+collator, and builds a missing cache with the trainer's own `_teacher_outputs`, so a subclass that overrides
+`teacher_forward` builds its cache the way it distils online.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling
+
+from ..losses import SoftTargetLoss
+from ..losses.base import batch_size
+from .contents import OutputExtractor, cache_contents
+from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
+
+
+class ConfigOnly:
+    """A teacher known by its config alone (from a cache): what the losses' `setup` reads of a teacher."""
+
+    def __init__(self, config: Any):
+        self.config = config
+
+
+def check_cache_use(args: Any, teacher_terms: list[str], collator: Any) -> TeacherCache | None:
+    """Refuse a teacher cache that cannot serve this run, before anything is built; open a finished one."""
+    if args.teacher_cache is None:
+        return None
+    if not teacher_terms:
+        raise ValueError(
+            f"teacher_cache is set ({args.teacher_cache}) but no configured loss reads the teacher; unset teacher_cache"
+        )
+    if isinstance(collator, DataCollatorForLanguageModeling) and collator.mlm:
+        raise ValueError(
+            "a teacher cache cannot serve DataCollatorForLanguageModeling(mlm=True): it masks each batch at random, "
+            "so the student would see masks the teacher never saw. Mask the training set once with a fixed seed "
+            "(hf_distill.pipeline.mask_once) and pad with DataCollatorForTokenClassification, or distil online"
+        )
+    return TeacherCache(args.teacher_cache) if TeacherCache.is_finished(args.teacher_cache) else None
+
+
+class TeacherCacheMixin:
+    """Opens `args.teacher_cache` for a `DistillationTrainer`, building (or finishing) it first when needed."""
+
+    #: The teacher cache in use (None when distilling online).
+    teacher_cache: TeacherCache | None = None
+    #: Examples per shard of a cache built here: at most this much teacher work is lost to an interruption.
+    teacher_cache_shard_size: int = 1024
+
+    def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
+        """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
+        losses = list(self.distillation_losses.values())
+        depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
+        contents = cache_contents(losses, None if depth is None else depth + 1, self.args.teacher_cache_top_k)
+        in_memory = None if isinstance(teacher, ConfigOnly) else teacher
+        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
+        directory = self.args.teacher_cache
+        with self.args.main_process_first(local=False, desc="teacher cache"):
+            if cache is None and not TeacherCache.is_finished(directory):
+                soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
+                cache = build_teacher_cache(
+                    directory,
+                    record,
+                    self._cache_batches,
+                    lambda inputs: self._teacher_outputs(inputs, self._projected_rows(inputs)),
+                    OutputExtractor(contents, soft_target),
+                    shard_size=self.teacher_cache_shard_size,
+                )
+            elif cache is None:
+                cache = TeacherCache(directory)
+        cache.check(record)
+        # Before any step: the first examples, prepared again, must be the inputs the teacher saw.
+        first = next(iter(self._cache_batches(0, batch_size=min(8, len(self.train_dataset)))))
+        cache.outputs_for(list(range(batch_size(first))), first, self.args.device)
+        return cache
+
+    def _cache_batches(self, start: int, batch_size: int | None = None):
+        """The training set from example `start` on, in order, prepared as for training and on the device."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if isinstance(dataset, Dataset):
+            dataset = self._remove_unused_columns(dataset, description="teacher cache")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="teacher cache")
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, range(start, len(dataset))),
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
+            collate_fn=collator,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        for batch in loader:
+            yield self._prepare_inputs(batch)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.args.teacher_cache is not None and INDEX_KEY not in self._signature_columns:
+            self._signature_columns.append(INDEX_KEY)  # the example index travels to compute_loss
