@@ -20,6 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+#: Class names of causal LMs (position i predicts token i+1) and of all language models (masked or causal).
+CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | CAUSAL_LM_CLASSES
 
 
 def label_rows(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,3 +97,24 @@ def supports_rows(model: nn.Module) -> bool:
     finally:
         model.train(training)
     return logits.dim() == 2 and logits.shape[0] == 1
+
+
+def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> dict[str, bool]:
+    """Which models project only the positions whose logits are read, in training, and whether any of `losses`
+    (already set up) reads each model's logits at all: the `logit_rows` of a `DistillationTrainer`."""
+    student_name = type(student).__name__
+    use = (
+        enabled
+        and student_name in LANGUAGE_MODEL_CLASSES
+        # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
+        and not getattr(student.config, "is_encoder_decoder", False)
+        # Only losses that accept row logits say truthfully whether they read logits (see DistillationLoss).
+        and all(loss.accepts_row_logits for loss in losses)
+    )
+    return {
+        "student": use and supports_rows(student),
+        "teacher": use and isinstance(teacher, nn.Module) and supports_rows(teacher),
+        "shift": student_name in CAUSAL_LM_CLASSES,
+        "student_logits_read": any("logits" in loss.student_outputs for loss in losses),
+        "teacher_logits_read": any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
+    }

@@ -23,9 +23,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
 from .config import DistillationConfig
-from .logit_rows import label_rows, project_rows, supports_rows
-from .losses import DistillationLoss, HardLabelLoss, build_losses, needs_attention_maps
-from .losses.logits import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES
+from .logit_rows import label_rows, logit_rows_plan, project_rows
+from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .teacher import load_teacher
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
@@ -61,7 +60,9 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
     For a masked or causal LM student trained on labels, the vocabulary projection of the student (and of an
     online teacher) runs only at the labeled positions during training (`args.compact_token_logits`,
     [`hf_distill.logit_rows`]): `student_outputs.logits` seen by the losses and by `compute_distillation_loss`
-    are then `[rows, vocab]`, the labeled positions in row-major order. Evaluation and prediction see full logits.
+    are then `[rows, vocab]`, the labeled positions in row-major order. A model whose logits no configured loss
+    reads (say, the teacher of `hard_label` + `hidden_state`) projects no position at all (`[0, vocab]`).
+    Evaluation and prediction see full logits.
     """
 
     # Terms are normalised over the whole accumulated batch (see get_batch_samples): no further division.
@@ -132,7 +133,9 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         self._train_terms: dict[str, torch.Tensor] = {}
         self._eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._term_steps = 0  # optimizer steps whose terms _train_terms holds
-        self.logit_rows = _logit_rows_use(args, student, teacher, [loss for _, loss in terms.values()])
+        # A hook per step and data-dependent shapes would defeat compilation.
+        compact = args.compact_token_logits and not args.torch_compile
+        self.logit_rows = logit_rows_plan(student, teacher, [loss for _, loss in terms.values()], compact)
         if args.teacher_cache is not None:
             self.teacher_cache = self._use_teacher_cache(cache, teacher)
             # From here on the cache stands in for the teacher, which leaves memory.
@@ -178,19 +181,26 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         training the item count of the whole accumulated batch, otherwise of this batch. A term you add
         should follow the same rule (a per-batch mean is exact without gradient accumulation).
         `teacher_outputs` is None when the teacher's outputs are unknown (evaluating on data outside a teacher
-        cache): the terms that need them are left out. In training, a language model's `logits` may be the
+        cache): the terms that need them are left out, as are, in evaluation, the terms that need labels on a
+        batch without them. In training, a language model's `logits` may be the
         `[rows, vocab]` of its labeled positions (see `compact_token_logits`); an override that needs every
         position's logits sets `compact_token_logits=False`.
         """
         loss = torch.zeros((), device=self.args.device)
         terms = {}
         for term, loss_module in self.distillation_losses.items():
-            if teacher_outputs is None and loss_module.needs_teacher:
+            if not self._computable(loss_module, teacher_outputs is not None, inputs):
                 continue
             total = loss_module(student_outputs, teacher_outputs, inputs)
             terms[term] = total / self.normalizer(term, inputs).to(total.device)
             loss = loss + self.loss_weights[term] * terms[term]
         return loss, terms
+
+    def _computable(self, loss: DistillationLoss, has_teacher: bool, inputs: Mapping[str, Any]) -> bool:
+        """Whether a term can be computed on this batch (in training, every term must be: it is never skipped)."""
+        if loss.needs_teacher and not has_teacher:
+            return False
+        return not (loss.needs_labels and inputs.get("labels") is None and not self.model.training)
 
     def normalizer(self, term: str, inputs: Mapping[str, Any]) -> torch.Tensor:
         """How many items a term's sum is divided by (see `compute_distillation_loss`)."""
@@ -218,7 +228,7 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         if self.teacher_cache is not None and examples is not None:
             teacher_outputs = self.teacher_cache.outputs_for(examples.tolist(), inputs, self.args.device)
         elif self.teacher_model is not None:
-            teacher_outputs = self._teacher_outputs(inputs, rows)
+            teacher_outputs = self._teacher_outputs(inputs, training=model.training)
         loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
         self._record_terms(terms, inputs, training=model.training)
         if model.training and self.accelerator.num_processes > 1:
@@ -230,19 +240,22 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         kept = {key: value for key, value in student_outputs.items() if key not in _INTERNAL_OUTPUTS}
         return loss, type(student_outputs)(**kept)
 
-    def _teacher_outputs(self, inputs: Mapping[str, Any], rows: torch.Tensor | None) -> Any:
-        """`teacher_forward` with the outputs the losses need; its logits only at `rows` where it can."""
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with project_rows(teacher, rows if self.logit_rows["teacher"] else None):
+    def _teacher_outputs(self, inputs: Mapping[str, Any], training: bool = True) -> Any:
+        """`teacher_forward` with the outputs the losses need; in training, its logits only where they are read."""
+        rows = self._projected_rows(inputs, "teacher") if training else None
+        with project_rows(self.accelerator.unwrap_model(self.teacher_model), rows):
             return self.teacher_forward(inputs, **self.teacher_output_flags)
 
-    def _projected_rows(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
-        """The labeled positions whose logits the losses read, when only those are projected (`logit_rows`)."""
-        labels = inputs.get("labels")
-        if not self.logit_rows["student"] or labels is None:
+    def _projected_rows(self, inputs: Mapping[str, Any], model: str = "student") -> torch.Tensor | None:
+        """The `[batch, length]` positions at which `model` ("student" or "teacher") projects onto the vocabulary
+        in training (see `logit_rows`): the labeled ones, or none when no loss reads its logits. None: all."""
+        if not self.logit_rows[model]:
             return None
-        rows, _ = label_rows(labels, shift=self.logit_rows["shift"])
-        return rows
+        if not self.logit_rows[f"{model}_logits_read"]:
+            input_ids = inputs.get("input_ids")
+            return None if input_ids is None else torch.zeros_like(input_ids, dtype=torch.bool)
+        labels = inputs.get("labels")
+        return None if labels is None else label_rows(labels, shift=self.logit_rows["shift"])[0]
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
@@ -308,6 +321,23 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             self.distillation_losses.load_state_dict(load_file(path, device=str(self.args.device)))
         super()._load_optimizer_and_scheduler(checkpoint)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The Trainer's step; on a batch without labels it also computes the terms that need none."""
+        has_teacher = self.teacher_model is not None  # evaluation reads no teacher cache
+        unlabeled = bool(self.label_names) and any(inputs.get(name) is None for name in self.label_names)
+        if not unlabeled or not any(
+            self._computable(loss, has_teacher, inputs) for loss in self.distillation_losses.values()
+        ):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # The Trainer computes a loss without labels only for a model with no label names that returns one.
+        label_names, can_return_loss = self.label_names, self.can_return_loss
+        self.label_names, self.can_return_loss = [], True
+        try:
+            loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self.label_names, self.can_return_loss = label_names, can_return_loss
+        return loss, logits, None
+
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
@@ -344,27 +374,6 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             self._eval_terms[term] = (total + value * count, seen + count)
 
 
-def _logit_rows_use(
-    args: DistillationConfig, student: nn.Module, teacher: Any, losses: list[DistillationLoss]
-) -> dict[str, bool]:
-    """Which models project only the labeled positions in training (see `compact_token_logits`)."""
-    student_name = type(student).__name__
-    use = (
-        args.compact_token_logits
-        and not args.torch_compile  # a hook per step and data-dependent shapes would defeat compilation
-        and student_name in LANGUAGE_MODEL_CLASSES
-        # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
-        and not getattr(student.config, "is_encoder_decoder", False)
-        and all(loss.accepts_row_logits for loss in losses)
-        and supports_rows(student)
-    )
-    return {
-        "student": use,
-        "teacher": use and isinstance(teacher, nn.Module) and supports_rows(teacher),
-        "shift": student_name in CAUSAL_LM_CLASSES,
-    }
-
-
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
@@ -388,7 +397,7 @@ def _check_labels(terms: dict[str, tuple[float, DistillationLoss]], train_datase
     if isinstance(collator, DataCollatorForLanguageModeling):
         return
     columns = getattr(train_dataset, "column_names", None)
-    uses_labels = [term for term, (_, loss) in terms.items() if isinstance(loss, HardLabelLoss)]
+    uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
     if uses_labels and isinstance(columns, list) and not set(columns) & set(_LABEL_COLUMNS):
         raise ValueError(
             f"losses {uses_labels} train on labels, but the training dataset has no label column (columns: "

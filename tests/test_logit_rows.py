@@ -84,6 +84,68 @@ def test_row_logits_train_and_evaluate_exactly_like_full_logits(tmp_path, pair):
     assert rows.model(**batch).logits.shape == (2, 12, VOCAB)
 
 
+UNREAD_CASES = {
+    # The teacher's logits are read by no loss; the student's by hard_label, at the labeled rows.
+    "teacher_unread": (
+        {"hard_label": {}, "hidden_state": {"distance": "cosine", "layer_map": [[-1, -1]]}},
+        masked_lm_dataset,
+        "rows",
+    ),
+    # Neither model's logits are read, and there are no labels: no position is projected on either side.
+    "both_unread": (
+        {"hidden_state": {"layer_map": [[-1, -1]]}, "relation": {"source": "hidden_state"}},
+        lambda size=32: text_dataset(size, labels=False),
+        "none",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREAD_CASES))
+def test_logits_no_loss_reads_are_not_projected(tmp_path, case):
+    losses, make_data, student_rows = UNREAD_CASES[case]
+    train, test = make_data(), make_data(8)
+    runs = {}
+    for compact in (True, False):
+        trainer = LogitShapes(
+            model=bert_masked_lm(seed=2, layers=2),
+            teacher_model=bert_masked_lm(seed=1),
+            args=config(tmp_path / str(compact), losses, max_steps=4, compact_token_logits=compact),
+            train_dataset=train,
+            eval_dataset=test,
+        )
+        trainer.train()
+        runs[compact] = (trainer, trainer.evaluate())
+    (compact, compact_eval), (full, full_eval) = runs[True], runs[False]
+    for student, teacher in compact.seen:
+        assert tuple(teacher) == (0, VOCAB)
+        assert student[1] == VOCAB and (student[0] == 0) is (student_rows == "none") and len(student) == 2
+    assert all(len(student) == len(teacher) == 3 for student, teacher in full.seen)
+    for a, b in zip(compact.state.log_history, full.state.log_history, strict=True):
+        for term in (*losses, "loss"):
+            if term in b:
+                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), term
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(compact.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    for key in (f"eval_{term}" for term in losses):
+        assert compact_eval[key] == pytest.approx(full_eval[key], rel=1e-5), key
+
+
+def test_a_cache_build_skips_the_teacher_projection_no_loss_reads(tmp_path):
+    """Storing hidden states only, the teacher building the cache projects no position onto the vocabulary."""
+    teacher = bert_masked_lm(seed=1)
+    head_inputs = []
+    output_head(teacher).register_forward_hook(lambda module, args, output: head_inputs.append(tuple(args[0].shape)))
+    losses = {"hard_label": {}, "hidden_state": {"distance": "cosine", "layer_map": [[-1, -1]]}}
+    DistillationTrainer(
+        model=bert_masked_lm(seed=2, layers=2),
+        teacher_model=teacher,
+        args=config(tmp_path, losses, teacher_cache=str(tmp_path / "cache")),
+        train_dataset=masked_lm_dataset(),
+    )
+    probe, *build = head_inputs  # the construction-time probe projects its one selected row
+    assert probe == (1, 16) and build and all(shape == (0, 16) for shape in build)
+
+
 def test_row_losses_match_full_losses_in_value_and_gradient():
     """Each mix of row and full logits gives the same soft-target and hard-label sums and gradients."""
     student_model, teacher_model = bert_masked_lm(seed=2, layers=2), bert_masked_lm(seed=1)

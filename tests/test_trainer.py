@@ -354,3 +354,32 @@ def test_models_are_asked_only_for_the_outputs_the_losses_need(tmp_path, losses,
     )
     assert trainer.student_output_flags == student_flags
     assert trainer.teacher_output_flags == teacher_flags
+
+
+def test_evaluation_without_labels_reports_the_terms_that_need_none(tmp_path):
+    """An unlabeled eval set still gets every term that needs no labels, with the values a labeled one gives."""
+    losses = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 2.0}, "hidden_state": {"weight": 1.0}}
+    trainer = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        teacher_model=bert_classifier(seed=1),
+        args=config(tmp_path, losses),
+        train_dataset=text_dataset(),
+    )
+    labeled = trainer.evaluate(text_dataset(16, seed=3))
+    unlabeled = trainer.evaluate(text_dataset(16, seed=3, labels=False))
+    one_batch = trainer.evaluate(text_dataset(8, seed=3, labels=False))  # eval_loss: the Trainer's mean of batches
+    assert "eval_hard_label" in labeled and "eval_hard_label" not in unlabeled
+    for term in ("soft_target", "hidden_state"):
+        assert unlabeled[f"eval_{term}"] == pytest.approx(labeled[f"eval_{term}"], rel=1e-6)
+    expected = 2.0 * one_batch["eval_soft_target"] + one_batch["eval_hidden_state"]
+    assert one_batch["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    predictions = trainer.predict(text_dataset(16, seed=3, labels=False))
+    assert predictions.label_ids is None and predictions.predictions.shape == (16, 2)
+
+    # With only label terms there is nothing to compute on unlabeled data: no loss rather than a made-up zero.
+    label_only = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        args=config(tmp_path, {"hard_label": {}}),
+        train_dataset=text_dataset(),
+    )
+    assert "eval_loss" not in label_only.evaluate(text_dataset(16, labels=False))

@@ -66,7 +66,7 @@ class TeacherCacheMixin:
                     directory,
                     record,
                     self._cache_batches,
-                    lambda inputs: self._teacher_outputs(inputs, self._projected_rows(inputs)),
+                    self._teacher_outputs,
                     OutputExtractor(contents, soft_target),
                     shard_size=self.teacher_cache_shard_size,
                 )

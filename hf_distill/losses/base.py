@@ -36,17 +36,21 @@ class DistillationLoss(nn.Module):
     Subclasses implement `forward` and, where needed, `setup` (checks and learnable parts) and
     `count_items` (what one item is). Class attributes say what the models must return:
     `student_outputs` / `teacher_outputs` are subsets of `{"logits", "hidden_states", "attentions"}`
-    (instances may narrow them in `__init__`), and `needs_teacher` is False for a loss on the student alone.
+    (instances may narrow them in `__init__`), `needs_teacher` is False for a loss on the student alone and
+    `needs_labels` is True for one that cannot be computed on a batch without `labels`.
     `cacheable` is False for a loss that reads the teacher other than through those outputs (forward hooks,
     probes), which a teacher-output cache cannot replay. `accepts_row_logits` is True for a loss that works
     when a language model's `logits` arrive as `[rows, vocab]`, the rows of the labeled positions only (see
     [`hf_distill.logit_rows`]): one that reads no logits, or reads them only at those positions. It is False
-    by default, so a loss of yours sees full logits unless it says otherwise.
+    by default, so a loss of yours sees full logits unless it says otherwise. A loss that sets it must list
+    `"logits"` in `student_outputs` / `teacher_outputs` when it reads them: when no loss lists them for a model,
+    that model's vocabulary projection is skipped in training (its logits come out `[0, vocab]`).
     """
 
     student_outputs: frozenset[str] = frozenset()
     teacher_outputs: frozenset[str] = frozenset()
     needs_teacher: bool = True
+    needs_labels: bool = False
     cacheable: bool = True
     accepts_row_logits: bool = False
     #: The name of the term in the config and in the logs; `build_loss` sets it.

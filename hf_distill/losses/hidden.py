@@ -262,7 +262,7 @@ class RelationLoss(DistillationLoss):
             self.student_outputs = self.teacher_outputs = frozenset({"hidden_states"})
             self.accepts_row_logits = True  # reads no logits
         else:
-            self.teacher_outputs = frozenset({"logits"})
+            self.student_outputs = self.teacher_outputs = frozenset({"logits"})
 
     def teacher_hidden_layers(self) -> list[int]:
         return [self.layer] if self.source == "hidden_state" else []

@@ -13,7 +13,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from ..logit_rows import label_rows
+from ..logit_rows import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES, label_rows
 from .base import DistillationLoss, batch_size, register_loss, token_mask
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
@@ -23,8 +23,6 @@ _TOKEN_LEVEL_CLASSES = {
     *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
     *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
 }
-CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | CAUSAL_LM_CLASSES
 
 
 def _default_labels(id2label: Mapping[int, str] | None) -> bool:
@@ -83,7 +81,7 @@ class SoftTargetLoss(DistillationLoss):
     order ([`hf_distill.logit_rows`]): the same loss on the same rows.
     """
 
-    teacher_outputs = frozenset({"logits"})
+    student_outputs = teacher_outputs = frozenset({"logits"})
     accepts_row_logits = True
 
     def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 256):
@@ -220,7 +218,9 @@ class HardLabelLoss(DistillationLoss):
     the unit the model averages over.
     """
 
+    student_outputs = frozenset({"logits"})
     needs_teacher = False
+    needs_labels = True
     accepts_row_logits = True
 
     def __init__(self):
