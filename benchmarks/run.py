@@ -1,6 +1,6 @@
 """What distillation costs over plain training, measured in one run; writes benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~13 min on 2 CPU cores)
+    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~15 min on 2 CPU cores)
     python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, not a result
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
@@ -47,9 +47,31 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 30522
 SHAPES = {
     # batch, sequence length or image side, timed steps and warm-up steps per training run, rounds of (plain,
-    # hard-label, online, cached) runs, token-KL positions
-    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "rounds": 2, "kl_tokens": 16384},
-    "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "rounds": 1, "kl_tokens": 2048},
+    # hard-label, online, cached) runs: at least `rounds`, more (up to `max_rounds`) until the rounds of a pair
+    # have taken `round_seconds`, so that a pair of short steps gets as many seconds of samples as a long one;
+    # token-KL positions
+    "full": {
+        "batch": 8,
+        "length": 128,
+        "image": 224,
+        "steps": 8,
+        "warmup": 2,
+        "rounds": 2,
+        "max_rounds": 8,
+        "round_seconds": 200,
+        "kl_tokens": 16384,
+    },
+    "quick": {
+        "batch": 4,
+        "length": 32,
+        "image": 64,
+        "steps": 3,
+        "warmup": 1,
+        "rounds": 1,
+        "max_rounds": 1,
+        "round_seconds": 0,
+        "kl_tokens": 2048,
+    },  # fmt: skip
 }
 TEXT_LOSSES = {
     "soft_target": {"weight": 5.0, "temperature": 2.0},
@@ -256,13 +278,18 @@ def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
         for kind, (kind_teacher, kind_losses, extra) in kinds.items():
             flops[kind] = step_flops(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
         # Rounds of every kind of training, so that a slow spell of a shared machine hits them all.
-        for _ in range(shape["rounds"]):
+        started, rounds = time.perf_counter(), 0
+        while rounds < shape["rounds"] or (
+            rounds < shape["max_rounds"] and time.perf_counter() - started < shape["round_seconds"]
+        ):
             for kind, (kind_teacher, kind_losses, extra) in kinds.items():
                 student.load_state_dict(initial)
                 steps[kind] += train_steps(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
+            rounds += 1
     forward = teacher_forwards(teacher, data, shape, hidden_states="hidden_state" in losses)
     medians = {f"{kind}_step_s": statistics.median(values) for kind, values in steps.items()}
     medians["teacher_forward_s"] = statistics.median(forward)
+    medians["rounds"] = rounds
     for kind, count in flops.items():
         seconds = medians[f"{kind}_step_s"]
         medians[f"{kind}_steps_per_s"] = 1 / seconds
@@ -398,6 +425,7 @@ def main() -> None:
 
 def format_results(results: dict, ratios: dict) -> str:
     """RESULTS.md's text."""
+    rounds = ", ".join(f"{name}: {pair['rounds']}" for name, pair in results["pairs"].items())
     machine = results["machine"]
     lines = [
         "# Benchmark results",
@@ -405,8 +433,8 @@ def format_results(results: dict, ratios: dict) -> str:
         f"Written by `python benchmarks/run.py` on {machine['device']} ({machine['cpu_count']} cores, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {machine['platform']}) in "
         f"{machine['seconds']} s. Shapes: {machine['shape']}. Medians over {machine['shape']['steps']} steps after "
-        f"{machine['shape']['warmup']} warm-up steps in each of {machine['shape']['rounds']} rounds; peaks measured in "
-        "a fresh process per case.",
+        f"{machine['shape']['warmup']} warm-up steps in each round ({rounds} rounds); peaks measured in a fresh "
+        "process per case.",
         "",
         "| pair | plain step (s) | hard-label step (s) | teacher forward (s) | online KD step (s) | cached KD step "
         "(s) | cache build (s) | teacher pass (s) | plain peak (GiB) | hard-label peak (GiB) | KD peak (GiB) | teacher "
