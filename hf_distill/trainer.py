@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers.utils import find_labels
 
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
@@ -30,6 +31,7 @@ from .teacher import load_teacher
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
+_SPAN_COLUMNS = ("start_positions", "end_positions")  # extractive question answering
 _INTERNAL_OUTPUTS = ("hidden_states", "attentions")
 
 
@@ -109,7 +111,7 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             )
         if teacher_model is not None and teacher_model is model:
             raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
-        _check_labels(terms, kwargs.get("train_dataset"), kwargs.get("data_collator"))
+        _check_labels(terms, model, kwargs.get("train_dataset"), kwargs.get("data_collator"))
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -161,10 +163,11 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
     ) -> Any:
         """Run the teacher on a batch, without gradients. Override to feed the teacher other inputs.
 
-        Receives the student's batch; the labels are removed so the teacher computes no loss of its own.
+        Receives the student's batch; the labels (`labels`, or the student's `label_names` such as `start_positions`)
+        are removed so the teacher computes no loss of its own.
         Only the outputs the configured losses need are requested.
         """
-        teacher_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        teacher_inputs = {key: value for key, value in inputs.items() if key not in self._label_keys}
         if output_hidden_states:
             teacher_inputs["output_hidden_states"] = True
         if output_attentions:
@@ -200,7 +203,13 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         """Whether a term can be computed on this batch (in training, every term must be: it is never skipped)."""
         if loss.needs_teacher and not has_teacher:
             return False
-        return not (loss.needs_labels and inputs.get("labels") is None and not self.model.training)
+        unlabeled = all(inputs.get(key) is None for key in self._label_keys)
+        return not (loss.needs_labels and unlabeled and not self.model.training)
+
+    @property
+    def _label_keys(self) -> tuple[str, ...]:
+        """The batch keys that hold labels (`start_positions` and `end_positions` for question answering)."""
+        return ("labels", *self.label_names)
 
     def normalizer(self, term: str, inputs: Mapping[str, Any]) -> torch.Tensor:
         """How many items a term's sum is divided by (see `compute_distillation_loss`)."""
@@ -391,15 +400,19 @@ def teacher_dtype(args: DistillationConfig) -> torch.dtype | None:
     return None
 
 
-def _check_labels(terms: dict[str, tuple[float, DistillationLoss]], train_dataset: Any, collator: Any) -> None:
+def _check_labels(
+    terms: dict[str, tuple[float, DistillationLoss]], model: nn.Module, train_dataset: Any, collator: Any
+) -> None:
     """Refuse a hard_label loss on a dataset that has no labels, before any step runs (a masked-LM collator
     makes its own labels)."""
     if isinstance(collator, DataCollatorForLanguageModeling):
         return
     columns = getattr(train_dataset, "column_names", None)
     uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
-    if uses_labels and isinstance(columns, list) and not set(columns) & set(_LABEL_COLUMNS):
+    span = find_labels(type(model)) == list(_SPAN_COLUMNS)
+    if uses_labels and isinstance(columns, list) and not set(columns) & {*_LABEL_COLUMNS, *_SPAN_COLUMNS}:
+        add = "'start_positions' and 'end_positions' columns" if span else "a 'label' column"
         raise ValueError(
             f"losses {uses_labels} train on labels, but the training dataset has no label column (columns: "
-            f"{columns}); add a 'label' column, or drop {uses_labels} to distil from the teacher alone"
+            f"{columns}); add {add}, or drop {uses_labels} to distil from the teacher alone"
         )

@@ -31,6 +31,11 @@ def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None
             "drop them"
         )
     soft_targets = [loss for loss in teacher_losses if isinstance(loss, SoftTargetLoss)]
+    if any(loss.span for loss in soft_targets):
+        raise ValueError(
+            "a teacher cache does not store question-answering start and end logits: distil this student online "
+            "(teacher_cache=None)"
+        )
     token_level = any(loss.token_level for loss in soft_targets)
     reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
     if token_level and any("logits" in loss.teacher_outputs for loss in teacher_losses if loss not in soft_targets):

@@ -29,6 +29,7 @@ from .functional import (
     self_attention_relations,
     similarity_preserving_loss,
 )
+from .logits import SPAN_CLASSES
 
 # Attention implementations that return their probability maps; sdpa and flash kernels return none.
 _MAP_RETURNING_ATTENTION = ("eager",)
@@ -263,6 +264,13 @@ class RelationLoss(DistillationLoss):
             self.accepts_row_logits = True  # reads no logits
         else:
             self.student_outputs = self.teacher_outputs = frozenset({"logits"})
+
+    def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if self.source == "logits" and type(student).__name__ in SPAN_CLASSES:
+            raise ValueError(
+                f"relation with source 'logits' needs a model that returns `logits`; {type(student).__name__} returns "
+                "start_logits and end_logits: use source 'hidden_state'"
+            )
 
     def teacher_hidden_layers(self) -> list[int]:
         return [self.layer] if self.source == "hidden_state" else []

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
@@ -23,6 +24,10 @@ _TOKEN_LEVEL_CLASSES = {
     *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
     *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
 }
+#: Extractive question answering: `start_logits` and `end_logits` over the positions, no `logits`.
+SPAN_CLASSES = set(MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.values())
+#: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
+_PADDING_LOGIT = -1e4
 
 
 def _default_labels(id2label: Mapping[int, str] | None) -> bool:
@@ -33,6 +38,15 @@ def _default_labels(id2label: Mapping[int, str] | None) -> bool:
 def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a pair whose logits do not mean the same classes (or tokens) in the same order."""
     student_config, teacher_config = student.config, teacher.config
+    span = type(student).__name__ in SPAN_CLASSES
+    if span != (type(teacher).__name__ in SPAN_CLASSES) and isinstance(teacher, nn.Module):
+        raise ValueError(
+            f"the student is a {type(student).__name__} and the teacher a {type(teacher).__name__}: soft targets need "
+            "two question-answering models (start and end logits) or neither; load the teacher with the student's "
+            "task head (e.g. AutoModelForQuestionAnswering)"
+        )
+    if span:
+        return  # distributions over the positions of the same inputs: nothing else to match
     if type(student).__name__ in LANGUAGE_MODEL_CLASSES:
         student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
         if student_vocab != teacher_vocab:
@@ -69,7 +83,12 @@ class SoftTargetLoss(DistillationLoss):
             ([`chunked_soft_target_loss`]), so that a large vocabulary adds one full-vocabulary tensor to peak
             memory instead of several. Same value and gradients; smaller chunks save more and loop more.
 
-    One item per example for sequence and image classification; one per token for masked and causal LMs
+    For extractive question answering (`*ForQuestionAnswering`, DistilBERT's SQuAD setting) the loss is the
+    mean of the divergences of the start and of the end distributions over the positions; padding positions
+    (`attention_mask` 0) are left out of both distributions, so the padding length changes nothing.
+
+    One item per example for sequence and image classification and question answering; one per token for masked
+    and causal LMs
     and token classification, counting only positions whose label is not -100 (for masked LM: the masked
     positions, as DistilBERT does) or, without labels, the non-padding positions.
 
@@ -97,6 +116,7 @@ class SoftTargetLoss(DistillationLoss):
         self.divergence = divergence
         self.token_level = False
         self.shift = False
+        self.span = False
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, divergence={self.divergence!r}"
@@ -104,6 +124,7 @@ class SoftTargetLoss(DistillationLoss):
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
         self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES
+        self.span = type(student).__name__ in SPAN_CLASSES
         # Causal LMs predict token i+1 at position i, so their labels line up one position later.
         self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
 
@@ -134,6 +155,8 @@ class SoftTargetLoss(DistillationLoss):
         return mask
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.span:
+            return self._span_loss(student_outputs, teacher_outputs, inputs)
         student_logits = student_outputs.logits
         if not self.token_level:
             return soft_target_loss(
@@ -164,6 +187,20 @@ class SoftTargetLoss(DistillationLoss):
             mask=student_mask,
             chunk_size=self.chunk_size,
         )
+
+    def _span_loss(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Question answering: the sum over examples of the mean of the start and the end divergences."""
+        mask = inputs.get("attention_mask")
+        total = 0.0
+        for name in ("start_logits", "end_logits"):
+            student, teacher = getattr(student_outputs, name).float(), getattr(teacher_outputs, name).float()
+            if mask is not None:
+                # Scaled by T so that after the temperature padding still sits 1e4 below: exactly zero probability.
+                padding = ~mask.bool().to(student.device)
+                student = student.masked_fill(padding, _PADDING_LOGIT * self.temperature)
+                teacher = teacher.masked_fill(padding.to(teacher.device), _PADDING_LOGIT * self.temperature)
+            total = total + soft_target_loss(student, teacher, self.temperature, self.divergence, reduction="sum")
+        return total / 2
 
     @staticmethod
     def _rows_mask(logits: torch.Tensor, mask: torch.Tensor, side: str) -> torch.Tensor | None:
@@ -215,7 +252,8 @@ class HardLabelLoss(DistillationLoss):
     the same cross-entropy is computed from those rows.
 
     One item per label that is not -100 (an example for classification, a masked token for masked LM),
-    the unit the model averages over.
+    the unit the model averages over; for question answering (labels `start_positions` / `end_positions`), one
+    per example.
     """
 
     student_outputs = frozenset({"logits"})
@@ -227,12 +265,21 @@ class HardLabelLoss(DistillationLoss):
         super().__init__()
         self.shift = False
         self.language_model = False
+        self.span = False
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
         self.language_model = type(student).__name__ in LANGUAGE_MODEL_CLASSES
+        self.span = type(student).__name__ in SPAN_CLASSES
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.span:
+            if inputs.get("start_positions") is None or inputs.get("end_positions") is None:
+                raise ValueError(
+                    "the hard_label loss of a question-answering student needs the answer span, but the batch has no "
+                    "start_positions / end_positions: add them to the dataset, or drop hard_label from losses"
+                )
+            return torch.tensor(float(batch_size(inputs)))
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(
