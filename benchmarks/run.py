@@ -1,6 +1,6 @@
 """What distillation costs over plain training, measured in one run; writes benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~15 min on 2 CPU cores)
+    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~16 min on 2 CPU cores)
     python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, not a result
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a

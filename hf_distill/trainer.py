@@ -185,9 +185,9 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         should follow the same rule (a per-batch mean is exact without gradient accumulation).
         `teacher_outputs` is None when the teacher's outputs are unknown (evaluating on data outside a teacher
         cache): the terms that need them are left out, as are, in evaluation, the terms that need labels on a
-        batch without them. In training, a language model's `logits` may be the
-        `[rows, vocab]` of its labeled positions (see `compact_token_logits`); an override that needs every
-        position's logits sets `compact_token_logits=False`.
+        batch without them. In training, a language model's `logits` may be the `[rows, vocab]` of its labeled
+        positions, or `[0, vocab]` when no loss reads them (see `compact_token_logits`); an override that needs
+        every position's logits sets `compact_token_logits=False`.
         """
         loss = torch.zeros((), device=self.args.device)
         terms = {}

@@ -87,10 +87,9 @@ class SoftTargetLoss(DistillationLoss):
     mean of the divergences of the start and of the end distributions over the positions; padding positions
     (`attention_mask` 0) are left out of both distributions, so the padding length changes nothing.
 
-    One item per example for sequence and image classification and question answering; one per token for masked
-    and causal LMs
-    and token classification, counting only positions whose label is not -100 (for masked LM: the masked
-    positions, as DistilBERT does) or, without labels, the non-padding positions.
+    One item per example for sequence and image classification and question answering; one per token for
+    masked and causal LMs and token classification, counting only positions whose label is not -100 (for masked
+    LM: the masked positions, as DistilBERT does) or, without labels, the non-padding positions.
 
     From a teacher-output cache ([`hf_distill.cache`]), classification uses the stored logits (the same loss);
     token-level tasks use the stored rows of the counted positions: every logit (the same loss) or the top k,
