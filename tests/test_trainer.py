@@ -383,3 +383,31 @@ def test_evaluation_without_labels_reports_the_terms_that_need_none(tmp_path):
         train_dataset=text_dataset(),
     )
     assert "eval_loss" not in label_only.evaluate(text_dataset(16, labels=False))
+
+
+@pytest.mark.parametrize("pair", ["masked_lm", "vision", "vision_cached"])
+def test_a_half_precision_teacher_under_mixed_precision(tmp_path, monkeypatch, pair):
+    """On a GPU with bf16 the teacher's weights are cast to bf16. The CPU cannot take that path by itself (a CPU
+    teacher keeps its dtype), so the cast is forced here, under the CPU's bf16 autocast: the teacher holds bf16
+    weights, its outputs feed the float32 losses, and the terms stay within bf16 rounding of a float32 teacher."""
+    if pair == "masked_lm":
+        make = lambda: (bert_masked_lm(seed=2, layers=2), bert_masked_lm(seed=1), masked_lm_dataset())  # noqa: E731
+        losses = {"soft_target": {}, "hard_label": {}, "hidden_state": {"distance": "cosine", "layer_map": [[-1, -1]]}}
+    else:
+        make = lambda: (mobilenet_classifier(seed=2), vit_classifier(seed=1), image_dataset())  # noqa: E731
+        losses = {"soft_target": {"temperature": 2.0}, "hard_label": {}}
+    runs = {}
+    for half in (True, False):
+        dtype = torch.bfloat16 if half else None
+        monkeypatch.setattr("hf_distill.trainer.teacher_dtype", lambda args, dtype=dtype: dtype)
+        student, teacher, data = make()
+        cache = {"teacher_cache": str(tmp_path / f"cache-{half}")} if pair == "vision_cached" else {}
+        args = config(tmp_path / str(half), losses, bf16=True, max_steps=3, **cache)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
+        assert teacher.dtype == (torch.bfloat16 if half else torch.float32)
+        trainer.train()
+        runs[half] = train_logs(trainer)
+    for half_entry, full_entry in zip(runs[True], runs[False], strict=True):
+        for term in losses:
+            assert np.isfinite(half_entry[term])
+            assert half_entry[term] == pytest.approx(full_entry[term], rel=0.05, abs=1e-3), term
