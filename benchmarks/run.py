@@ -1,7 +1,7 @@
 """What distillation costs over plain training, measured in one run; writes benchmarks/RESULTS.md.
 
     python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~16 min on 2 CPU cores)
-    python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, not a result
+    python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, printed, not a result
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
 callback reads the clock around every optimizer step). Peak memory is measured in a fresh process per case:
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from datasets import Dataset
@@ -339,6 +340,17 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+KL_CASES = ("token_kl_naive", "token_kl_chunked")
+
+
+def measure_in_children(cases: list[str], quick: bool) -> dict[str, int]:
+    """Peak bytes of each case, each in a fresh process. On a CPU two run at a time: a process's peak resident
+    memory is its own, and most of a quick run's time is these processes starting. On a GPU, one at a time."""
+    workers = 1 if torch.cuda.is_available() else 2
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(cases, pool.map(lambda case: measure_in_child(case, quick), cases), strict=True))
+
+
 def measure_in_child(case: str, quick: bool) -> int:
     command = [sys.executable, os.path.abspath(__file__), "--child", case] + (["--quick"] if quick else [])
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -347,7 +359,7 @@ def measure_in_child(case: str, quick: bool) -> int:
 
 def child(case: str, quick: bool) -> None:
     shape = SHAPES["quick" if quick else "full"]
-    if case in ("token_kl_naive", "token_kl_chunked"):
+    if case in KL_CASES:
         generator = torch.Generator().manual_seed(0)
         student = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device()).requires_grad_(True)
         teacher = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device())
@@ -383,20 +395,21 @@ def main() -> None:
         return
     shape = SHAPES["quick" if options.quick else "full"]
     started = time.perf_counter()
-    results = {"pairs": {}}
-    for name in PAIRS:
-        timing = time_pair(name, shape, options.quick, peak_tflops(options.peak_tflops))
-        plain_peak, hard_label_peak, online_peak = (
-            measure_in_child(f"{name}:{kind}", options.quick) for kind in ("plain", "hard_label", "online")
-        )
+    results = {
+        "pairs": {name: time_pair(name, shape, options.quick, peak_tflops(options.peak_tflops)) for name in PAIRS}
+    }
+    # Peaks after every timing, so that no measuring process shares the machine with a timed step.
+    kinds = ("plain", "hard_label", "online")
+    peaks = measure_in_children([f"{name}:{kind}" for name in PAIRS for kind in kinds] + list(KL_CASES), options.quick)
+    for name, timing in results["pairs"].items():
+        plain_peak, hard_label_peak, online_peak = (peaks[f"{name}:{kind}"] for kind in kinds)
         teacher, *_ = PAIRS[name](shape, options.quick)
         teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         timing.update(plain_peak_bytes=plain_peak, hard_label_peak_bytes=hard_label_peak,
                       online_peak_bytes=online_peak, teacher_weight_bytes=teacher_bytes,
                       kd_peak_over_plain=online_peak / (plain_peak + teacher_bytes),
                       kd_peak_over_hard_label=online_peak / (hard_label_peak + teacher_bytes))  # fmt: skip
-        results["pairs"][name] = timing
-    naive, chunked = (measure_in_child(case, options.quick) for case in ("token_kl_naive", "token_kl_chunked"))
+    naive, chunked = (peaks[case] for case in KL_CASES)
     results["token_kl"] = {"positions": shape["kl_tokens"], "vocab": VOCAB, "naive_peak_bytes": naive,
                            "chunked_peak_bytes": chunked, "token_kl_peak_saving": 1 - chunked / naive}  # fmt: skip
     results["machine"] = {
@@ -417,7 +430,9 @@ def main() -> None:
     for key in ("online_over_hard_label_parts", "cached_over_hard_label", "kd_peak_over_hard_label"):
         ratios[key] = max(p[key] for p in results["pairs"].values())
     report = format_results(results, ratios)  # formatted in --quick too, so a formatting slip shows up there
-    if not options.quick:
+    if options.quick:
+        print(report)  # a spot check: shown, not written
+    else:
         with open(os.path.join(HERE, "RESULTS.md"), "w", encoding="utf-8") as handle:
             handle.write(report)
     print(json.dumps(ratios))
@@ -491,7 +506,7 @@ def format_results(results: dict, ratios: dict) -> str:
         + (
             "not given on a CPU."
             if machine["peak_tflops"] is None
-            else f"against {machine['peak_tflops']} TFLOP/s (the device's dense bf16 peak)."
+            else f"against {machine['peak_tflops']} TFLOP/s (the device's dense bf16 peak, or --peak_tflops)."
         ),
     ]
     kl = results["token_kl"]

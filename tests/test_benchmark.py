@@ -9,13 +9,16 @@ import sys
 
 import pytest
 
+KINDS = ("plain", "hard_label", "online", "cached")
 BENCHMARK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run.py")
 
 
 @pytest.mark.slow
 def test_quick_benchmark_prints_every_ratio():
-    result = subprocess.run([sys.executable, BENCHMARK, "--quick"], capture_output=True, text=True, check=True)
-    ratios = json.loads(result.stdout.strip().splitlines()[-1])
+    command = [sys.executable, BENCHMARK, "--quick", "--peak_tflops", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    lines = result.stdout.strip().splitlines()
+    ratios = json.loads(lines[-1])
     assert set(ratios) == {
         "online_over_parts",
         "cached_over_plain",
@@ -28,3 +31,9 @@ def test_quick_benchmark_prints_every_ratio():
     }
     assert ratios["online_over_parts"] > 0 and ratios["kd_peak_over_plain"] > 0
     assert 0 < ratios["token_kl_peak_saving"] < 1
+    # Steps/s, FLOPs and, given a peak (a GPU's is looked up by name), the fraction of it reached, per step kind.
+    rows = [line.split("|")[1:-1] for line in lines if line.count("|") == 7 and line.split("|")[2].strip() in KINDS]
+    assert len(rows) == 2 * len(KINDS)
+    for _, _, steps_per_s, tflop, tflops, fraction in rows:
+        assert float(steps_per_s) > 0 and float(tflop) > 0
+        assert float(fraction.strip().rstrip("%")) == pytest.approx(100 * float(tflops) / 0.5, abs=0.1)
