@@ -48,36 +48,46 @@ class LogitShapes(DistillationTrainer):
         return super().compute_distillation_loss(student_outputs, teacher_outputs, inputs)
 
 
-@pytest.mark.parametrize("pair", sorted(PAIRS))
-def test_row_logits_train_and_evaluate_exactly_like_full_logits(tmp_path, pair):
-    make_teacher, make_student, make_data = PAIRS[pair]
-    train, test = make_data(), make_data(8)
+def train_with_and_without_rows(tmp_path, make_student, make_teacher, losses, train, test, steps):
+    """`{compact_token_logits: (trainer, evaluate() metrics)}` of the same training run both ways, after checking
+    that both logged the same terms at every step and ended with the same weights."""
     runs = {}
     for compact in (True, False):
         trainer = LogitShapes(
             model=make_student(),
             teacher_model=make_teacher(),
-            args=config(tmp_path / str(compact), LM_LOSSES, max_steps=5, compact_token_logits=compact),
+            args=config(tmp_path / str(compact), losses, max_steps=steps, compact_token_logits=compact),
             train_dataset=train,
             eval_dataset=test,
         )
-        assert trainer.logit_rows["student"] is compact and trainer.logit_rows["teacher"] is compact
         trainer.train()
-        runs[compact] = (trainer, trainer.evaluate(), trainer.predict(test))
-    (rows, rows_eval, rows_predict), (full, full_eval, full_predict) = runs[True], runs[False]
-    # Rows: [counted positions, vocab] for both models at every step; full: [batch, length, vocab].
-    assert all(len(student) == 2 and student == teacher for student, teacher in rows.seen)
-    assert all(len(student) == 3 for student, _ in full.seen)
+        runs[compact] = (trainer, trainer.evaluate())
+    rows, full = runs[True][0], runs[False][0]
     for a, b in zip(rows.state.log_history, full.state.log_history, strict=True):
-        for term in (*LM_LOSSES, "loss"):
+        for term in (*losses, "loss"):
             if term in b:
                 assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), term
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(rows.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    for key in (f"eval_{term}" for term in losses):
+        assert runs[True][1][key] == pytest.approx(runs[False][1][key], rel=1e-5), key
+    return runs
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_row_logits_train_and_evaluate_exactly_like_full_logits(tmp_path, pair):
+    make_teacher, make_student, make_data = PAIRS[pair]
+    train, test = make_data(), make_data(8)
+    runs = train_with_and_without_rows(tmp_path, make_student, make_teacher, LM_LOSSES, train, test, steps=5)
+    (rows, rows_eval), (full, full_eval) = runs[True], runs[False]
+    for trainer, compact in ((rows, True), (full, False)):
+        assert trainer.logit_rows["student"] is compact and trainer.logit_rows["teacher"] is compact
+    # Rows: [counted positions, vocab] for both models at every step; full: [batch, length, vocab].
+    assert all(len(student) == 2 and student == teacher for student, teacher in rows.seen)
+    assert all(len(student) == 3 for student, _ in full.seen)
     # Evaluation and prediction always see full logits.
-    assert rows_predict.predictions.shape == full_predict.predictions.shape == (8, 12, VOCAB)
-    for key in ("eval_loss", *(f"eval_{term}" for term in LM_LOSSES)):
-        assert rows_eval[key] == pytest.approx(full_eval[key], rel=1e-5), key
+    assert rows.predict(test).predictions.shape == full.predict(test).predictions.shape == (8, 12, VOCAB)
+    assert rows_eval["eval_loss"] == pytest.approx(full_eval["eval_loss"], rel=1e-5)
     # The hook lives only inside a step: afterwards the student is an ordinary model.
     assert not output_head(rows.model)._forward_pre_hooks
     batch = {key: torch.tensor(value[:2]) for key, value in test.to_dict().items()}
@@ -103,31 +113,13 @@ UNREAD_CASES = {
 @pytest.mark.parametrize("case", sorted(UNREAD_CASES))
 def test_logits_no_loss_reads_are_not_projected(tmp_path, case):
     losses, make_data, student_rows = UNREAD_CASES[case]
-    train, test = make_data(), make_data(8)
-    runs = {}
-    for compact in (True, False):
-        trainer = LogitShapes(
-            model=bert_masked_lm(seed=2, layers=2),
-            teacher_model=bert_masked_lm(seed=1),
-            args=config(tmp_path / str(compact), losses, max_steps=4, compact_token_logits=compact),
-            train_dataset=train,
-            eval_dataset=test,
-        )
-        trainer.train()
-        runs[compact] = (trainer, trainer.evaluate())
-    (compact, compact_eval), (full, full_eval) = runs[True], runs[False]
+    make_student, make_teacher = lambda: bert_masked_lm(seed=2, layers=2), lambda: bert_masked_lm(seed=1)
+    runs = train_with_and_without_rows(tmp_path, make_student, make_teacher, losses, make_data(), make_data(8), 4)
+    (compact, _), (full, _) = runs[True], runs[False]
     for student, teacher in compact.seen:
         assert tuple(teacher) == (0, VOCAB)
         assert student[1] == VOCAB and (student[0] == 0) is (student_rows == "none") and len(student) == 2
     assert all(len(student) == len(teacher) == 3 for student, teacher in full.seen)
-    for a, b in zip(compact.state.log_history, full.state.log_history, strict=True):
-        for term in (*losses, "loss"):
-            if term in b:
-                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), term
-    for key, value in full.model.state_dict().items():
-        torch.testing.assert_close(compact.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
-    for key in (f"eval_{term}" for term in losses):
-        assert compact_eval[key] == pytest.approx(full_eval[key], rel=1e-5), key
 
 
 def test_a_cache_build_skips_the_teacher_projection_no_loss_reads(tmp_path):
