@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DataCollatorForLanguageModeling, Trainer
-from transformers.utils import find_labels
 
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
 from .config import DistillationConfig
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
+from .losses.logits import SPAN_CLASSES
 from .teacher import load_teacher
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
@@ -409,7 +409,7 @@ def _check_labels(
         return
     columns = getattr(train_dataset, "column_names", None)
     uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
-    span = find_labels(type(model)) == list(_SPAN_COLUMNS)
+    span = type(model).__name__ in SPAN_CLASSES
     if uses_labels and isinstance(columns, list) and not set(columns) & {*_LABEL_COLUMNS, *_SPAN_COLUMNS}:
         add = "'start_positions' and 'end_positions' columns" if span else "a 'label' column"
         raise ValueError(
