@@ -1,9 +1,10 @@
-"""Loading a teacher from a Hub id or a local folder, with the same task head as its student."""
+"""Loading a teacher from a Hub id or a local folder, with the same task head as its student, and its dtype."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from huggingface_hub import constants as hub_constants
 from torch import nn
 from transformers import (
@@ -64,3 +65,15 @@ def load_teacher(
             "local folder holding config.json and model.safetensors (one written by save_pretrained), or check "
             f"the Hub id and your connection. Cause: {error}"
         ) from error
+
+
+def teacher_dtype(args: Any) -> torch.dtype | None:
+    """The dtype a frozen teacher's weights are cast to: the half-precision type the student trains in, on a
+    GPU. On the CPU, and in full precision, the teacher keeps its own dtype."""
+    if args.device.type != "cuda":
+        return None
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return None

@@ -26,7 +26,7 @@ from .config import DistillationConfig
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .losses.logits import SPAN_CLASSES
-from .teacher import load_teacher
+from .teacher import load_teacher, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
@@ -386,18 +386,6 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
-
-
-def teacher_dtype(args: DistillationConfig) -> torch.dtype | None:
-    """The dtype a frozen teacher's weights are cast to: the half-precision type the student trains in, on a
-    GPU. On the CPU, and in full precision, the teacher keeps its own dtype."""
-    if args.device.type != "cuda":
-        return None
-    if args.bf16:
-        return torch.bfloat16
-    if args.fp16:
-        return torch.float16
-    return None
 
 
 def _check_labels(

@@ -41,7 +41,7 @@ def test_defaults_and_help_text():
 def test_teacher_weights_take_the_students_half_precision_on_a_gpu_only():
     from types import SimpleNamespace
 
-    from hf_distill.trainer import teacher_dtype
+    from hf_distill.teacher import teacher_dtype
 
     def args(device, bf16=False, fp16=False):
         return SimpleNamespace(device=torch.device(device), bf16=bf16, fp16=fp16)
