@@ -46,34 +46,18 @@ from hf_distill.pipeline import build_student
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VOCAB = 30522
+# fmt: off
 SHAPES = {
     # batch, sequence length or image side, timed steps and warm-up steps per training run, rounds of (plain,
     # hard-label, online, cached) runs: at least `rounds`, more (up to `max_rounds`) until the rounds of a pair
     # have taken `round_seconds`, so that a pair of short steps gets as many seconds of samples as a long one;
     # token-KL positions
-    "full": {
-        "batch": 8,
-        "length": 128,
-        "image": 224,
-        "steps": 8,
-        "warmup": 2,
-        "rounds": 2,
-        "max_rounds": 8,
-        "round_seconds": 200,
-        "kl_tokens": 16384,
-    },
-    "quick": {
-        "batch": 4,
-        "length": 32,
-        "image": 64,
-        "steps": 3,
-        "warmup": 1,
-        "rounds": 1,
-        "max_rounds": 1,
-        "round_seconds": 0,
-        "kl_tokens": 2048,
-    },  # fmt: skip
+    "full": {"batch": 8, "length": 128, "image": 224, "steps": 8, "warmup": 2, "rounds": 2, "max_rounds": 8,
+             "round_seconds": 200, "kl_tokens": 16384},
+    "quick": {"batch": 4, "length": 32, "image": 64, "steps": 3, "warmup": 1, "rounds": 1, "max_rounds": 1,
+              "round_seconds": 0, "kl_tokens": 2048},
 }
+# fmt: on
 TEXT_LOSSES = {
     "soft_target": {"weight": 5.0, "temperature": 2.0},
     "hard_label": {"weight": 2.0},
