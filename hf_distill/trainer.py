@@ -137,7 +137,9 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         self._term_steps = 0  # optimizer steps whose terms _train_terms holds
         # A hook per step and data-dependent shapes would defeat compilation.
         compact = args.compact_token_logits and not args.torch_compile
-        self.logit_rows = logit_rows_plan(student, teacher, [loss for _, loss in terms.values()], compact)
+        # A finished cache replaces the teacher before it runs: no need to probe it.
+        running_teacher = teacher if cache is None else None
+        self.logit_rows = logit_rows_plan(student, running_teacher, [loss for _, loss in terms.values()], compact)
         if args.teacher_cache is not None:
             self.teacher_cache = self._use_teacher_cache(cache, teacher)
             # From here on the cache stands in for the teacher, which leaves memory.

@@ -128,14 +128,21 @@ def test_a_cache_build_skips_the_teacher_projection_no_loss_reads(tmp_path):
     head_inputs = []
     output_head(teacher).register_forward_hook(lambda module, args, output: head_inputs.append(tuple(args[0].shape)))
     losses = {"hard_label": {}, "hidden_state": {"distance": "cosine", "layer_map": [[-1, -1]]}}
-    DistillationTrainer(
-        model=bert_masked_lm(seed=2, layers=2),
-        teacher_model=teacher,
-        args=config(tmp_path, losses, teacher_cache=str(tmp_path / "cache")),
-        train_dataset=masked_lm_dataset(),
-    )
+
+    def trainer():
+        return DistillationTrainer(
+            model=bert_masked_lm(seed=2, layers=2),
+            teacher_model=teacher,
+            args=config(tmp_path, losses, teacher_cache=str(tmp_path / "cache")),
+            train_dataset=masked_lm_dataset(),
+        )
+
+    trainer()
     probe, *build = head_inputs  # the construction-time probe projects its one selected row
     assert probe == (1, 16) and build and all(shape == (0, 16) for shape in build)
+    # With the cache finished, the teacher is only hashed against it: it is neither probed nor run.
+    head_inputs.clear()
+    assert trainer().logit_rows["teacher"] is False and head_inputs == []
 
 
 def test_row_losses_match_full_losses_in_value_and_gradient():
