@@ -25,13 +25,12 @@ from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
 from .config import DistillationConfig
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
-from .losses.logits import SPAN_CLASSES
+from .losses.logits import SPAN_CLASSES, SPAN_LABELS
 from .teacher import load_teacher, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
-_SPAN_COLUMNS = ("start_positions", "end_positions")  # extractive question answering
 _INTERNAL_OUTPUTS = ("hidden_states", "attentions")
 
 
@@ -400,7 +399,7 @@ def _check_labels(
     columns = getattr(train_dataset, "column_names", None)
     uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
     span = type(model).__name__ in SPAN_CLASSES
-    if uses_labels and isinstance(columns, list) and not set(columns) & {*_LABEL_COLUMNS, *_SPAN_COLUMNS}:
+    if uses_labels and isinstance(columns, list) and not set(columns) & {*_LABEL_COLUMNS, *SPAN_LABELS}:
         add = "'start_positions' and 'end_positions' columns" if span else "a 'label' column"
         raise ValueError(
             f"losses {uses_labels} train on labels, but the training dataset has no label column (columns: "

@@ -26,6 +26,8 @@ _TOKEN_LEVEL_CLASSES = {
 }
 #: Extractive question answering: `start_logits` and `end_logits` over the positions, no `logits`.
 SPAN_CLASSES = set(MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.values())
+#: Their labels: the answer span's first and last position.
+SPAN_LABELS = ("start_positions", "end_positions")
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
 
@@ -273,7 +275,7 @@ class HardLabelLoss(DistillationLoss):
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.span:
-            if inputs.get("start_positions") is None or inputs.get("end_positions") is None:
+            if any(inputs.get(key) is None for key in SPAN_LABELS):
                 raise ValueError(
                     "the hard_label loss of a question-answering student needs the answer span, but the batch has no "
                     "start_positions / end_positions: add them to the dataset, or drop hard_label from losses"
