@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -77,3 +78,12 @@ def teacher_dtype(args: Any) -> torch.dtype | None:
     if args.fp16:
         return torch.float16
     return None
+
+
+def teacher_call_flags(teacher: nn.Module | None) -> dict[str, Any]:
+    """Keyword arguments every teacher forward gets: `use_cache=False` where the teacher takes it, since the keys and
+    values a causal or encoder-decoder model keeps for generation would stay in memory, read by nothing, through the
+    student's step (288 MiB for a GPT-2-small-shaped teacher at 8 x 512 tokens)."""
+    if teacher is None or "use_cache" not in inspect.signature(teacher.forward).parameters:
+        return {}
+    return {"use_cache": False}

@@ -26,12 +26,17 @@ from .config import DistillationConfig
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .losses.logits import SPAN_CLASSES, SPAN_LABELS
-from .teacher import load_teacher, teacher_dtype
+from .seq2seq import check_decoder_start, is_seq2seq, with_decoder_inputs
+from .teacher import load_teacher, teacher_call_flags, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
 _LABEL_COLUMNS = ("label", "labels", "label_ids")
-_INTERNAL_OUTPUTS = ("hidden_states", "attentions")
+# What the losses asked the models for (encoder-decoders return each per stack); not predictions.
+_INTERNAL_OUTPUTS = {
+    f"{stack}{kind}" for stack in ("", "encoder_", "decoder_") for kind in ("hidden_states", "attentions")
+}
+_INTERNAL_OUTPUTS.add("cross_attentions")
 
 
 class DistillationTrainer(TeacherCacheMixin, Trainer):
@@ -110,6 +115,7 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             )
         if teacher_model is not None and teacher_model is model:
             raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
+        check_decoder_start(model)
         _check_labels(terms, model, kwargs.get("train_dataset"), kwargs.get("data_collator"))
 
         super().__init__(model=model, args=args, **kwargs)
@@ -119,6 +125,8 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             self.teacher_model = self._prepare_teacher(teacher_model)
         student = self.accelerator.unwrap_model(self.model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
+        self.seq2seq = is_seq2seq(student)
+        self._teacher_flags = teacher_call_flags(teacher)
         if teacher is None and cache is not None:
             teacher = ConfigOnly(cache.teacher_config())  # what the losses' setup reads of a teacher
         for _, loss in terms.values():
@@ -165,10 +173,12 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         """Run the teacher on a batch, without gradients. Override to feed the teacher other inputs.
 
         Receives the student's batch; the labels (`labels`, or the student's `label_names` such as `start_positions`)
-        are removed so the teacher computes no loss of its own.
-        Only the outputs the configured losses need are requested.
+        are removed so the teacher computes no loss of its own (an encoder-decoder gets the student's
+        `decoder_input_ids` instead). Only the outputs the configured losses need are requested, and no
+        generation cache (`use_cache=False`, where the teacher takes it).
         """
         teacher_inputs = {key: value for key, value in inputs.items() if key not in self._label_keys}
+        teacher_inputs.update(self._teacher_flags)
         if output_hidden_states:
             teacher_inputs["output_hidden_states"] = True
         if output_attentions:
@@ -229,6 +239,8 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # num_items_in_batch counts labels only; each term is normalised by its own count instead.
         examples = inputs.pop(INDEX_KEY, None)
+        if self.seq2seq:  # decoder inputs built once, from the student, for both models (the teacher gets no labels)
+            inputs = with_decoder_inputs(self.accelerator.unwrap_model(model), inputs)
         rows = self._projected_rows(inputs) if model.training else None
         # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
         student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    VOCAB,
     bert_classifier,
     bert_masked_lm,
     config,
@@ -16,7 +17,7 @@ from helpers import (
     vit_classifier,
 )
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from hf_distill import DistillationLoss, DistillationTrainer, register_loss
 from hf_distill.trainer import LOSS_STATE_NAME
@@ -354,6 +355,30 @@ def test_models_are_asked_only_for_the_outputs_the_losses_need(tmp_path, losses,
     )
     assert trainer.student_output_flags == student_flags
     assert trainer.teacher_output_flags == teacher_flags
+
+
+def test_a_causal_teacher_keeps_no_generation_cache(tmp_path):
+    """Its keys and values would otherwise stay in memory through the student's step, read by nothing."""
+
+    def gpt2(seed: int, layers: int) -> GPT2LMHeadModel:
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=layers, n_head=2))
+
+    data = text_dataset(8, labels=False)
+    ids, mask = torch.tensor(data["input_ids"]), torch.tensor(data["attention_mask"])
+    data = data.add_column("labels", ids.masked_fill(mask == 0, -100).tolist())
+    teacher = gpt2(seed=1, layers=2)
+    assert teacher.config.use_cache  # left to itself, it would return them
+    trainer = DistillationTrainer(
+        model=gpt2(seed=2, layers=1),
+        teacher_model=teacher,
+        args=config(tmp_path, {"soft_target": {}}),
+        train_dataset=data,
+    )
+    outputs = []
+    teacher.register_forward_hook(lambda _module, _args, output: outputs.append(output))
+    trainer.train()
+    assert len(outputs) == 4 and all(output.past_key_values is None for output in outputs)
 
 
 def test_evaluation_without_labels_reports_the_terms_that_need_none(tmp_path):

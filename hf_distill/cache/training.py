@@ -15,6 +15,7 @@ from transformers import DataCollatorForLanguageModeling
 
 from ..losses import SoftTargetLoss
 from ..losses.base import batch_size
+from ..seq2seq import is_seq2seq
 from .contents import OutputExtractor, cache_contents
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
 
@@ -53,6 +54,11 @@ class TeacherCacheMixin:
 
     def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
         """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
+        if is_seq2seq(self.accelerator.unwrap_model(self.model)):
+            raise ValueError(
+                "a teacher cache does not store encoder-decoder outputs (decoder positions follow the labels): distil "
+                "this student online (teacher_cache=None)"
+            )
         losses = list(self.distillation_losses.values())
         depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
         contents = cache_contents(losses, None if depth is None else depth + 1, self.args.teacher_cache_top_k)

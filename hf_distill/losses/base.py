@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..seq2seq import decoder_positions, stack_size
+
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # Keys of a loss entry in the config that are not options of the loss itself.
@@ -195,15 +197,17 @@ def resolve_layer_map(
     student: nn.Module,
     teacher: nn.Module,
     first_layer: int = 1,
+    stack: str | None = None,
 ) -> list[tuple[int, int]]:
     """Return concrete, in-range layer pairs; the default spreads the student's layers evenly over the teacher's.
 
     Layers are numbered as `output_hidden_states` returns them: 0 is the embedding output and 1..N the
     blocks. Negative indices count from the last block (-1 is the last). `first_layer` is the lowest
-    valid index (1 for attention maps, which the embeddings do not have). Depths come from the configs.
+    valid index (1 for attention maps, which the embeddings do not have). Depths come from the configs (of the
+    `stack`, `"encoder"` or `"decoder"`, for encoder-decoder models).
     """
-    student_layers = config_value(student, "num_hidden_layers", term)
-    teacher_layers = config_value(teacher, "num_hidden_layers", term)
+    student_layers = config_value(student, "num_hidden_layers", term, stack)
+    teacher_layers = config_value(teacher, "num_hidden_layers", term, stack)
     if layer_map is None:
         # Student block i learns from teacher block round(i * T / S): with S = T/2, every other block.
         return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
@@ -225,8 +229,13 @@ def resolve_layer_map(
     return resolved
 
 
-def config_value(model: nn.Module, attribute: str, term: str) -> int:
-    """A size from a model's config (`hidden_size`, `num_hidden_layers`...), or an error that says which is missing."""
+def config_value(model: nn.Module, attribute: str, term: str, stack: str | None = None) -> int:
+    """A size from a model's config (`hidden_size`, `num_hidden_layers`...), or an error that says which is missing.
+
+    For an encoder-decoder model, `stack` (`"encoder"` or `"decoder"`) says whose size.
+    """
+    if stack is not None:
+        return stack_size(model, stack, attribute, term)
     value = getattr(getattr(model, "config", None), attribute, None)
     if not isinstance(value, int):
         raise ValueError(
@@ -236,19 +245,25 @@ def config_value(model: nn.Module, attribute: str, term: str) -> int:
     return value
 
 
-def count_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """Items of a per-position loss: real tokens when the batch has an attention mask, else examples."""
-    mask = token_mask(inputs)
+def position_mask(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor | None:
+    """The positions that count for a loss on hidden states: real tokens (`token_mask`), or for the decoder of an
+    encoder-decoder model the labeled positions (`seq2seq.decoder_positions`); None when every position counts."""
+    return decoder_positions(inputs) if stack == "decoder" else token_mask(inputs)
+
+
+def count_positions(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor:
+    """Items of a per-position loss: the positions `position_mask` counts, or examples when it is None."""
+    mask = position_mask(inputs, stack)
     return torch.tensor(float(batch_size(inputs))) if mask is None else mask.sum().float()
 
 
-def sum_positions(per_position: torch.Tensor, inputs: Mapping[str, Any]) -> torch.Tensor:
+def sum_positions(per_position: torch.Tensor, inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor:
     """Sum a `[batch, positions]` loss over the items `count_positions` counts.
 
-    With a mask every real token is an item; without one (images) each example is an item worth the
+    With a mask every counted position is an item; without one (images) each example is an item worth the
     mean over its positions.
     """
-    mask = token_mask(inputs)
+    mask = position_mask(inputs, stack)
     if mask is None:
         return per_position.mean(-1).sum()
     return (per_position * mask.to(per_position.dtype)).sum()

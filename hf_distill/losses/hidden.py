@@ -8,12 +8,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..seq2seq import STACKS, check_stack, is_seq2seq
 from .base import (
     DistillationLoss,
     ModuleOutputs,
     check_layer_map,
     config_value,
     count_positions,
+    position_mask,
     register_loss,
     resolve_layer_map,
     sum_positions,
@@ -41,6 +43,11 @@ _PROJECTION_NAMES = {
 }
 
 
+def stack_states(outputs: Any, stack: str | None) -> Any:
+    """The `hidden_states` of a model's output, or of one stack (`encoder_hidden_states`...) of an encoder-decoder."""
+    return outputs.hidden_states if stack is None else getattr(outputs, f"{stack}_hidden_states")
+
+
 def _check_choice(term_type: str, option: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{term_type} option {option} must be one of {choices}, got {value!r}")
@@ -58,27 +65,36 @@ class HiddenStateLoss(DistillationLoss):
         projection (`bool`, defaults to True): when the widths differ, learn a linear map from each mapped
             student layer to the teacher's width. It trains with the student, is saved in checkpoints and
             left out of the saved student. With False, differing widths are an error.
+        stack (`str`, *optional*): for encoder-decoder models (BART, T5...), which stack's hidden states to match,
+            `"encoder"` or `"decoder"`; required for them, not allowed for other models. Layer numbers and the
+            default map are then within that stack; add a second term for the other one.
 
-    One item per real token (or per example for inputs without an attention mask); averaged over layers.
+    One item per real token (or per example for inputs without an attention mask; for a decoder stack, per
+    labeled decoder position); averaged over layers.
     """
 
     student_outputs = frozenset({"hidden_states"})
     teacher_outputs = frozenset({"hidden_states"})
     accepts_row_logits = True  # reads no logits
 
-    def __init__(self, distance: str = "mse", layer_map: list | None = None, projection: bool = True):
+    def __init__(
+        self, distance: str = "mse", layer_map: list | None = None, projection: bool = True, stack: str | None = None
+    ):
         super().__init__()
         _check_choice("hidden_state", "distance", distance, HIDDEN_DISTANCES)
-        self.distance = distance
+        if stack is not None:
+            _check_choice("hidden_state", "stack", stack, STACKS)
+        self.distance, self.stack = distance, stack
         self.layer_map = check_layer_map("hidden_state", layer_map)
         self.projection = projection
         self.pairs: list[tuple[int, int]] = []
         self.projectors = nn.ModuleList()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher, first_layer=0)
-        student_width = config_value(student, "hidden_size", self.term)
-        teacher_width = config_value(teacher, "hidden_size", self.term)
+        check_stack(self.term, self.stack, student, teacher)
+        self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher, first_layer=0, stack=self.stack)
+        student_width = config_value(student, "hidden_size", self.term, self.stack)
+        teacher_width = config_value(teacher, "hidden_size", self.term, self.stack)
         if student_width != teacher_width:
             if not self.projection:
                 raise ValueError(
@@ -88,21 +104,25 @@ class HiddenStateLoss(DistillationLoss):
             self.projectors = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in self.pairs)
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        return count_positions(inputs)
+        return count_positions(inputs, self.stack)
 
     def teacher_hidden_layers(self) -> list[int]:
         return sorted({teacher_layer for _, teacher_layer in self.pairs})
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        student_states, teacher_states = (
+            stack_states(student_outputs, self.stack),
+            stack_states(teacher_outputs, self.stack),
+        )
         total = 0.0
         for index, (student_layer, teacher_layer) in enumerate(self.pairs):
-            student_hidden = student_outputs.hidden_states[student_layer]
+            student_hidden = student_states[student_layer]
             if len(self.projectors):
                 student_hidden = self.projectors[index](student_hidden)
             per_position = hidden_state_loss(
-                student_hidden, teacher_outputs.hidden_states[teacher_layer], self.distance, reduction="none"
+                student_hidden, teacher_states[teacher_layer], self.distance, reduction="none"
             )
-            total = total + sum_positions(per_position, inputs)
+            total = total + sum_positions(per_position, inputs, self.stack)
         return total / len(self.pairs)
 
 
@@ -152,6 +172,11 @@ class AttentionLoss(DistillationLoss):
         self.captured = ModuleOutputs()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if is_seq2seq(student) or is_seq2seq(teacher):
+            raise ValueError(
+                f"losses[{self.term!r}]: attention distillation does not support encoder-decoder models yet (their "
+                "self- and cross-attention of two stacks); use hidden_state with 'stack', or drop this loss"
+            )
         self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher)
         if self.heads == "relations":
             self._setup_relations(student, teacher)
@@ -247,18 +272,26 @@ class RelationLoss(DistillationLoss):
         source (`str`, defaults to `"hidden_state"`): `"hidden_state"` (the layer below, mean-pooled over real
             tokens, or over the grid for convolutional maps) or `"logits"`.
         layer (`int`, defaults to -1): index into `hidden_states` when `source="hidden_state"`.
+        stack (`str`, *optional*): with `source="hidden_state"` on encoder-decoder models, `"encoder"` (pooled
+            over real tokens) or `"decoder"` (pooled over labeled positions); required for them.
 
     One item per batch: the relations of a micro-batch are its own, so under gradient accumulation the
     term is the mean over micro-batches (a larger `per_device_train_batch_size` gives richer relations).
     """
 
-    def __init__(self, method: str = "similarity", source: str = "hidden_state", layer: int = -1):
+    def __init__(
+        self, method: str = "similarity", source: str = "hidden_state", layer: int = -1, stack: str | None = None
+    ):
         super().__init__()
         _check_choice("relation", "method", method, ("similarity", "distance"))
         _check_choice("relation", "source", source, ("hidden_state", "logits"))
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"relation option layer must be an integer index into hidden_states, got {layer!r}")
-        self.method, self.source, self.layer = method, source, layer
+        if stack is not None:
+            _check_choice("relation", "stack", stack, STACKS)
+            if source != "hidden_state":
+                raise ValueError("relation option stack goes with source 'hidden_state'; drop it for logits")
+        self.method, self.source, self.layer, self.stack = method, source, layer, stack
         if source == "hidden_state":
             self.student_outputs = self.teacher_outputs = frozenset({"hidden_states"})
             self.accepts_row_logits = True  # reads no logits
@@ -266,6 +299,13 @@ class RelationLoss(DistillationLoss):
             self.student_outputs = self.teacher_outputs = frozenset({"logits"})
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if self.source == "hidden_state":
+            check_stack(self.term, self.stack, student, teacher)
+        elif is_seq2seq(student):
+            raise ValueError(
+                f"losses[{self.term!r}]: relation on logits does not support encoder-decoder models (one distribution "
+                "per decoder position); use source 'hidden_state' with a 'stack'"
+            )
         if self.source == "logits" and type(student).__name__ in SPAN_CLASSES:
             raise ValueError(
                 f"relation with source 'logits' needs a model that returns `logits`; {type(student).__name__} returns "
@@ -281,10 +321,10 @@ class RelationLoss(DistillationLoss):
     def _features(self, outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.source == "logits":
             return outputs.logits
-        hidden = outputs.hidden_states[self.layer]
+        hidden = stack_states(outputs, self.stack)[self.layer]
         if hidden.dim() == 4:  # convolutional map [batch, channels, height, width]
             return hidden.float().mean((-2, -1))
-        mask = token_mask(inputs)
+        mask = position_mask(inputs, self.stack)
         if mask is None:
             return hidden.float().mean(1)
         weights = mask.to(torch.float32).unsqueeze(-1)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.auto import modeling_auto
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -15,6 +16,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from ..logit_rows import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES, label_rows
+from ..seq2seq import decoder_positions, decoder_start_token_id, is_seq2seq
 from .base import DistillationLoss, batch_size, register_loss, token_mask
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
@@ -28,6 +30,24 @@ _TOKEN_LEVEL_CLASSES = {
 SPAN_CLASSES = set(MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.values())
 #: Their labels: the answer span's first and last position.
 SPAN_LABELS = ("start_positions", "end_positions")
+#: Heads whose logits are not one distribution per example or per position along the last axis (per-pixel class
+#: maps with the classes on axis 1, boxes, depth, CTC frames...): soft targets would silently mean nothing there.
+_DENSE_PREDICTION_CLASSES = {
+    name
+    for mapping in (
+        "SEMANTIC_SEGMENTATION",
+        "UNIVERSAL_SEGMENTATION",
+        "INSTANCE_SEGMENTATION",
+        "IMAGE_SEGMENTATION",
+        "OBJECT_DETECTION",
+        "ZERO_SHOT_OBJECT_DETECTION",
+        "DEPTH_ESTIMATION",
+        "CTC",
+        "AUDIO_FRAME_CLASSIFICATION",
+        "MASKED_IMAGE_MODELING",
+    )
+    for name in getattr(modeling_auto, f"MODEL_FOR_{mapping}_MAPPING_NAMES", {}).values()
+}
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
 
@@ -40,6 +60,25 @@ def _default_labels(id2label: Mapping[int, str] | None) -> bool:
 def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a pair whose logits do not mean the same classes (or tokens) in the same order."""
     student_config, teacher_config = student.config, teacher.config
+    if type(student).__name__ in _DENSE_PREDICTION_CLASSES:
+        raise ValueError(
+            f"soft_target does not support a {type(student).__name__} student: its logits are not one class "
+            "distribution per example or per token on the last axis; distil it with hidden_state, relation or "
+            "feature_map, or a loss of your own (register_loss)"
+        )
+    seq2seq = is_seq2seq(student)
+    if seq2seq != is_seq2seq(teacher) and isinstance(teacher, nn.Module):
+        raise ValueError(
+            f"the student is a {type(student).__name__} and the teacher a {type(teacher).__name__}: token-level soft "
+            "targets need two encoder-decoder models (whose decoders read the same inputs) or neither; load the "
+            "teacher with AutoModelForSeq2SeqLM"
+        )
+    if seq2seq and decoder_start_token_id(student) != decoder_start_token_id(teacher):
+        raise ValueError(
+            f"the student's decoder starts from token {decoder_start_token_id(student)} and the teacher's from "
+            f"{decoder_start_token_id(teacher)}: both decoders are fed the student's decoder inputs, so set the same "
+            "decoder_start_token_id in both configs"
+        )
     span = type(student).__name__ in SPAN_CLASSES
     if span != (type(teacher).__name__ in SPAN_CLASSES) and isinstance(teacher, nn.Module):
         raise ValueError(
@@ -49,7 +88,7 @@ def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
         )
     if span:
         return  # distributions over the positions of the same inputs: nothing else to match
-    if type(student).__name__ in LANGUAGE_MODEL_CLASSES:
+    if type(student).__name__ in LANGUAGE_MODEL_CLASSES or seq2seq:
         student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -118,13 +157,15 @@ class SoftTargetLoss(DistillationLoss):
         self.token_level = False
         self.shift = False
         self.span = False
+        self.seq2seq = False
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, divergence={self.divergence!r}"
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
-        self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES
+        self.seq2seq = is_seq2seq(student)
+        self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES or self.seq2seq
         self.span = type(student).__name__ in SPAN_CLASSES
         # Causal LMs predict token i+1 at position i, so their labels line up one position later.
         self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
@@ -133,6 +174,12 @@ class SoftTargetLoss(DistillationLoss):
         """Which positions count: `[batch, length]` for token-level tasks, None (every example) otherwise."""
         if not self.token_level:
             return None
+        if self.seq2seq:
+            # The decoder's positions: position i predicts label i (the decoder inputs are the shifted labels).
+            mask = decoder_positions(inputs)
+            if mask is None:
+                mask = torch.ones_like(inputs["decoder_input_ids"], dtype=torch.bool)
+            return mask
         labels = inputs.get("labels")
         if labels is not None:
             return labels[..., 1:].ne(-100) if self.shift else labels.ne(-100)
@@ -160,6 +207,12 @@ class SoftTargetLoss(DistillationLoss):
             return self._span_loss(student_outputs, teacher_outputs, inputs)
         student_logits = student_outputs.logits
         if not self.token_level:
+            if student_logits.dim() != 2:
+                raise ValueError(
+                    f"soft_target expects a classifier's [batch, classes] logits, but the student returned "
+                    f"{tuple(student_logits.shape)}; for per-position outputs of another kind of model, write a loss "
+                    "of your own (register_loss)"
+                )
             return soft_target_loss(
                 student_logits, teacher_outputs.logits, self.temperature, self.divergence, reduction="sum"
             )
