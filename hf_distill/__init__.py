@@ -9,6 +9,7 @@ DistillationTrainer(model=student, teacher_model=teacher, args=args, train_datas
 __version__ = "0.1.0"  # before the imports: submodules record it
 
 from .config import DistillationConfig
+from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer
 from .losses import DistillationLoss, available_losses, register_loss
 from .teacher import load_teacher
 from .trainer import DistillationTrainer
@@ -16,6 +17,8 @@ from .trainer import DistillationTrainer
 __all__ = [
     "DistillationConfig",
     "DistillationLoss",
+    "DistillationSeq2SeqConfig",
+    "DistillationSeq2SeqTrainer",
     "DistillationTrainer",
     "available_losses",
     "load_teacher",

@@ -107,7 +107,7 @@ def image_dataset(size: int = 24, seed: int = 0, num_labels: int = 3) -> Dataset
     return Dataset.from_dict({"pixel_values": pixels.tolist(), "label": labels.tolist()}).with_format("torch")
 
 
-def config(tmp_path, losses: dict | None = None, **overrides) -> DistillationConfig:
+def config(tmp_path, losses: dict | None = None, config_class=DistillationConfig, **overrides) -> DistillationConfig:
     settings = dict(
         output_dir=str(tmp_path),
         max_steps=4,
@@ -126,4 +126,4 @@ def config(tmp_path, losses: dict | None = None, **overrides) -> DistillationCon
     if losses is not None:
         settings["losses"] = losses
     settings.update(overrides)
-    return DistillationConfig(**settings)
+    return config_class(**settings)

@@ -25,7 +25,7 @@ from transformers import (
     WhisperForConditionalGeneration,
 )
 
-from hf_distill import DistillationTrainer
+from hf_distill import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer, DistillationTrainer
 from hf_distill.losses import SoftTargetLoss
 
 SEQ2SEQ_LOSSES = {
@@ -265,3 +265,41 @@ def test_other_misuse_is_refused(tmp_path):
     segmenter = SegformerForSemanticSegmentation(SegformerConfig(**settings))
     with pytest.raises(ValueError, match="soft_target does not support a SegformerForSemanticSegmentation"):
         SoftTargetLoss().setup(segmenter, SegformerForSemanticSegmentation(SegformerConfig(**settings)))
+
+
+def test_generation_in_evaluation_keeps_the_distillation_terms(tmp_path):
+    student, test = bart(seed=2, layers=1, width=16), seq2seq_dataset(6, seed=3)
+    seen = {}
+
+    def compute_metrics(prediction):
+        if isinstance(prediction.predictions, tuple):  # teacher-forced logits: predict_with_generate is off
+            return {}
+        seen["predictions"], seen["labels"] = prediction.predictions, prediction.label_ids
+        return {"exact": float((prediction.predictions[:, 1:4] == prediction.label_ids[:, :3]).all(1).mean())}
+
+    args = config(tmp_path, SEQ2SEQ_LOSSES, per_device_eval_batch_size=6, predict_with_generate=True,
+                  generation_max_length=6, config_class=DistillationSeq2SeqConfig)  # fmt: skip
+    trainer = DistillationSeq2SeqTrainer(
+        model=student,
+        teacher_model=bart(seed=1),
+        args=args,
+        train_dataset=seq2seq_dataset(),
+        compute_metrics=compute_metrics,
+    )
+    generated = trainer.evaluate(test)
+    trainer.args.predict_with_generate = False
+    forced = trainer.evaluate(test)
+    for term in ("loss", *SEQ2SEQ_LOSSES):
+        assert generated[f"eval_{term}"] == pytest.approx(forced[f"eval_{term}"], rel=1e-6)
+    assert "eval_exact" in generated
+    trainer.args.predict_with_generate = True
+    trainer.evaluate(test)
+    with torch.no_grad():
+        batch = {key: torch.tensor(test[key]) for key in ("input_ids", "attention_mask")}
+        tokens = student.generate(**batch, max_length=6)
+    assert torch.equal(torch.as_tensor(seen["predictions"])[:, : tokens.shape[1]], tokens)
+    assert torch.equal(torch.as_tensor(seen["labels"]), torch.tensor(test["labels"]))
+    trainer.train()  # training is DistillationTrainer's
+    assert all(entry["soft_target"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    with pytest.raises(TypeError, match="DistillationSeq2SeqConfig"):
+        DistillationSeq2SeqTrainer(model=student, teacher_model=bart(seed=1), args=config(tmp_path, SEQ2SEQ_LOSSES))
