@@ -69,6 +69,10 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
     are then `[rows, vocab]`, the labeled positions in row-major order. A model whose logits no configured loss
     reads (say, the teacher of `hard_label` + `hidden_state`) projects no position at all (`[0, vocab]`).
     Evaluation and prediction see full logits.
+
+    For an encoder-decoder student (BART, T5, Whisper...), the decoder inputs are built once from the labels with
+    the student's rule and given to both models ([`hf_distill.seq2seq`]); losses on hidden states then name a
+    `stack`. A teacher that takes `use_cache` runs with `use_cache=False`.
     """
 
     # Terms are normalised over the whole accumulated batch (see get_batch_samples): no further division.
