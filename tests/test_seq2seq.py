@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from helpers import VOCAB, bert_masked_lm, config, text_dataset
+from helpers import VOCAB, bert_classifier, bert_masked_lm, config, text_dataset
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import (
@@ -265,6 +266,14 @@ def test_other_misuse_is_refused(tmp_path):
     segmenter = SegformerForSemanticSegmentation(SegformerConfig(**settings))
     with pytest.raises(ValueError, match="soft_target does not support a SegformerForSemanticSegmentation"):
         SoftTargetLoss().setup(segmenter, SegformerForSemanticSegmentation(SegformerConfig(**settings)))
+    # A classifier of some other kind whose logits are not [batch, classes] is stopped at its first step.
+    loss = SoftTargetLoss()
+    loss.setup(bert_classifier(seed=2), bert_classifier(seed=1))
+    logits = SimpleNamespace(logits=torch.zeros(2, 3, 2))
+    with pytest.raises(
+        ValueError, match=r"expects a classifier's \[batch, classes\] logits, but the student returned"
+    ):
+        loss(logits, logits, {})
 
 
 def test_generation_in_evaluation_keeps_the_distillation_terms(tmp_path):
