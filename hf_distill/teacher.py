@@ -13,12 +13,17 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
+    AutoModelForSpeechSeq2Seq,
     AutoModelForTokenClassification,
     PreTrainedModel,
 )
 
+# Encoder-decoders first: BART's generation head is listed under masked LM too.
 _TASK_AUTO_CLASSES = (
+    AutoModelForSeq2SeqLM,
+    AutoModelForSpeechSeq2Seq,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoModelForMaskedLM,
