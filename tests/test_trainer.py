@@ -436,3 +436,30 @@ def test_a_half_precision_teacher_under_mixed_precision(tmp_path, monkeypatch, p
         for term in losses:
             assert np.isfinite(half_entry[term])
             assert half_entry[term] == pytest.approx(full_entry[term], rel=0.05, abs=1e-3), term
+
+
+def _pad_further(dataset, extra):
+    """The same examples with `extra` more padding positions (pad id 0, mask 0, label -100)."""
+    return dataset.map(
+        lambda row: {
+            "input_ids": row["input_ids"] + [0] * extra,
+            "attention_mask": row["attention_mask"] + [0] * extra,
+            "labels": row["labels"] + [-100] * extra,
+        }
+    )
+
+
+@pytest.mark.parametrize("method", ["similarity", "distance"])
+def test_relation_on_token_logits_ignores_the_padding_length(tmp_path, method):
+    losses = {"relation": {"source": "logits", "method": method}, "soft_target": {}}
+    trainer = DistillationTrainer(
+        model=bert_masked_lm(seed=2, layers=2),
+        teacher_model=bert_masked_lm(seed=1),
+        args=config(tmp_path, losses),
+        train_dataset=masked_lm_dataset(),
+    )
+    data = masked_lm_dataset(8, seed=3)
+    short, long = trainer.evaluate(data), trainer.evaluate(_pad_further(data, 6))
+    assert short["eval_relation"] > 0
+    assert long["eval_relation"] == pytest.approx(short["eval_relation"], rel=1e-5)
+    assert long["eval_soft_target"] == pytest.approx(short["eval_soft_target"], rel=1e-5)

@@ -270,7 +270,8 @@ class RelationLoss(DistillationLoss):
         method (`str`, defaults to `"similarity"`): `"similarity"` compares row-normalised batch Gram matrices
             (similarity-preserving KD); `"distance"` compares mean-normalised pairwise distances (RKD-D).
         source (`str`, defaults to `"hidden_state"`): `"hidden_state"` (the layer below, mean-pooled over real
-            tokens, or over the grid for convolutional maps) or `"logits"`.
+            tokens, or over the grid for convolutional maps) or `"logits"` (each example's logits flattened; for
+            per-token logits, those of padding positions are zeroed first, so the padding length changes nothing).
         layer (`int`, defaults to -1): index into `hidden_states` when `source="hidden_state"`.
         stack (`str`, *optional*): with `source="hidden_state"` on encoder-decoder models, `"encoder"` (pooled
             over real tokens) or `"decoder"` (pooled over labeled positions); required for them.
@@ -320,7 +321,12 @@ class RelationLoss(DistillationLoss):
 
     def _features(self, outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.source == "logits":
-            return outputs.logits
+            logits = outputs.logits
+            mask = token_mask(inputs)
+            if logits.dim() == 3 and mask is not None and mask.shape == logits.shape[:2]:
+                # Per-position logits: padding positions are zeroed so the relations ignore the padding length.
+                return logits.float() * mask.to(logits.device, torch.float32).unsqueeze(-1)
+            return logits
         hidden = stack_states(outputs, self.stack)[self.layer]
         if hidden.dim() == 4:  # convolutional map [batch, channels, height, width]
             return hidden.float().mean((-2, -1))
