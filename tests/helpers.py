@@ -7,6 +7,7 @@ from datasets import Dataset
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
@@ -47,6 +48,11 @@ def bert_masked_lm(seed: int = 0, **config) -> BertForMaskedLM:
     return BertForMaskedLM(bert_config(**config))
 
 
+def bert_qa(seed: int = 0, layers: int = 4) -> BertForQuestionAnswering:
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(bert_config(layers=layers))
+
+
 def vit_classifier(seed: int = 0, **overrides) -> ViTForImageClassification:
     torch.manual_seed(seed)
     settings = dict(
@@ -83,6 +89,16 @@ def text_dataset(size: int = 32, seed: int = 0, labels: bool = True) -> Dataset:
     if labels:
         columns["label"] = (input_ids[:, 0] % 2).tolist()
     return Dataset.from_dict(columns)
+
+
+def qa_dataset(size: int = 32, seed: int = 0) -> Dataset:
+    """Padded sequences with an answer span inside each one's real tokens."""
+    data = text_dataset(size, seed, labels=False)
+    lengths = torch.tensor(data["attention_mask"]).sum(1)
+    generator = torch.Generator().manual_seed(seed)
+    start = (torch.rand(size, generator=generator) * (lengths - 1)).long()
+    end = start + (torch.rand(size, generator=generator) * (lengths - start)).long()
+    return data.add_column("start_positions", start.tolist()).add_column("end_positions", end.tolist())
 
 
 def masked_lm_dataset(size: int = 32, seed: int = 0) -> Dataset:

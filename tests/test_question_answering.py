@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from helpers import bert_classifier, bert_config, config, text_dataset
+from helpers import bert_classifier, bert_qa, config, qa_dataset
 from transformers import AutoModelForQuestionAnswering, BertForQuestionAnswering
 
 from hf_distill import DistillationTrainer
@@ -19,21 +18,6 @@ QA_LOSSES = {
     "hard_label": {"weight": 0.5},
     "hidden_state": {"weight": 1.0, "distance": "cosine", "layer_map": [[-1, -1]]},
 }
-
-
-def bert_qa(seed: int, layers: int = 4) -> BertForQuestionAnswering:
-    torch.manual_seed(seed)
-    return BertForQuestionAnswering(bert_config(layers=layers))
-
-
-def qa_dataset(size: int = 32, seed: int = 0) -> Dataset:
-    """Padded sequences with an answer span inside each one's real tokens."""
-    data = text_dataset(size, seed, labels=False)
-    lengths = torch.tensor(data["attention_mask"]).sum(1)
-    generator = torch.Generator().manual_seed(seed)
-    start = (torch.rand(size, generator=generator) * (lengths - 1)).long()
-    end = start + (torch.rand(size, generator=generator) * (lengths - start)).long()
-    return data.add_column("start_positions", start.tolist()).add_column("end_positions", end.tolist())
 
 
 def test_span_soft_target_is_the_mean_of_start_and_end_divergences_over_real_positions():
@@ -113,14 +97,6 @@ def test_question_answering_errors_name_the_fix(tmp_path):
             args=config(tmp_path, {"relation": {"source": "logits"}}),
             train_dataset=qa_dataset(),
         )
-    with pytest.raises(ValueError, match="does not store question-answering"):
-        DistillationTrainer(
-            model=bert_qa(seed=2, layers=2),
-            teacher_model=bert_qa(seed=1),
-            args=config(tmp_path, {"soft_target": {}}, teacher_cache=str(tmp_path / "cache")),
-            train_dataset=qa_dataset(),
-        )
-    assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="add 'start_positions' and 'end_positions' columns"):
         DistillationTrainer(
             model=bert_qa(seed=2, layers=2),

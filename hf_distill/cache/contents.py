@@ -31,11 +31,7 @@ def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None
             "drop them"
         )
     soft_targets = [loss for loss in teacher_losses if isinstance(loss, SoftTargetLoss)]
-    if any(loss.span for loss in soft_targets):
-        raise ValueError(
-            "a teacher cache does not store question-answering start and end logits: distil this student online "
-            "(teacher_cache=None)"
-        )
+    span = any(loss.span for loss in soft_targets)
     token_level = any(loss.token_level for loss in soft_targets)
     reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
     if token_level and any("logits" in loss.teacher_outputs for loss in teacher_losses if loss not in soft_targets):
@@ -54,8 +50,9 @@ def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None
             wanted = loss.teacher_hidden_layers()
             layers |= set(range(num_hidden_states)) if wanted is None else {i % num_hidden_states for i in wanted}
     dense = not token_level or top_k <= 0
+    kind = "span" if span else ("dense" if dense else "top_k")
     return {
-        "logits": None if not reads_logits else ("dense" if dense else "top_k"),
+        "logits": kind if reads_logits else None,
         "token_level": token_level,
         "shift": any(loss.shift for loss in soft_targets),
         "top_k": None if dense or not reads_logits else int(top_k),
@@ -127,7 +124,13 @@ class OutputExtractor:
     def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         contents = self.contents
         stored = {"checksum": input_checksums(inputs)[1]}
-        if contents["logits"] is not None and not contents["token_level"]:
+        if contents["logits"] == "span":
+            # Question answering: start and end logits at the real tokens (the loss leaves padding out).
+            mask = _real_tokens(inputs, outputs.start_logits)
+            stored["span_rows"] = mask.sum(1)
+            stored["span.start_logits"] = outputs.start_logits[mask].float()
+            stored["span.end_logits"] = outputs.end_logits[mask].float()
+        elif contents["logits"] is not None and not contents["token_level"]:
             stored["logits"] = outputs.logits.float()
         elif contents["logits"] is not None:
             mask = self.soft_target.position_mask(inputs)
@@ -197,11 +200,13 @@ class CachedHiddenStates:
 
 
 class CachedTeacherOutputs:
-    """Stands in for the teacher's model output when training from a cache: `logits`, `hidden_states`, and for
-    token-level tasks `token_targets` (the soft-target rows), each only as far as the cache holds it."""
+    """Stands in for the teacher's model output when training from a cache: `logits`, `hidden_states`, for
+    token-level tasks `token_targets` (the soft-target rows) and for question answering `start_logits` and
+    `end_logits`, each only as far as the cache holds it."""
 
-    def __init__(self, logits=None, hidden_states=None, token_targets=None):
+    def __init__(self, logits=None, hidden_states=None, token_targets=None, start_logits=None, end_logits=None):
         self._logits, self.hidden_states, self.token_targets = logits, hidden_states, token_targets
+        self.start_logits, self.end_logits = start_logits, end_logits
         self.attentions = None
 
     @property
@@ -209,7 +214,8 @@ class CachedTeacherOutputs:
         if self._logits is None:
             raise ValueError(
                 "this teacher cache holds no per-example logits (token-level caches keep the soft-target rows of the "
-                "counted positions only); train losses that need the teacher's full logits online"
+                "counted positions only, question-answering caches start_logits and end_logits); train losses that "
+                "need the teacher's full logits online"
             )
         return self._logits
 
@@ -235,8 +241,25 @@ def assemble(
             layer_states[mask] = rows  # real tokens back in place; padding stays zero (the losses mask it)
             layers[layer] = layer_states
         hidden = CachedHiddenStates(layers, contents["num_hidden_states"])
+    spans = {}
+    if contents["logits"] == "span":
+        mask = inputs.get("attention_mask")
+        for name in ("start_logits", "end_logits"):
+            rows = gathered[f"span.{name}"].to(device)
+            if mask is None:  # every position was stored
+                spans[name] = rows.reshape(len(gathered["checksum"]), -1)
+            else:  # real tokens back in place; padding stays zero (the loss leaves it out)
+                spans[name] = rows.new_zeros(mask.shape).masked_scatter(mask.bool().to(device), rows)
     logits = _maybe(gathered, "logits", device)
-    return CachedTeacherOutputs(logits=logits, hidden_states=hidden, token_targets=token_targets)
+    return CachedTeacherOutputs(logits=logits, hidden_states=hidden, token_targets=token_targets, **spans)
+
+
+def _real_tokens(inputs: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """The real (non-padding) positions of a `[batch, length]` tensor: `attention_mask`, or every position."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return mask.bool().to(like.device)
 
 
 def _maybe(gathered: dict[str, torch.Tensor], name: str, device: torch.device) -> torch.Tensor | None:

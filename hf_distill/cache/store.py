@@ -9,8 +9,9 @@
 Each shard holds, for its examples in order: `checksum` (one number per example's inputs), and the teacher
 outputs the losses need: `logits` `[examples, classes]`; or, token-level, `rows` (counted positions per
 example) with `token.logits` `[rows, vocab]` or `token.values` / `token.indices` `[rows, k]` and
-`token.log_normalizer` / `token.tail` `[rows, temperatures]`; and `hidden.<layer>`, by example, or for text
-by real token with `hidden_rows` (real tokens per example).
+`token.log_normalizer` / `token.tail` `[rows, temperatures]`; or, for question answering, `span.start_logits` and
+`span.end_logits` by real token with `span_rows` (real tokens per example); and `hidden.<layer>`, by example, or
+for text by real token with `hidden_rows` (real tokens per example).
 Reading slices the memory-mapped shards, so no whole-cache tensor is ever loaded.
 """
 
@@ -31,7 +32,7 @@ RECORD_NAME = "cache.json"
 BUILDING_NAME = "building.json"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{9})-(\d{9})\.safetensors$")
 #: Tensors stored by rows (several per example) rather than by example: name prefix -> tensor of row counts.
-ROW_COUNTS = {"token.": "rows", "hidden.": "hidden_rows"}
+ROW_COUNTS = {"token.": "rows", "hidden.": "hidden_rows", "span.": "span_rows"}
 
 
 def shard_name(start: int, end: int) -> str:

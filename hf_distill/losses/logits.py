@@ -132,9 +132,10 @@ class SoftTargetLoss(DistillationLoss):
     masked and causal LMs and token classification, counting only positions whose label is not -100 (for masked
     LM: the masked positions, as DistilBERT does) or, without labels, the non-padding positions.
 
-    From a teacher-output cache ([`hf_distill.cache`]), classification uses the stored logits (the same loss);
-    token-level tasks use the stored rows of the counted positions: every logit (the same loss) or the top k,
-    with [`~hf_distill.losses.functional.topk_soft_target_loss`]'s documented approximation.
+    From a teacher-output cache ([`hf_distill.cache`]), classification and question answering use the stored
+    logits (the same loss); token-level tasks use the stored rows of the counted positions: every logit (the
+    same loss) or the top k, with [`~hf_distill.losses.functional.topk_soft_target_loss`]'s documented
+    approximation.
 
     A language model's logits may also arrive as `[rows, vocab]`, the counted positions only, in row-major
     order ([`hf_distill.logit_rows`]): the same loss on the same rows.
