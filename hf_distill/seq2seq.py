@@ -37,7 +37,8 @@ _DEPTH_ATTRIBUTES = {"encoder": ("encoder_layers", "num_layers"), "decoder": ("d
 def is_seq2seq(model: Any) -> bool:
     """Whether `model` is an encoder-decoder language model whose decoder predicts `labels` position by position."""
     config = getattr(model, "config", None)
-    return type(model).__name__ in SEQ2SEQ_CLASSES and bool(getattr(config, "is_encoder_decoder", False))
+    name = getattr(model, "class_name", None) or type(model).__name__  # a teacher known from its cache: its class
+    return name in SEQ2SEQ_CLASSES and bool(getattr(config, "is_encoder_decoder", False))
 
 
 def decoder_start_token_id(model: nn.Module) -> int | None:

@@ -132,7 +132,7 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         self.seq2seq = is_seq2seq(student)
         self._teacher_flags = teacher_call_flags(teacher)
         if teacher is None and cache is not None:
-            teacher = ConfigOnly(cache.teacher_config())  # what the losses' setup reads of a teacher
+            teacher = ConfigOnly(cache.teacher_config(), cache.record["teacher"]["class"])  # what setup reads
         for _, loss in terms.values():
             loss.setup(student, teacher)
         student_dtype = next(student.parameters()).dtype

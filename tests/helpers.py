@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
+    T5Config,
+    T5ForConditionalGeneration,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -19,6 +23,7 @@ from hf_distill import DistillationConfig
 
 VOCAB = 64
 SEQ_LEN = 12
+TARGET_LEN = 8
 IMAGE = 32
 
 
@@ -121,6 +126,44 @@ def image_dataset(size: int = 24, seed: int = 0, num_labels: int = 3) -> Dataset
     pixels = torch.randn(size, 3, IMAGE, IMAGE, generator=generator)
     labels = torch.randint(0, num_labels, (size,), generator=generator)
     return Dataset.from_dict({"pixel_values": pixels.tolist(), "label": labels.tolist()}).with_format("torch")
+
+
+def bart(seed: int, layers: int = 2, width: int = 32, **overrides) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=VOCAB,
+        d_model=width,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * width,
+        decoder_ffn_dim=2 * width,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    settings.update(overrides)
+    return BartForConditionalGeneration(BartConfig(**settings))
+
+
+def t5(seed: int, layers: int = 2, width: int = 32) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, d_model=width, d_ff=2 * width, d_kv=8, num_heads=2, num_layers=layers,
+                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    return T5ForConditionalGeneration(T5Config(**settings))
+
+
+def seq2seq_dataset(size: int = 16, seed: int = 0, padded: bool = True) -> Dataset:
+    """Sources padded to one length, and targets of 2..TARGET_LEN tokens padded with -100 (or left ragged)."""
+    data = text_dataset(size, seed, labels=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    targets = torch.randint(5, VOCAB, (size, TARGET_LEN), generator=generator)
+    lengths = torch.randint(2, TARGET_LEN + 1, (size,), generator=generator)
+    labels = [row[:length] + ([-100] * (TARGET_LEN - length) if padded else []) for row, length in
+              zip(targets.tolist(), lengths.tolist(), strict=True)]  # fmt: skip
+    return data.add_column("labels", labels)
 
 
 def config(tmp_path, losses: dict | None = None, config_class=DistillationConfig, **overrides) -> DistillationConfig:

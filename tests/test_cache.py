@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 from helpers import (
+    VOCAB,
+    bart,
     bert_classifier,
     bert_masked_lm,
     bert_qa,
@@ -17,14 +19,21 @@ from helpers import (
     masked_lm_dataset,
     mobilenet_classifier,
     qa_dataset,
+    seq2seq_dataset,
     text_dataset,
     vit_classifier,
 )
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding, PreTrainedTokenizerFast
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerFast,
+)
 
 from hf_distill import DistillationTrainer
 from hf_distill.cache import INDEX_KEY, TeacherCache
 from hf_distill.pipeline import build_student
+from hf_distill.seq2seq import with_decoder_inputs
 
 MLM_LOSSES = {
     "soft_target": {"weight": 1.0, "temperature": 2.0},
@@ -33,6 +42,13 @@ MLM_LOSSES = {
 }
 CLASSIFIER_LOSSES = {"soft_target": {"weight": 0.5, "temperature": 4.0}, "hard_label": {"weight": 0.5}}
 QA_LOSSES = {**MLM_LOSSES, "soft_target": {"weight": 1.0, "temperature": 3.0}}
+SEQ2SEQ_LOSSES = {
+    "soft_target": {"weight": 1.0, "temperature": 2.0},
+    "hard_label": {"weight": 0.5},
+    "encoder_hidden": {"type": "hidden_state", "stack": "encoder", "distance": "cosine", "layer_map": [[1, 2]]},
+    "decoder_hidden": {"type": "hidden_state", "stack": "decoder"},
+    "decoder_relation": {"type": "relation", "stack": "decoder"},
+}
 
 
 class Stack:
@@ -64,6 +80,9 @@ def setups():
     yield "classifier", bert_classifier(0), bert_classifier(1, layers=2), text_dataset(24), None, CLASSIFIER_LOSSES
     yield "vision", vit_classifier(0), mobilenet_classifier(1), image_dataset(24), None, CLASSIFIER_LOSSES
     yield "question-answering", bert_qa(0), bert_qa(1, layers=2), qa_dataset(24), None, QA_LOSSES
+    # Ragged targets padded per batch: the cache is built at another padding length than it is trained at.
+    data, collator = seq2seq_dataset(24, padded=False), DataCollatorForSeq2Seq(tokenizer(), label_pad_token_id=-100)
+    yield "encoder-decoder", bart(0), bart(1, layers=1, width=16), data, collator, SEQ2SEQ_LOSSES
 
 
 def train(tmp_path, name, teacher, student, data, collator, losses, **overrides):
@@ -82,7 +101,7 @@ def train_logs(trainer):
     return [log for log in trainer.state.log_history if "loss" in log]
 
 
-@pytest.mark.parametrize("task", ["masked-lm", "classifier", "vision", "question-answering"])
+@pytest.mark.parametrize("task", ["masked-lm", "classifier", "vision", "question-answering", "encoder-decoder"])
 def test_dense_cache_trains_exactly_like_online_distillation(tmp_path, task):
     _, teacher, student, data, collator, losses = next(s for s in setups() if s[0] == task)
     online_student = copy.deepcopy(student)
@@ -314,3 +333,39 @@ def test_question_answering_cache_matches_online_under_other_padding(tmp_path):
     for online_log, cached_log in zip(train_logs(online), train_logs(cached), strict=True):
         for term in [*QA_LOSSES, "loss"]:
             assert cached_log[term] == pytest.approx(online_log[term], rel=1e-6, abs=1e-6), term
+
+
+def test_encoder_decoder_cache_checks_labels_and_serves_top_k(tmp_path):
+    data, collator = seq2seq_dataset(16), DataCollatorForSeq2Seq(tokenizer(), label_pad_token_id=-100)
+    teacher, student = bart(0), bart(1, layers=1, width=16)
+    losses = {"soft_target": {"weight": 1.0, "temperature": 2.0}}
+    online = train(tmp_path, "online", teacher, copy.deepcopy(student), data, collator, losses)
+    top_k = train(tmp_path, "top_k", teacher, student, data, collator, losses, teacher_cache=str(tmp_path / "k"),
+                  teacher_cache_top_k=VOCAB)  # fmt: skip
+    # Every token kept through the top-k arithmetic: the same divergence, float32 rounding apart.
+    assert top_k.state.log_history[0]["soft_target"] == pytest.approx(
+        online.state.log_history[0]["soft_target"], rel=1e-4
+    )
+    # The decoder reads the labels, so a changed label (same positions counted) is caught like a changed input.
+    batch = with_decoder_inputs(student, collator([data[i] for i in (3, 4)]))
+    top_k.teacher_cache.outputs_for([3, 4], batch, torch.device("cpu"))
+    batch["labels"][0, 0] += 1
+    with pytest.raises(ValueError, match=r"examples \[3\] differ"):
+        top_k.teacher_cache.outputs_for([3, 4], batch, torch.device("cpu"))
+
+
+def test_encoder_decoder_student_trains_from_the_cache_alone(tmp_path):
+    data, collator = seq2seq_dataset(16), DataCollatorForSeq2Seq(tokenizer(), label_pad_token_id=-100)
+    cache_dir = str(tmp_path / "cache")
+    first = train(tmp_path, "first", bart(0), bart(1, layers=1, width=16), data, collator, SEQ2SEQ_LOSSES,
+                  teacher_cache=cache_dir)  # fmt: skip
+    second = DistillationTrainer(
+        model=bart(1, layers=1, width=16),
+        args=config(tmp_path / "second", SEQ2SEQ_LOSSES, max_steps=5, teacher_cache=cache_dir),
+        train_dataset=data,
+        data_collator=collator,
+    )
+    second.train()
+    # The same student from the same start on the same cache: the same run, without a teacher.
+    for before, after in zip(train_logs(first), train_logs(second), strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)

@@ -9,7 +9,8 @@ What is stored follows the losses: the full logits of classifiers; for token-lev
 LM, token classification) the rows of the positions the soft-target loss counts, with every logit
 (`teacher_cache_top_k=0`, the exact loss) or the top k and the mass of the rest (an approximation, see
 `losses.functional.topk_soft_target_loss`); for question answering the start and end logits of the real
-tokens; the hidden-state layers the losses read. A record of the
+tokens; for encoder-decoder models the same rows at the labeled decoder positions, and the labels' checksum;
+the hidden-state layers the losses read (per stack for encoder-decoders). A record of the
 teacher's weights (sha256), the data (size and `datasets` fingerprint), the collator and the contents sits
 beside the shards, and a cache that does not match the run is refused. Each example also keeps a checksum of
 its inputs, checked before training (first batch) and at every step, so random masking or augmentation,

@@ -9,18 +9,29 @@ from typing import Any
 import torch
 
 from ..losses import DistillationLoss, SoftTargetLoss
+from ..losses.base import position_mask
 from ..losses.functional import teacher_top_k
+from ..seq2seq import is_seq2seq, stack_size
 
 #: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.
 CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
 _CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+#: Where each stack's hidden states live in a model's output and in a cache: `<prefix>hidden_states` (None: a
+#: model with one stack; "encoder", "decoder": those of an encoder-decoder model).
+STATE_PREFIXES = {"": None, "encoder_": "encoder", "decoder_": "decoder"}
+#: Contents keys a record may lack (the stacks a model does not have; caches written before encoder-decoders).
+_ABSENT = {
+    "seq2seq": False,
+    **{f"{prefix}hidden_layers": [] for prefix in STATE_PREFIXES},
+    **{f"num_{prefix}hidden_states": None for prefix in STATE_PREFIXES},
+}
 
 
-def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None, top_k: int) -> dict[str, Any]:
+def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> dict[str, Any]:
     """What the cache must hold for `losses` (already `setup`): a JSON-able description, part of its record.
 
-    `num_hidden_states` is the length of the teacher's `hidden_states` (layers + 1); `top_k` is used for
-    token-level logits (0 keeps every logit).
+    `teacher` is the teacher model (or an object with its `config`), read for the depth of its layer stacks;
+    `top_k` is used for token-level logits (0 keeps every logit).
     """
     teacher_losses = [loss for loss in losses if loss.needs_teacher]
     refused = [loss.term for loss in teacher_losses if not loss.cacheable]
@@ -39,33 +50,53 @@ def cache_contents(losses: list[DistillationLoss], num_hidden_states: int | None
             "only soft_target can read a token-level teacher's logits from a cache (it stores the counted positions "
             "only); train the other logit losses online"
         )
-    layers: set[int] = set()
-    for loss in teacher_losses:
-        if "hidden_states" in loss.teacher_outputs and num_hidden_states is None:
-            raise ValueError(
-                f"losses[{loss.term!r}] reads the teacher's hidden states, but its config has no num_hidden_layers "
-                "to tell how many it returns; train this loss online (teacher_cache=None)"
-            )
-        if "hidden_states" in loss.teacher_outputs:
-            wanted = loss.teacher_hidden_layers()
-            layers |= set(range(num_hidden_states)) if wanted is None else {i % num_hidden_states for i in wanted}
     dense = not token_level or top_k <= 0
     kind = "span" if span else ("dense" if dense else "top_k")
-    return {
+    contents = {
         "logits": kind if reads_logits else None,
         "token_level": token_level,
         "shift": any(loss.shift for loss in soft_targets),
         "top_k": None if dense or not reads_logits else int(top_k),
         "temperatures": [] if dense or not reads_logits else sorted({loss.temperature for loss in soft_targets}),
-        "hidden_layers": sorted(layers),
-        "num_hidden_states": num_hidden_states,
+        "seq2seq": is_seq2seq(teacher),
     }
+    # An encoder-decoder's hidden states come per stack (the losses name theirs); other models have one.
+    for prefix, stack in STATE_PREFIXES.items():
+        if (stack is not None) != contents["seq2seq"]:
+            continue
+        readers = [
+            loss
+            for loss in teacher_losses
+            if "hidden_states" in loss.teacher_outputs and getattr(loss, "stack", None) == stack
+        ]
+        count = _num_hidden_states(teacher, stack, readers)
+        layers: set[int] = set()
+        for loss in readers:
+            wanted = loss.teacher_hidden_layers()
+            layers |= set(range(count)) if wanted is None else {i % count for i in wanted}
+        contents[f"{prefix}hidden_layers"] = sorted(layers)
+        contents[f"num_{prefix}hidden_states"] = count
+    return contents
+
+
+def _num_hidden_states(teacher: Any, stack: str | None, readers: list[DistillationLoss]) -> int | None:
+    """How many hidden states (layers + 1) the teacher returns for a stack (its only one when `stack` is None)."""
+    if stack is not None:
+        return stack_size(teacher, stack, "num_hidden_layers", readers[0].term if readers else stack) + 1
+    depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
+    if depth is None and readers:
+        raise ValueError(
+            f"losses[{readers[0].term!r}] reads the teacher's hidden states, but its config has no num_hidden_layers "
+            "to tell how many it returns; train this loss online (teacher_cache=None)"
+        )
+    return None if depth is None else depth + 1
 
 
 def contents_mismatch(stored: dict[str, Any], needed: dict[str, Any]) -> list[str]:
     """Why a cache holding `stored` cannot serve losses that need `needed` (empty when it can)."""
     problems = []
-    for key in ("token_level", "shift", "num_hidden_states"):
+    stored, needed = {**_ABSENT, **stored}, {**_ABSENT, **needed}
+    for key in ("token_level", "shift", "seq2seq", *(f"num_{prefix}hidden_states" for prefix in STATE_PREFIXES)):
         if stored[key] != needed[key]:
             problems.append(f"{key} is {stored[key]} in the cache, {needed[key]} now")
     if needed["logits"] is not None and (stored["logits"], stored["top_k"]) != (needed["logits"], needed["top_k"]):
@@ -73,7 +104,7 @@ def contents_mismatch(stored: dict[str, Any], needed: dict[str, Any]) -> list[st
             f"the cache keeps {stored['logits'] or 'no'} logits (top_k {stored['top_k']}), the losses now need "
             f"{needed['logits']} logits (top_k {needed['top_k']})"
         )
-    for key in ("temperatures", "hidden_layers"):
+    for key in ("temperatures", *(f"{prefix}hidden_layers" for prefix in STATE_PREFIXES)):
         missing = sorted(set(needed[key]) - set(stored[key]))
         if missing:
             problems.append(f"{key} {missing} are needed but the cache has only {stored[key]}")
@@ -97,14 +128,32 @@ def input_checksums(inputs: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
         mask = inputs.get("attention_mask")
         if key != "input_ids" or mask is None:
             mask = torch.ones_like(flat)
-        mask = mask.reshape(flat.shape).long()
-        ranks = mask.cumsum(1) * mask
-        return key, ((flat.long() + 1) * ranks).sum(1).double()
+        return key, _token_checksum(flat, mask.reshape(flat.shape))
     weights = _CHECKSUM_WEIGHTS.get((flat.shape[1], str(flat.device)))
     if weights is None:
         steps = torch.arange(flat.shape[1], dtype=torch.float64, device=flat.device)
         weights = _CHECKSUM_WEIGHTS.setdefault((flat.shape[1], str(flat.device)), 1.0 + 0.5 * torch.sin(steps))
     return key, flat.double() @ weights
+
+
+def label_checksums(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """One exact number per example from an encoder-decoder's labels (which set its decoder inputs); the decoder
+    inputs stand in for them in a batch without labels."""
+    labels = inputs.get("labels")
+    if labels is None:
+        labels = inputs.get("decoder_input_ids")
+    if labels is None:
+        raise ValueError(
+            "a teacher cache for an encoder-decoder model needs labels (or decoder_input_ids) in each batch"
+        )
+    return _token_checksum(labels, labels.ne(-100))
+
+
+def _token_checksum(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of (id + 1) x (1 + rank among the counted tokens), per row: exact in float64, blind to padding."""
+    mask = mask.long()
+    ranks = mask.cumsum(1) * mask
+    return ((ids.long() + 1) * ranks).sum(1).double()
 
 
 def same_inputs(stored: torch.Tensor, seen: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -150,13 +199,19 @@ class OutputExtractor:
                 stored["token.log_normalizer"] = normalizer
                 if tail is not None:
                     stored["token.tail"] = tail
-        if contents["hidden_layers"]:
-            text_mask = inputs.get("attention_mask")
-            if text_mask is not None:
-                stored["hidden_rows"] = text_mask.sum(1)
-            for layer in contents["hidden_layers"]:
-                hidden = outputs.hidden_states[layer]
-                stored[f"hidden.{layer}"] = hidden if text_mask is None else hidden[text_mask.bool()]
+        if contents.get("seq2seq"):
+            stored["label_checksum"] = label_checksums(inputs)
+        for prefix, stack in STATE_PREFIXES.items():
+            if not contents.get(f"{prefix}hidden_layers"):
+                continue
+            # Real tokens (labeled positions for a decoder) only; without a mask, whole examples.
+            mask = position_mask(inputs, stack)
+            if mask is not None:
+                stored[f"{prefix}hidden_rows"] = mask.sum(1)
+            states = getattr(outputs, f"{prefix}hidden_states")
+            for layer in contents[f"{prefix}hidden_layers"]:
+                hidden = states[layer]
+                stored[f"{prefix}hidden.{layer}"] = hidden if mask is None else hidden[mask.to(hidden.device)]
         return stored
 
 
@@ -200,13 +255,24 @@ class CachedHiddenStates:
 
 
 class CachedTeacherOutputs:
-    """Stands in for the teacher's model output when training from a cache: `logits`, `hidden_states`, for
-    token-level tasks `token_targets` (the soft-target rows) and for question answering `start_logits` and
-    `end_logits`, each only as far as the cache holds it."""
+    """Stands in for the teacher's model output when training from a cache: `logits`, `hidden_states` (for an
+    encoder-decoder `encoder_hidden_states` and `decoder_hidden_states`), for token-level tasks `token_targets`
+    (the soft-target rows) and for question answering `start_logits` and `end_logits`, each only as far as the
+    cache holds it."""
 
-    def __init__(self, logits=None, hidden_states=None, token_targets=None, start_logits=None, end_logits=None):
+    def __init__(
+        self,
+        logits=None,
+        hidden_states=None,
+        token_targets=None,
+        start_logits=None,
+        end_logits=None,
+        encoder_hidden_states=None,
+        decoder_hidden_states=None,
+    ):
         self._logits, self.hidden_states, self.token_targets = logits, hidden_states, token_targets
         self.start_logits, self.end_logits = start_logits, end_logits
+        self.encoder_hidden_states, self.decoder_hidden_states = encoder_hidden_states, decoder_hidden_states
         self.attentions = None
 
     @property
@@ -227,20 +293,22 @@ def assemble(
     token_targets = None
     if contents["token_level"] and contents["logits"] is not None:
         token_targets = TokenTargets(gathered, contents["temperatures"], device)
-    hidden = None
-    if contents["hidden_layers"]:
-        mask = inputs.get("attention_mask")
+    hidden = {}
+    for prefix, stack in STATE_PREFIXES.items():
+        if not contents.get(f"{prefix}hidden_layers"):
+            continue
+        mask = position_mask(inputs, stack)
         layers = {}
-        for layer in contents["hidden_layers"]:
-            rows = gathered[f"hidden.{layer}"].to(device)
+        for layer in contents[f"{prefix}hidden_layers"]:
+            rows = gathered[f"{prefix}hidden.{layer}"].to(device)
             if mask is None:
                 layers[layer] = rows
                 continue
-            mask = mask.bool()
+            mask = mask.to(device)
             layer_states = rows.new_zeros((*mask.shape, rows.shape[-1]))
-            layer_states[mask] = rows  # real tokens back in place; padding stays zero (the losses mask it)
+            layer_states[mask] = rows  # counted positions back in place; the rest stays zero (the losses mask it)
             layers[layer] = layer_states
-        hidden = CachedHiddenStates(layers, contents["num_hidden_states"])
+        hidden[f"{prefix}hidden_states"] = CachedHiddenStates(layers, contents[f"num_{prefix}hidden_states"])
     spans = {}
     if contents["logits"] == "span":
         mask = inputs.get("attention_mask")
@@ -251,7 +319,7 @@ def assemble(
             else:  # real tokens back in place; padding stays zero (the loss leaves it out)
                 spans[name] = rows.new_zeros(mask.shape).masked_scatter(mask.bool().to(device), rows)
     logits = _maybe(gathered, "logits", device)
-    return CachedTeacherOutputs(logits=logits, hidden_states=hidden, token_targets=token_targets, **spans)
+    return CachedTeacherOutputs(logits=logits, token_targets=token_targets, **hidden, **spans)
 
 
 def _real_tokens(inputs: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ outputs the losses need: `logits` `[examples, classes]`; or, token-level, `rows`
 example) with `token.logits` `[rows, vocab]` or `token.values` / `token.indices` `[rows, k]` and
 `token.log_normalizer` / `token.tail` `[rows, temperatures]`; or, for question answering, `span.start_logits` and
 `span.end_logits` by real token with `span_rows` (real tokens per example); and `hidden.<layer>`, by example, or
-for text by real token with `hidden_rows` (real tokens per example).
+for text by real token with `hidden_rows` (real tokens per example); an encoder-decoder's by stack, as
+`encoder_hidden.<layer>` (with `encoder_hidden_rows`) and `decoder_hidden.<layer>` by labeled position (with
+`decoder_hidden_rows`), next to `label_checksum` (its labels set the decoder's inputs).
 Reading slices the memory-mapped shards, so no whole-cache tensor is ever loaded.
 """
 
@@ -32,7 +34,13 @@ RECORD_NAME = "cache.json"
 BUILDING_NAME = "building.json"
 _SHARD_PATTERN = re.compile(r"^shard-(\d{9})-(\d{9})\.safetensors$")
 #: Tensors stored by rows (several per example) rather than by example: name prefix -> tensor of row counts.
-ROW_COUNTS = {"token.": "rows", "hidden.": "hidden_rows", "span.": "span_rows"}
+ROW_COUNTS = {
+    "token.": "rows",
+    "hidden.": "hidden_rows",
+    "encoder_hidden.": "encoder_hidden_rows",
+    "decoder_hidden.": "decoder_hidden_rows",
+    "span.": "span_rows",
+}
 
 
 def shard_name(start: int, end: int) -> str:

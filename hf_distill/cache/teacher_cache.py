@@ -15,7 +15,14 @@ from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from .. import __version__
-from .contents import OutputExtractor, assemble, contents_mismatch, input_checksums, same_inputs
+from .contents import (
+    OutputExtractor,
+    assemble,
+    contents_mismatch,
+    input_checksums,
+    label_checksums,
+    same_inputs,
+)
 from .store import (
     BUILDING_NAME,
     FORMAT_VERSION,
@@ -131,11 +138,13 @@ class TeacherCache:
         gathered = self.reader.gather(examples)
         key, seen = input_checksums(inputs)
         agree = same_inputs(gathered["checksum"], seen, exact=not inputs[key].is_floating_point())
+        if "label_checksum" in gathered:  # an encoder-decoder's outputs also follow its labels
+            agree &= same_inputs(gathered["label_checksum"], label_checksums(inputs), exact=True)
         if not bool(agree.all()):
             changed = [examples[i] for i in (~agree).nonzero().flatten().tolist()]
             raise ValueError(
-                f"the inputs of examples {changed[:8]} differ from those the teacher saw when the cache in "
-                f"{self.directory} was built: random masking or augmentation, or other data. Make the inputs "
+                f"the inputs (or labels) of examples {changed[:8]} differ from those the teacher saw when the cache "
+                f"in {self.directory} was built: random masking or augmentation, or other data. Make the inputs "
                 "deterministic (mask once with a fixed seed, augment nothing) or distil online without the cache."
             )
         return assemble(gathered, inputs, self.contents, device)

@@ -15,16 +15,16 @@ from transformers import DataCollatorForLanguageModeling
 
 from ..losses import SoftTargetLoss
 from ..losses.base import batch_size
-from ..seq2seq import is_seq2seq
+from ..seq2seq import is_seq2seq, with_decoder_inputs
 from .contents import OutputExtractor, cache_contents
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
 
 
 class ConfigOnly:
-    """A teacher known by its config alone (from a cache): what the losses' `setup` reads of a teacher."""
+    """A teacher known by its config and class name alone (from a cache): what the losses' `setup` reads of it."""
 
-    def __init__(self, config: Any):
-        self.config = config
+    def __init__(self, config: Any, class_name: str | None = None):
+        self.config, self.class_name = config, class_name
 
 
 def check_cache_use(args: Any, teacher_terms: list[str], collator: Any) -> TeacherCache | None:
@@ -54,14 +54,8 @@ class TeacherCacheMixin:
 
     def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
         """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
-        if is_seq2seq(self.accelerator.unwrap_model(self.model)):
-            raise ValueError(
-                "a teacher cache does not store encoder-decoder outputs (decoder positions follow the labels): distil "
-                "this student online (teacher_cache=None)"
-            )
         losses = list(self.distillation_losses.values())
-        depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
-        contents = cache_contents(losses, None if depth is None else depth + 1, self.args.teacher_cache_top_k)
+        contents = cache_contents(losses, teacher, self.args.teacher_cache_top_k)
         in_memory = None if isinstance(teacher, ConfigOnly) else teacher
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
         directory = self.args.teacher_cache
@@ -97,8 +91,11 @@ class TeacherCacheMixin:
             collate_fn=collator,
             num_workers=self.args.dataloader_num_workers,
         )
+        student = self.accelerator.unwrap_model(self.model)
         for batch in loader:
-            yield self._prepare_inputs(batch)
+            batch = self._prepare_inputs(batch)
+            # An encoder-decoder teacher reads the decoder inputs the student builds from the labels, as in training.
+            yield with_decoder_inputs(student, batch) if is_seq2seq(student) else batch
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
