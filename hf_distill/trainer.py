@@ -367,12 +367,28 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
+        """The Trainer's loop, plus `<prefix>_<term>` for every term: its mean over the items of the whole set.
+
+        `<prefix>_loss` is then the weighted sum of those means (unless `compute_distillation_loss` is overridden):
+        the loss of the whole set taken as one batch, so it does not depend on the evaluation batch size (the
+        Trainer's own would be a mean of per-batch losses).
+        """
         self._eval_terms = {}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        means = {}
         for term, (total, count) in self._eval_terms.items():
             totals = self.accelerator.reduce(torch.stack([total, count]), reduction="sum")
-            output.metrics[f"{metric_key_prefix}_{term}"] = (totals[0] / totals[1].clamp_min(1)).item()
+            means[term] = (totals[0] / totals[1].clamp_min(1)).item()
+            output.metrics[f"{metric_key_prefix}_{term}"] = means[term]
         self._eval_terms = {}
+        weighted = type(self).compute_distillation_loss is DistillationTrainer.compute_distillation_loss
+        if (
+            weighted
+            and means
+            and f"{metric_key_prefix}_loss" in output.metrics
+            and set(means) <= set(self.loss_weights)
+        ):
+            output.metrics[f"{metric_key_prefix}_loss"] = sum(self.loss_weights[term] * means[term] for term in means)
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

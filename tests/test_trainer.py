@@ -463,3 +463,27 @@ def test_relation_on_token_logits_ignores_the_padding_length(tmp_path, method):
     assert short["eval_relation"] > 0
     assert long["eval_relation"] == pytest.approx(short["eval_relation"], rel=1e-5)
     assert long["eval_soft_target"] == pytest.approx(short["eval_soft_target"], rel=1e-5)
+
+
+def test_eval_loss_is_the_weighted_sum_of_the_terms_whatever_the_batch_size(tmp_path):
+    losses = {
+        "soft_target": {"weight": 1.0, "temperature": 2.0},
+        "hard_label": {"weight": 0.5},
+        "hidden_state": {"weight": 2.0, "distance": "cosine", "layer_map": [[-1, -1]]},
+    }
+    trainer = DistillationTrainer(
+        model=bert_masked_lm(seed=2, layers=2),
+        teacher_model=bert_masked_lm(seed=1),
+        args=config(tmp_path, losses),
+        train_dataset=masked_lm_dataset(),
+    )
+    data = masked_lm_dataset(13, seed=4)  # batches of 3 with uneven counts of masked and real tokens
+    trainer.args.per_device_eval_batch_size = 3
+    small = trainer.evaluate(data)
+    trainer.args.per_device_eval_batch_size = 13
+    whole = trainer.evaluate(data)
+    for metrics in (small, whole):
+        expected = sum(spec["weight"] * metrics[f"eval_{term}"] for term, spec in losses.items())
+        assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
+    for key in ("eval_loss", *(f"eval_{term}" for term in losses)):
+        assert small[key] == pytest.approx(whole[key], rel=1e-5), key
