@@ -161,6 +161,12 @@ def test_whisper_decoder_inputs_follow_the_model_own_rule(tmp_path):
         own_loss = student(input_features=torch.tensor(data["input_features"]), labels=labels).loss
     assert metrics["eval_hard_label"] == pytest.approx(own_loss.item(), rel=1e-5)
     assert all(metrics[f"eval_{term}"] > 0 for term in losses)
+    # A frame mask (the feature extractor's return_attention_mask) is twice the encoder's length: every encoder
+    # position still counts, as without it.
+    frames = (torch.arange(32) < torch.randint(16, 33, (8, 1), generator=generator)).long()
+    masked = trainer.evaluate(data.add_column("attention_mask", frames.tolist()))
+    for key in ("eval_loss", *(f"eval_{term}" for term in losses)):
+        assert masked[key] == pytest.approx(metrics[key], rel=1e-6), key
     trainer.train()
 
 

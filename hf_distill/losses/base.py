@@ -247,8 +247,16 @@ def config_value(model: nn.Module, attribute: str, term: str, stack: str | None 
 
 def position_mask(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor | None:
     """The positions that count for a loss on hidden states: real tokens (`token_mask`), or for the decoder of an
-    encoder-decoder model the labeled positions (`seq2seq.decoder_positions`); None when every position counts."""
-    return decoder_positions(inputs) if stack == "decoder" else token_mask(inputs)
+    encoder-decoder model the labeled positions (`seq2seq.decoder_positions`); None when every position counts.
+
+    An encoder that reads no tokens (Whisper's audio frames, an image encoder's patches) has every position
+    count: a frame `attention_mask` there does not line up with the encoder's (downsampled) positions.
+    """
+    if stack == "decoder":
+        return decoder_positions(inputs)
+    if stack == "encoder" and inputs.get("input_ids") is None and inputs.get("inputs_embeds") is None:
+        return None
+    return token_mask(inputs)
 
 
 def count_positions(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor:
