@@ -4,7 +4,7 @@
     python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, printed, not a result
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
-callback reads the clock around every optimizer step). Peak memory is measured in a fresh process per case:
+callback reads the clock around every optimizer step). Peak memory is measured in a fresh (forked) process per case:
 the CUDA allocator's peak on a GPU, the process's peak resident memory (`VmHWM`, reset just before the
 measured work) on a CPU, in both cases above what the process held when the measured work began. Weights
 are random: timings and memory do not depend on them. The last line printed is a JSON object of the ratios:
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from datasets import Dataset
@@ -328,41 +326,37 @@ KL_CASES = ("token_kl_naive", "token_kl_chunked")
 
 
 def measure_in_children(cases: list[str], quick: bool) -> dict[str, int]:
-    """Peak bytes of each case, each in a fresh process. On a CPU two run at a time: a process's peak resident
-    memory is its own, and most of a quick run's time is these processes starting. On a GPU, one at a time."""
+    """Peak bytes of each case, each in a fresh process. The processes are forked from a server that has imported
+    torch, transformers and hf_distill once (and run nothing), so each starts in a fraction of a second; on a CPU
+    two run at a time, since a process's peak resident memory is its own. On a GPU, one at a time."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "transformers", "datasets", "hf_distill"])
     workers = 1 if torch.cuda.is_available() else 2
-    with ThreadPoolExecutor(workers) as pool:
-        return dict(zip(cases, pool.map(lambda case: measure_in_child(case, quick), cases), strict=True))
+    with context.Pool(workers, maxtasksperchild=1) as pool:  # one case per process
+        peaks = pool.starmap(case_peak, [(case, quick) for case in cases], chunksize=1)
+    return dict(zip(cases, peaks, strict=True))
 
 
-def measure_in_child(case: str, quick: bool) -> int:
-    command = [sys.executable, os.path.abspath(__file__), "--child", case] + (["--quick"] if quick else [])
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return int(output.strip().splitlines()[-1])
-
-
-def child(case: str, quick: bool) -> None:
+def case_peak(case: str, quick: bool) -> int:
+    """Peak bytes of one case (run in its own process by `measure_in_children`)."""
     shape = SHAPES["quick" if quick else "full"]
     if case in KL_CASES:
         generator = torch.Generator().manual_seed(0)
         student = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device()).requires_grad_(True)
         teacher = torch.randn(shape["kl_tokens"], VOCAB, generator=generator).to(device())
         if case == "token_kl_naive":
-            print(peak_bytes(lambda: soft_target_loss(student, teacher, 2.0, reduction="sum").backward()))
-        else:
-            print(peak_bytes(lambda: chunked_soft_target_loss(student, teacher, 2.0).backward()))
-        return
+            return peak_bytes(lambda: soft_target_loss(student, teacher, 2.0, reduction="sum").backward())
+        return peak_bytes(lambda: chunked_soft_target_loss(student, teacher, 2.0).backward())
     pair, kind = case.rsplit(":", 1)
     teacher, student, data, losses = PAIRS[pair](shape, quick)
     with tempfile.TemporaryDirectory() as scratch:
         if kind in ("plain", "hard_label"):
             plain_losses = None if kind == "plain" else PLAIN_LOSSES
-            print(peak_bytes(lambda: train_steps(student, None, data, plain_losses, shape, scratch)))
-        else:
-            teacher_weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
-            # The teacher's weights are part of the KD peak: count them from before they reach the device.
-            print(peak_bytes(lambda: train_steps(student, teacher, data, losses, shape, scratch)) + (
-                teacher_weights if not torch.cuda.is_available() else 0))  # fmt: skip
+            return peak_bytes(lambda: train_steps(student, None, data, plain_losses, shape, scratch))
+        teacher_weights = sum(p.numel() * p.element_size() for p in teacher.parameters())
+        # The teacher's weights are part of the KD peak: count them from before they reach the device.
+        return peak_bytes(lambda: train_steps(student, teacher, data, losses, shape, scratch)) + (
+            teacher_weights if not torch.cuda.is_available() else 0)  # fmt: skip
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -371,12 +365,8 @@ def child(case: str, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (not a result)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense peak TFLOP/s, if not in PEAK_TFLOPS")
     options = parser.parse_args()
-    if options.child:
-        child(options.child, options.quick)
-        return
     shape = SHAPES["quick" if options.quick else "full"]
     started = time.perf_counter()
     results = {
