@@ -329,8 +329,11 @@ def measure_in_children(cases: list[str], quick: bool) -> dict[str, int]:
     """Peak bytes of each case, each in a fresh process. The processes are forked from a server that has imported
     torch, transformers and hf_distill once (and run nothing), so each starts in a fraction of a second; on a CPU
     two run at a time, since a process's peak resident memory is its own. On a GPU, one at a time."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "transformers", "datasets", "hf_distill"])
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: fresh interpreters, slower to start
+        context = multiprocessing.get_context("spawn")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "transformers", "datasets", "hf_distill"])
     workers = 1 if torch.cuda.is_available() else 2
     with context.Pool(workers, maxtasksperchild=1) as pool:  # one case per process
         peaks = pool.starmap(case_peak, [(case, quick) for case in cases], chunksize=1)
