@@ -22,10 +22,12 @@ from transformers import DataCollatorForLanguageModeling, Trainer
 
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
+from .card import cached_teacher_facts, model_facts
 from .config import DistillationConfig
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .losses.logits import SPAN_CLASSES, SPAN_LABELS
+from .reporting import TermReportingMixin
 from .seq2seq import check_decoder_start, is_seq2seq, with_decoder_inputs
 from .teacher import load_teacher, teacher_call_flags, teacher_dtype
 
@@ -39,7 +41,7 @@ _INTERNAL_OUTPUTS = {
 _INTERNAL_OUTPUTS.add("cross_attentions")
 
 
-class DistillationTrainer(TeacherCacheMixin, Trainer):
+class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     """A [`~transformers.Trainer`] whose loss is a weighted sum of distillation terms from a frozen teacher.
 
     Args:
@@ -120,6 +122,7 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         if teacher_model is not None and teacher_model is model:
             raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
         check_decoder_start(model)
+        teacher_facts = model_facts(teacher_model) if isinstance(teacher_model, nn.Module) else None
         _check_labels(terms, model, kwargs.get("train_dataset"), kwargs.get("data_collator"))
 
         super().__init__(model=model, args=args, **kwargs)
@@ -151,6 +154,8 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
         # A finished cache replaces the teacher before it runs: no need to probe it.
         running_teacher = teacher if cache is None else None
         self.logit_rows = logit_rows_plan(student, running_teacher, [loss for _, loss in terms.values()], compact)
+        # What the model card says of the teacher (create_model_card): as given, else as its cache records it.
+        self._teacher_facts = teacher_facts or (None if cache is None else cached_teacher_facts(cache.record))
         if args.teacher_cache is not None:
             self.teacher_cache = self._use_teacher_cache(cache, teacher)
             # From here on the cache stands in for the teacher, which leaves memory.
@@ -213,6 +218,9 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
             terms[term] = total / self.normalizer(term, inputs).to(total.device)
             loss = loss + self.loss_weights[term] * terms[term]
         return loss, terms
+
+    # With this combination, eval_loss is recomputed as the weighted sum of the terms' means (evaluation_loop).
+    _builtin_combination = compute_distillation_loss
 
     def _computable(self, loss: DistillationLoss, has_teacher: bool, inputs: Mapping[str, Any]) -> bool:
         """Whether a term can be computed on this batch (in training, every term must be: it is never skipped)."""
@@ -346,74 +354,6 @@ class DistillationTrainer(TeacherCacheMixin, Trainer):
                 )
             self.distillation_losses.load_state_dict(load_file(path, device=str(self.args.device)))
         super()._load_optimizer_and_scheduler(checkpoint)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """The Trainer's step; on a batch without labels it also computes the terms that need none."""
-        has_teacher = self.teacher_model is not None  # evaluation reads no teacher cache
-        unlabeled = bool(self.label_names) and any(inputs.get(name) is None for name in self.label_names)
-        if not unlabeled or not any(
-            self._computable(loss, has_teacher, inputs) for loss in self.distillation_losses.values()
-        ):
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        # The Trainer computes a loss without labels only for a model with no label names that returns one.
-        label_names, can_return_loss = self.label_names, self.can_return_loss
-        self.label_names, self.can_return_loss = [], True
-        try:
-            loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        finally:
-            self.label_names, self.can_return_loss = label_names, can_return_loss
-        return loss, logits, None
-
-    def evaluation_loop(
-        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
-    ):
-        """The Trainer's loop, plus `<prefix>_<term>` for every term: its mean over the items of the whole set.
-
-        `<prefix>_loss` is then the weighted sum of those means (unless `compute_distillation_loss` is overridden):
-        the loss of the whole set taken as one batch, so it does not depend on the evaluation batch size (the
-        Trainer's own would be a mean of per-batch losses).
-        """
-        self._eval_terms = {}
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        means = {}
-        for term, (total, count) in self._eval_terms.items():
-            totals = self.accelerator.reduce(torch.stack([total, count]), reduction="sum")
-            means[term] = (totals[0] / totals[1].clamp_min(1)).item()
-            output.metrics[f"{metric_key_prefix}_{term}"] = means[term]
-        self._eval_terms = {}
-        weighted = type(self).compute_distillation_loss is DistillationTrainer.compute_distillation_loss
-        if (
-            weighted
-            and means
-            and f"{metric_key_prefix}_loss" in output.metrics
-            and set(means) <= set(self.loss_weights)
-        ):
-            output.metrics[f"{metric_key_prefix}_loss"] = sum(self.loss_weights[term] * means[term] for term in means)
-        return output
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._train_terms:
-            steps = max(self._term_steps, 1)
-            for term, total in self._train_terms.items():
-                logs[term] = self.accelerator.reduce(total, reduction="sum").item() / steps
-            self._train_terms = {}
-            self._term_steps = 0
-        super().log(logs, start_time)
-
-    def _record_terms(self, terms: dict[str, torch.Tensor], inputs: Mapping[str, Any], training: bool) -> None:
-        for term, value in terms.items():
-            value = value.detach().float()
-            if training:
-                # Globally normalised, so the micro-steps of one optimizer step add up to that step's term.
-                self._train_terms[term] = self._train_terms.get(term, 0.0) + value
-                continue
-            # A term added by an override has no item count: it weighs as one item per batch.
-            if term in self.distillation_losses:
-                count = self.normalizer(term, inputs).float().to(value.device)
-            else:
-                count = torch.ones_like(value)
-            total, seen = self._eval_terms.get(term, (torch.zeros_like(value), torch.zeros_like(value)))
-            self._eval_terms[term] = (total + value * count, seen + count)
 
 
 def _output_flags(needs: Any) -> dict[str, bool]:

@@ -63,6 +63,9 @@ def cache_record(teacher: nn.Module | None, dataset: Any, collator: Any, content
             "class": type(teacher).__name__,
             "weights_sha256": weights_sha256(teacher),
             "config": config.to_dict() if isinstance(config, PretrainedConfig) else None,
+            # For the student's model card, when a later run has only the cache.
+            "parameters": sum(parameter.numel() for parameter in teacher.parameters()),
+            "weight_bytes": sum(parameter.numel() * parameter.element_size() for parameter in teacher.parameters()),
         }
     return {
         "format": FORMAT_VERSION,

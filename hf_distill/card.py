@@ -1,0 +1,88 @@
+"""What a `DistillationTrainer`'s model card says beyond the Trainer's own: the teacher, the losses, the compression.
+
+`Trainer.create_model_card` (also run by `Trainer.push_to_hub`) writes `<output_dir>/README.md` from the training
+summary; `DistillationTrainer.create_model_card` then adds the tags `distillation` and `hf_distill`, an `hf_distill`
+metadata entry and a "Distillation" section through `add_distillation_section`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from huggingface_hub import ModelCard
+from torch import nn
+
+TAGS = ("distillation", "hf_distill")
+
+
+def model_facts(model: nn.Module) -> dict[str, Any]:
+    """Name (Hub id or path it was loaded from, None when built from a config), class, parameters, weight bytes."""
+    config = getattr(model, "config", None)
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "class": type(model).__name__,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "weight_bytes": sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()),
+    }
+
+
+def cached_teacher_facts(record: dict[str, Any]) -> dict[str, Any]:
+    """The same facts of a teacher known from its cache's record (counts absent from caches that predate them)."""
+    teacher = record.get("teacher") or {}
+    config = teacher.get("config") or {}
+    return {
+        "name_or_path": config.get("_name_or_path") or None,
+        "class": teacher.get("class"),
+        "parameters": teacher.get("parameters"),
+        "weight_bytes": teacher.get("weight_bytes"),
+    }
+
+
+def add_distillation_section(
+    path: str, student: dict[str, Any], teacher: dict[str, Any], losses: dict[str, dict], from_cache: bool
+) -> None:
+    """Add the distillation tags, metadata and section to the model card at `path` (rewritten whole, in one rename).
+
+    Args:
+        student, teacher (`dict`): `model_facts` of each (the teacher's may come from `cached_teacher_facts`).
+        losses (`dict`): the configured losses, as in `DistillationConfig.losses`.
+        from_cache (`bool`): whether the teacher's outputs were read from a teacher-output cache.
+    """
+    card = ModelCard.load(path)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *TAGS]))
+    ratio = None
+    if teacher.get("parameters"):
+        ratio = student["parameters"] / teacher["parameters"]
+    card.data.hf_distill = {
+        "teacher": teacher["name_or_path"],
+        "teacher_class": teacher["class"],
+        "teacher_parameters": teacher.get("parameters"),
+        "student_parameters": student["parameters"],
+        "parameter_ratio": ratio,
+        "losses": losses,
+        "teacher_cache": from_cache,
+    }
+    named = f"`{teacher['name_or_path']}` " if teacher["name_or_path"] else "a teacher built from a config "
+    lines = [
+        "## Distillation",
+        "",
+        f"Distilled with hf_distill from {named}(`{teacher['class']}`)"
+        + (", whose outputs were read from a teacher-output cache." if from_cache else "."),
+        "",
+        "| model | class | parameters | weights (MB) |",
+        "|---|---|---|---|",
+    ]
+    for name, facts in (("teacher", teacher), ("student", student)):
+        parameters = f"{facts['parameters']:,}" if facts.get("parameters") else "-"
+        size = f"{facts['weight_bytes'] / 1e6:.1f}" if facts.get("weight_bytes") else "-"
+        lines.append(f"| {name} | `{facts['class']}` | {parameters} | {size} |")
+    if ratio is not None:
+        lines += ["", f"The student has {ratio:.1%} of the teacher's parameters ({1 / ratio:.2f}x fewer)."]
+    lines += ["", "Loss: the weighted sum of", ""]
+    for term, spec in losses.items():
+        options = ", ".join(f"{key} {value}" for key, value in spec.items() if key != "weight")
+        lines.append(f"- `{term}`, weight {spec.get('weight', 1.0)}" + (f": {options}" if options else ""))
+    card.text = card.text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    card.save(path + ".tmp")
+    os.replace(path + ".tmp", path)

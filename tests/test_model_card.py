@@ -1,0 +1,61 @@
+"""A DistillationTrainer's model card (create_model_card, also run by push_to_hub) records the distillation."""
+
+from __future__ import annotations
+
+from helpers import bert_classifier, config, text_dataset
+from huggingface_hub import ModelCard
+
+from hf_distill import DistillationTrainer
+
+LOSSES = {"soft_target": {"weight": 0.5, "temperature": 3.0}, "hard_label": {"weight": 0.5}}
+
+
+def parameters(model) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def card_of(trainer) -> ModelCard:
+    trainer.create_model_card(model_name="tiny-student")
+    return ModelCard.load(f"{trainer.args.output_dir}/README.md")
+
+
+def test_card_records_the_teacher_the_losses_and_the_compression(tmp_path):
+    teacher, student = bert_classifier(seed=1), bert_classifier(seed=2, layers=2, width=8, heads=2)
+    teacher.config._name_or_path = "org/tiny-teacher"  # as from_pretrained("org/tiny-teacher") would set it
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config(tmp_path, LOSSES), train_dataset=text_dataset()
+    )
+    trainer.train()
+    card = card_of(trainer)
+    facts = card.data.hf_distill
+    assert {"distillation", "hf_distill"} <= set(card.data.tags)
+    assert facts["teacher"] == "org/tiny-teacher" and facts["teacher_class"] == "BertForSequenceClassification"
+    assert facts["teacher_parameters"] == parameters(teacher)
+    assert facts["student_parameters"] == parameters(student)
+    assert facts["parameter_ratio"] == parameters(student) / parameters(teacher)
+    assert facts["losses"] == LOSSES and facts["teacher_cache"] is False
+    assert "## Distillation" in card.text and "`soft_target`, weight 0.5: temperature 3.0" in card.text
+    assert f"| student | `BertForSequenceClassification` | {parameters(student):,} |" in card.text
+    assert "tiny-student" in card.text  # the Trainer's own card is kept above
+    card_again = card_of(trainer)  # written again (each push): one section, not two
+    assert card_again.text.count("## Distillation") == 1
+
+
+def test_card_of_a_run_from_a_cache_alone_names_the_cached_teacher(tmp_path):
+    teacher = bert_classifier(seed=1)
+    cache = str(tmp_path / "cache")
+    first = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        teacher_model=teacher,
+        args=config(tmp_path / "first", LOSSES, teacher_cache=cache),
+        train_dataset=text_dataset(),
+    )
+    assert card_of(first).data.hf_distill["teacher_cache"] is True
+    second = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2),
+        args=config(tmp_path / "second", LOSSES, teacher_cache=cache),
+        train_dataset=text_dataset(),
+    )
+    facts = card_of(second).data.hf_distill
+    assert facts["teacher_class"] == "BertForSequenceClassification"
+    assert facts["teacher_parameters"] == parameters(teacher) and facts["teacher_cache"] is True
