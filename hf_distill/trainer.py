@@ -57,7 +57,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     train with the student, are saved in checkpoints as `distillation_losses.safetensors` and restored by
     `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
     accumulated (and, across processes, global) batch, so gradient accumulation changes nothing but memory.
-    Every term is logged under its name in training logs and as `eval_<name>` by `evaluate()`.
+    Every term is logged under its name in training logs and as `eval_<name>` by `evaluate()`; the model card of
+    `push_to_hub` / `create_model_card` adds the teacher, the losses and the compression ([`hf_distill.card`]).
 
     With `args.teacher_cache` set ([`hf_distill.cache`]), the teacher's outputs on the training set are built
     there once (by the main process, resuming an interrupted build) and read back at each step; the trainer then
