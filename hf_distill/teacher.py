@@ -92,3 +92,46 @@ def teacher_call_flags(teacher: nn.Module | None) -> dict[str, Any]:
     if teacher is None or "use_cache" not in inspect.signature(teacher.forward).parameters:
         return {}
     return {"use_cache": False}
+
+
+def deepspeed_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
+    """Place a frozen teacher for a student trained under DeepSpeed.
+
+    Under ZeRO stages 0-2 every process holds the whole teacher, as under DDP. Under ZeRO-3 the teacher's weights
+    are partitioned across the processes like the student's, by an inference-only DeepSpeed engine (no optimizer)
+    that gathers each layer's weights for its forward: a teacher too large for one device still runs.
+    """
+    import deepspeed
+
+    plugin_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    zero = dict(plugin_config.get("zero_optimization", {}))
+    if zero.get("stage", 0) != 3:
+        return teacher.to(accelerator.device)
+    width = getattr(getattr(teacher, "config", None), "hidden_size", None)
+    # Bucket sizes the Trainer fills in for the student ("auto"): set from the teacher's width, or left to DeepSpeed.
+    sizes = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9, "stage3_param_persistence_threshold": None}
+    for key, share in sizes.items():
+        if zero.get(key) == "auto":
+            if isinstance(width, int):
+                zero[key] = int(share * width * width) if share is not None else 10 * width
+            else:
+                zero.pop(key)
+    zero.pop("offload_optimizer", None)  # the teacher has no optimizer
+    config = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "bf16": {"enabled": bool(args.bf16)},
+        "fp16": {"enabled": bool(args.fp16)},
+    }
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage a trainer runs under, None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))

@@ -29,7 +29,7 @@ from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .losses.logits import SPAN_CLASSES, SPAN_LABELS
 from .reporting import TermReportingMixin
 from .seq2seq import check_decoder_start, is_seq2seq, with_decoder_inputs
-from .teacher import load_teacher, teacher_call_flags, teacher_dtype
+from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
@@ -53,7 +53,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             compute_metrics, callbacks, optimizers...).
 
     The teacher is frozen, kept in eval mode, prepared by accelerate in evaluation mode (never wrapped for
-    gradient sync), never in the optimizer and never saved. Learnable parts of the losses (projectors)
+    gradient sync; under DeepSpeed ZeRO-3, partitioned by an inference engine), never in the optimizer and never
+    saved. Learnable parts of the losses (projectors)
     train with the student, are saved in checkpoints as `distillation_losses.safetensors` and restored by
     `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
     accumulated (and, across processes, global) batch, so gradient accumulation changes nothing but memory.
@@ -144,6 +145,15 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         self.distillation_losses = nn.ModuleDict({term: loss for term, (_, loss) in terms.items()}).to(
             device=self.args.device, dtype=student_dtype
         )
+        if self.is_deepspeed_enabled and any(True for _ in self.distillation_losses.parameters()):
+            learnable = [
+                term for term, loss in self.distillation_losses.items() if any(True for _ in loss.parameters())
+            ]
+            raise ValueError(
+                f"the losses {learnable} learn projectors, which DistillationTrainer does not train under DeepSpeed yet: "
+                "give the student the teacher's widths (hidden_state with 'projection': false), use relation or "
+                "attention 'heads': 'relations' (no projector), or train with DDP"
+            )
         self.student_output_flags = _output_flags(loss.student_outputs for _, loss in terms.values())
         self.teacher_output_flags = _output_flags(loss.teacher_outputs for _, loss in terms.values())
         self._window_counts: dict[str, torch.Tensor] | None = None
@@ -164,12 +174,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.train_dataset = IndexedDataset(self.train_dataset)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "DistillationTrainer does not prepare a teacher under DeepSpeed yet; use DDP or FSDP (accelerate)"
-            )
         teacher.requires_grad_(False)
         teacher.eval()
+        if self.is_deepspeed_enabled:
+            return deepspeed_teacher(teacher, self.accelerator, self.args)
         dtype = teacher_dtype(self.args)
         if dtype is not None:
             teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way

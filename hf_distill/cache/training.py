@@ -16,6 +16,7 @@ from transformers import DataCollatorForLanguageModeling
 from ..losses import SoftTargetLoss
 from ..losses.base import batch_size
 from ..seq2seq import is_seq2seq, with_decoder_inputs
+from ..teacher import zero_stage
 from .contents import OutputExtractor, cache_contents
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
 
@@ -59,6 +60,12 @@ class TeacherCacheMixin:
         in_memory = None if isinstance(teacher, ConfigOnly) else teacher
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
         directory = self.args.teacher_cache
+        if cache is None and not TeacherCache.is_finished(directory) and zero_stage(self.accelerator) == 3:
+            raise ValueError(
+                f"the teacher cache {directory} cannot be built under DeepSpeed ZeRO-3, which splits the teacher's "
+                "weights across processes (so they cannot be hashed for the cache's record): build it once without "
+                "ZeRO-3 (one process, DDP or ZeRO-2), then train from it under ZeRO-3 with no teacher at all"
+            )
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
                 soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)

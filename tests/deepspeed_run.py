@@ -1,0 +1,71 @@
+"""DeepSpeed training run for test_deepspeed.py, in its own process (DeepSpeed sets up torch.distributed).
+
+    python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache]
+
+One process, ZeRO-`STAGE` on the CPU (gloo), 2 steps of 4 x 2 accumulated micro-batches; writes the student's
+weights to OUTPUT_DIR/final.safetensors, or, with a `refuse_*` mode, prints the error raised before training.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from helpers import bert_masked_lm, config, masked_lm_dataset
+from safetensors.torch import save_file
+
+from hf_distill import DistillationTrainer
+
+#: Same widths for student and teacher: no projector (see the refusal).
+LOSSES = {
+    "soft_target": {"weight": 1.0, "temperature": 2.0},
+    "hard_label": {"weight": 0.5},
+    "hidden_state": {"weight": 1.0, "layer_map": [[1, 2], [2, 4]]},
+}
+
+
+def trainer(
+    output_dir: Path, losses: dict = LOSSES, deepspeed: dict | None = None, width: int = 16, **overrides
+) -> DistillationTrainer:
+    """Plain SGD, no clipping, no weight decay: the same update with and without DeepSpeed."""
+    settings = dict(max_steps=2, optim="sgd", max_grad_norm=0.0, learning_rate=0.5, deepspeed=deepspeed)
+    settings.update(overrides)
+    return DistillationTrainer(
+        model=bert_masked_lm(seed=2, layers=2, width=width),
+        teacher_model=bert_masked_lm(seed=1),
+        args=config(output_dir, losses, **settings),
+        train_dataset=masked_lm_dataset(16),
+    )
+
+
+if __name__ == "__main__":
+    # A one-process launch, as the deepspeed launcher would describe it.
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29541")
+    output_dir, stage, mode = Path(sys.argv[1]), int(sys.argv[2]), (sys.argv[3:] or [None])[0]
+    zero = {"stage": stage, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}
+    deepspeed = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}  # fmt: skip
+    try:
+        if mode == "refuse_projectors":
+            trainer(output_dir, {"hidden_state": {"weight": 1.0}}, deepspeed, width=8)  # 8 wide, teacher 16
+        elif mode == "refuse_cache":
+            trainer(output_dir, deepspeed=deepspeed, teacher_cache=str(output_dir / "cache"))
+    except ValueError as error:
+        print(f"REFUSED: {error}")
+        sys.exit(0)
+    run = trainer(output_dir, deepspeed=deepspeed, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    run.train()
+    teacher_weights = list(run.accelerator.unwrap_model(run.teacher_model).parameters())
+    # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
+    # (gathered ones may stay live while under stage3_max_live_parameters, DeepSpeed's own trade-off).
+    print("TEACHER", type(run.teacher_model).__name__, all(hasattr(p, "ds_id") for p in teacher_weights))
+    student = run.accelerator.unwrap_model(run.model)
+    if stage == 3:
+        import deepspeed as ds
+
+        with ds.zero.GatheredParameters(list(student.parameters())):
+            state = {key: value.clone().contiguous() for key, value in student.state_dict().items()}
+    else:
+        state = {key: value.clone().contiguous() for key, value in student.state_dict().items()}
+    save_file(state, str(output_dir / "final.safetensors"))

@@ -1,0 +1,43 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with a teacher in the loop: the same update as without DeepSpeed (CPU, one process)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from deepspeed_run import trainer
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).parent
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+def launch(output_dir: Path, stage: int, *mode: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, str(TESTS / "deepspeed_run.py"), str(output_dir), str(stage), *mode]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, stage):
+    # Under ZeRO-3 the teacher's weights are partitioned too, by an inference engine that gathers them per layer.
+    output = launch(tmp_path / "deepspeed", stage).stdout
+    assert ("TEACHER DeepSpeedEngine True" if stage == 3 else "TEACHER BertForMaskedLM False") in output
+    with_deepspeed = load_file(tmp_path / "deepspeed" / "final.safetensors")
+    reference = trainer(tmp_path / "plain", per_device_train_batch_size=8)
+    reference.train()
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(with_deepspeed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_what_deepspeed_cannot_do_yet_is_refused_before_training(tmp_path):
+    projectors = launch(tmp_path / "projectors", 2, "refuse_projectors").stdout
+    assert "REFUSED" in projectors and "learn projectors" in projectors
+    cache = launch(tmp_path / "cache", 3, "refuse_cache").stdout
+    assert "REFUSED" in cache and "cannot be built under DeepSpeed ZeRO-3" in cache
+    assert not (tmp_path / "cache" / "cache").exists()
