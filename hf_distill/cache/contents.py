@@ -81,8 +81,8 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
 
 def _num_hidden_states(teacher: Any, stack: str | None, readers: list[DistillationLoss]) -> int | None:
     """How many hidden states (layers + 1) the teacher returns for a stack (its only one when `stack` is None)."""
-    if stack is not None:
-        return stack_size(teacher, stack, "num_hidden_layers", readers[0].term if readers else stack) + 1
+    if stack is not None:  # read only when a loss needs that stack (its depth may have any attribute name)
+        return stack_size(teacher, stack, "num_hidden_layers", readers[0].term) + 1 if readers else None
     depth = getattr(getattr(teacher, "config", None), "num_hidden_layers", None)
     if depth is None and readers:
         raise ValueError(
