@@ -1,9 +1,11 @@
 """DeepSpeed training run for test_deepspeed.py, in its own process (DeepSpeed sets up torch.distributed).
 
     python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache]
+    torchrun --nproc_per_node 2 deepspeed_run.py OUTPUT_DIR STAGE
 
-One process, ZeRO-`STAGE` on the CPU (gloo), 2 steps of 4 x 2 accumulated micro-batches; writes the student's
-weights to OUTPUT_DIR/final.safetensors, or, with a `refuse_*` mode, prints the error raised before training.
+ZeRO-`STAGE` on the CPU (gloo), in one process or under torchrun, 2 steps of 4 x 2 accumulated micro-batches (4
+examples shared by the processes); writes the student's weights to OUTPUT_DIR/final.safetensors, or, with a
+`refuse_*` mode, prints the error raised before training.
 """
 
 import os
@@ -54,7 +56,11 @@ if __name__ == "__main__":
     except ValueError as error:
         print(f"REFUSED: {error}")
         sys.exit(0)
-    run = trainer(output_dir, deepspeed=deepspeed, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    # 4 examples per micro-batch in all, shared by the processes (torchrun --nproc_per_node 2: 2 each).
+    per_process = 4 // int(os.environ["WORLD_SIZE"])
+    run = trainer(
+        output_dir, deepspeed=deepspeed, per_device_train_batch_size=per_process, gradient_accumulation_steps=2
+    )
     run.train()
     teacher_weights = list(run.accelerator.unwrap_model(run.teacher_model).parameters())
     # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
@@ -64,8 +70,9 @@ if __name__ == "__main__":
     if stage == 3:
         import deepspeed as ds
 
-        with ds.zero.GatheredParameters(list(student.parameters())):
+        with ds.zero.GatheredParameters(list(student.parameters())):  # a collective: every process takes part
             state = {key: value.clone().contiguous() for key, value in student.state_dict().items()}
     else:
         state = {key: value.clone().contiguous() for key, value in student.state_dict().items()}
-    save_file(state, str(output_dir / "final.safetensors"))
+    if run.args.process_index == 0:
+        save_file(state, str(output_dir / "final.safetensors"))

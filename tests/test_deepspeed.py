@@ -1,7 +1,8 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 with a teacher in the loop: the same update as without DeepSpeed (CPU, one process)."""
+"""DeepSpeed ZeRO-2 and ZeRO-3 with a teacher in the loop: the same update as one plain process (CPU, gloo)."""
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +16,24 @@ TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 
-def launch(output_dir: Path, stage: int, *mode: str) -> subprocess.CompletedProcess:
+def launch(output_dir: Path, stage: int, *mode: str, processes: int = 1) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, str(TESTS / "deepspeed_run.py"), str(output_dir), str(stage), *mode]
+    if processes > 1:
+        port = str(29580 + stage)
+        command = ["torchrun", "--nproc_per_node", str(processes), "--master_port", port, *command[1:]]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, stage):
-    # Under ZeRO-3 the teacher's weights are partitioned too, by an inference engine that gathers them per layer.
-    output = launch(tmp_path / "deepspeed", stage).stdout
+@pytest.mark.parametrize("stage, processes", [(2, 2), (3, 1), (3, 2)])
+def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, stage, processes):
+    # Under ZeRO-3 the teacher's weights are partitioned too, by an inference engine that gathers them per layer;
+    # with two processes each holds half of every micro-batch, and the terms are normalised over both halves.
+    if processes > 1 and shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    output = launch(tmp_path / "deepspeed", stage, processes=processes).stdout
     assert ("TEACHER DeepSpeedEngine True" if stage == 3 else "TEACHER BertForMaskedLM False") in output
     with_deepspeed = load_file(tmp_path / "deepspeed" / "final.safetensors")
     reference = trainer(tmp_path / "plain", per_device_train_batch_size=8)
