@@ -54,9 +54,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 
     The teacher is frozen, kept in eval mode, prepared by accelerate in evaluation mode (never wrapped for
     gradient sync; under DeepSpeed ZeRO-3, partitioned by an inference engine), never in the optimizer and never
-    saved. Learnable parts of the losses (projectors)
-    train with the student, are saved in checkpoints as `distillation_losses.safetensors` and restored by
-    `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
+    saved. Learnable parts of the losses (projectors) train with the student, are saved in checkpoints as
+    `distillation_losses.safetensors` and restored by `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
     accumulated (and, across processes, global) batch, so gradient accumulation changes nothing but memory.
     Every term is logged under its name in training logs and as `eval_<name>` by `evaluate()`; the model card of
     `push_to_hub` / `create_model_card` adds the teacher, the losses and the compression ([`hf_distill.card`]).
