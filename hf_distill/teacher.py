@@ -108,14 +108,16 @@ def deepspeed_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Mod
     if zero.get("stage", 0) != 3:
         return teacher.to(accelerator.device)
     width = getattr(getattr(teacher, "config", None), "hidden_size", None)
-    # Bucket sizes the Trainer fills in for the student ("auto"): set from the teacher's width, or left to DeepSpeed.
-    sizes = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9, "stage3_param_persistence_threshold": None}
-    for key, share in sizes.items():
-        if zero.get(key) == "auto":
-            if isinstance(width, int):
-                zero[key] = int(share * width * width) if share is not None else 10 * width
-            else:
-                zero.pop(key)
+    # Sizes the Trainer fills in for the student ("auto"): set from the teacher's width, or left to DeepSpeed.
+    sizes = {}
+    if isinstance(width, int):
+        sizes = {"reduce_bucket_size": width * width, "stage3_prefetch_bucket_size": int(0.9 * width * width),
+                 "stage3_param_persistence_threshold": 10 * width}  # fmt: skip
+    for key in [key for key, value in zero.items() if value == "auto"]:
+        if key in sizes:
+            zero[key] = sizes[key]
+        else:
+            zero.pop(key)
     zero.pop("offload_optimizer", None)  # the teacher has no optimizer
     config = {
         "zero_optimization": zero,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..losses import DistillationLoss, SoftTargetLoss
-from ..losses.base import position_mask
+from ..losses.base import position_mask, token_mask
 from ..losses.functional import teacher_top_k
 from ..seq2seq import is_seq2seq, stack_size
 
@@ -175,7 +175,10 @@ class OutputExtractor:
         stored = {"checksum": input_checksums(inputs)[1]}
         if contents["logits"] == "span":
             # Question answering: start and end logits at the real tokens (the loss leaves padding out).
-            mask = _real_tokens(inputs, outputs.start_logits)
+            mask = token_mask(inputs)
+            if mask is None:
+                mask = torch.ones_like(outputs.start_logits, dtype=torch.bool)
+            mask = mask.to(outputs.start_logits.device)
             stored["span_rows"] = mask.sum(1)
             stored["span.start_logits"] = outputs.start_logits[mask].float()
             stored["span.end_logits"] = outputs.end_logits[mask].float()
@@ -320,14 +323,6 @@ def assemble(
                 spans[name] = rows.new_zeros(mask.shape).masked_scatter(mask.bool().to(device), rows)
     logits = _maybe(gathered, "logits", device)
     return CachedTeacherOutputs(logits=logits, token_targets=token_targets, **hidden, **spans)
-
-
-def _real_tokens(inputs: Mapping[str, Any], like: torch.Tensor) -> torch.Tensor:
-    """The real (non-padding) positions of a `[batch, length]` tensor: `attention_mask`, or every position."""
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-    return mask.bool().to(like.device)
 
 
 def _maybe(gathered: dict[str, torch.Tensor], name: str, device: torch.device) -> torch.Tensor | None:

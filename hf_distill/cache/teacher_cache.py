@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
 from .. import __version__
+from ..card import model_facts
 from .contents import (
     OutputExtractor,
     assemble,
@@ -63,10 +64,10 @@ def cache_record(teacher: nn.Module | None, dataset: Any, collator: Any, content
             "class": type(teacher).__name__,
             "weights_sha256": weights_sha256(teacher),
             "config": config.to_dict() if isinstance(config, PretrainedConfig) else None,
-            # For the student's model card, when a later run has only the cache.
-            "parameters": sum(parameter.numel() for parameter in teacher.parameters()),
-            "weight_bytes": sum(parameter.numel() * parameter.element_size() for parameter in teacher.parameters()),
         }
+        # For the student's model card, when a later run has only the cache.
+        facts = model_facts(teacher)
+        teacher_part.update(parameters=facts["parameters"], weight_bytes=facts["weight_bytes"])
     return {
         "format": FORMAT_VERSION,
         "teacher": teacher_part,
