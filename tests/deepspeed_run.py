@@ -1,6 +1,6 @@
 """DeepSpeed training run for test_deepspeed.py, in its own process (DeepSpeed sets up torch.distributed).
 
-    python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache]
+    python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache | from_cache CACHE_DIR]
     torchrun --nproc_per_node 2 deepspeed_run.py OUTPUT_DIR STAGE
 
 ZeRO-`STAGE` on the CPU (gloo), in one process or under torchrun, 2 steps of 4 x 2 accumulated micro-batches (4
@@ -58,14 +58,21 @@ if __name__ == "__main__":
         sys.exit(0)
     # 4 examples per micro-batch in all, shared by the processes (torchrun --nproc_per_node 2: 2 each).
     per_process = 4 // int(os.environ["WORLD_SIZE"])
+    # from_cache: a finished cache (every logit kept) serves the run; the teacher is passed all the same.
+    cache = {"teacher_cache": sys.argv[4], "teacher_cache_top_k": 0} if mode == "from_cache" else {}
     run = trainer(
-        output_dir, deepspeed=deepspeed, per_device_train_batch_size=per_process, gradient_accumulation_steps=2
+        output_dir,
+        deepspeed=deepspeed,
+        per_device_train_batch_size=per_process,
+        gradient_accumulation_steps=2,
+        **cache,
     )
     run.train()
-    teacher_weights = list(run.accelerator.unwrap_model(run.teacher_model).parameters())
-    # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
-    # (gathered ones may stay live while under stage3_max_live_parameters, DeepSpeed's own trade-off).
-    print("TEACHER", type(run.teacher_model).__name__, all(hasattr(p, "ds_id") for p in teacher_weights))
+    if run.teacher_model is not None:
+        teacher_weights = list(run.accelerator.unwrap_model(run.teacher_model).parameters())
+        # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
+        # (gathered ones may stay live while under stage3_max_live_parameters, DeepSpeed's own trade-off).
+        print("TEACHER", type(run.teacher_model).__name__, all(hasattr(p, "ds_id") for p in teacher_weights))
     student = run.accelerator.unwrap_model(run.model)
     if stage == 3:
         import deepspeed as ds

@@ -48,3 +48,15 @@ def test_what_deepspeed_cannot_do_yet_is_refused_before_training(tmp_path):
     cache = launch(tmp_path / "cache", 3, "refuse_cache").stdout
     assert "REFUSED" in cache and "cannot be built under DeepSpeed ZeRO-3" in cache
     assert not (tmp_path / "cache" / "cache").exists()
+
+
+def test_zero3_trains_from_a_cache_built_without_it(tmp_path):
+    # The cache's record is checked against the run, but a ZeRO-3 teacher's weights (a shard per process) are not
+    # hashed: passing the teacher again must not read as "the teacher's weights differ".
+    cache = str(tmp_path / "cache")
+    reference = trainer(tmp_path / "build", per_device_train_batch_size=8, teacher_cache=cache, teacher_cache_top_k=0)
+    reference.train()
+    launch(tmp_path / "deepspeed", 3, "from_cache", cache)
+    with_deepspeed = load_file(tmp_path / "deepspeed" / "final.safetensors")
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(with_deepspeed[key], value, atol=1e-5, rtol=1e-4, msg=key)

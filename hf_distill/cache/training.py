@@ -55,17 +55,19 @@ class TeacherCacheMixin:
 
     def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
         """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
-        losses = list(self.distillation_losses.values())
-        contents = cache_contents(losses, teacher, self.args.teacher_cache_top_k)
-        in_memory = None if isinstance(teacher, ConfigOnly) else teacher
-        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
         directory = self.args.teacher_cache
-        if cache is None and not TeacherCache.is_finished(directory) and zero_stage(self.accelerator) == 3:
+        # ZeRO-3 leaves each process a shard of the teacher's weights: nothing to hash, or to build a cache from.
+        split_teacher = zero_stage(self.accelerator) == 3
+        if split_teacher and cache is None and not TeacherCache.is_finished(directory):
             raise ValueError(
                 f"the teacher cache {directory} cannot be built under DeepSpeed ZeRO-3, which splits the teacher's "
                 "weights across processes (so they cannot be hashed for the cache's record): build it once without "
                 "ZeRO-3 (one process, DDP or ZeRO-2), then train from it under ZeRO-3 with no teacher at all"
             )
+        losses = list(self.distillation_losses.values())
+        contents = cache_contents(losses, teacher, self.args.teacher_cache_top_k)
+        in_memory = None if isinstance(teacher, ConfigOnly) or split_teacher else teacher
+        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
                 soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
