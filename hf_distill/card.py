@@ -19,11 +19,16 @@ TAGS = ("distillation", "hf_distill")
 def model_facts(model: nn.Module) -> dict[str, Any]:
     """Name (Hub id or path it was loaded from, None when built from a config), class, parameters, weight bytes."""
     config = getattr(model, "config", None)
+    # Under DeepSpeed ZeRO-3 a process holds a shard of each weight; `ds_numel` is the whole weight's size.
+    sizes = [
+        (getattr(parameter, "ds_numel", parameter.numel()), parameter.element_size())
+        for parameter in model.parameters()
+    ]
     return {
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "class": type(model).__name__,
-        "parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "weight_bytes": sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()),
+        "parameters": sum(count for count, _ in sizes),
+        "weight_bytes": sum(count * size for count, size in sizes),
     }
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from helpers import bert_masked_lm, config, masked_lm_dataset
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
 from hf_distill import DistillationTrainer
@@ -73,6 +74,9 @@ if __name__ == "__main__":
         # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
         # (gathered ones may stay live while under stage3_max_live_parameters, DeepSpeed's own trade-off).
         print("TEACHER", type(run.teacher_model).__name__, all(hasattr(p, "ds_id") for p in teacher_weights))
+    run.create_model_card()  # counts whole weights, not this process's shards; written by the first process
+    if run.args.process_index == 0:
+        print("CARD", ModelCard.load(str(output_dir / "README.md")).data.hf_distill["student_parameters"])
     student = run.accelerator.unwrap_model(run.model)
     if stage == 3:
         import deepspeed as ds

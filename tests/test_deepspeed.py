@@ -40,6 +40,7 @@ def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, st
     reference.train()
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(with_deepspeed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert f"CARD {sum(p.numel() for p in reference.model.parameters())}" in output
 
 
 def test_what_deepspeed_cannot_do_yet_is_refused_before_training(tmp_path):
