@@ -47,6 +47,8 @@ if __name__ == "__main__":
     os.environ.setdefault("MASTER_PORT", "29541")
     output_dir, stage, mode = Path(sys.argv[1]), int(sys.argv[2]), (sys.argv[3:] or [None])[0]
     zero = {"stage": stage, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}
+    if stage == 3:  # keep no gathered weight live between uses: each process holds only its shards outside forwards
+        zero.update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0, stage3_param_persistence_threshold=0)
     deepspeed = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
                  "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}  # fmt: skip
     try:
@@ -71,9 +73,10 @@ if __name__ == "__main__":
     run.train()
     if run.teacher_model is not None:
         teacher_weights = list(run.accelerator.unwrap_model(run.teacher_model).parameters())
-        # Under ZeRO-3 each teacher weight is a DeepSpeed parameter, partitioned across processes between forwards
-        # (gathered ones may stay live while under stage3_max_live_parameters, DeepSpeed's own trade-off).
-        print("TEACHER", type(run.teacher_model).__name__, all(hasattr(p, "ds_id") for p in teacher_weights))
+        # Under ZeRO-3 each teacher weight is a DeepSpeed parameter whose local tensor, outside a forward, is empty
+        # (the process's shard lives in ds_tensor).
+        sharded = all(hasattr(p, "ds_id") and p.numel() == 0 for p in teacher_weights)
+        print("TEACHER", type(run.teacher_model).__name__, sharded)
     run.create_model_card()  # counts whole weights, not this process's shards; written by the first process
     if run.args.process_index == 0:
         print("CARD", ModelCard.load(str(output_dir / "README.md")).data.hf_distill["student_parameters"])
