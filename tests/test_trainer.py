@@ -487,3 +487,21 @@ def test_eval_loss_is_the_weighted_sum_of_the_terms_whatever_the_batch_size(tmp_
         assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
     for key in ("eval_loss", *(f"eval_{term}" for term in losses)):
         assert small[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
+def test_an_overridden_combination_keeps_its_own_eval_loss(tmp_path):
+    class Doubled(DistillationTrainer):
+        def compute_distillation_loss(self, student_outputs, teacher_outputs, inputs):
+            loss, terms = super().compute_distillation_loss(student_outputs, teacher_outputs, inputs)
+            return 2 * loss, terms
+
+    losses = {"soft_target": {"weight": 1.0}, "hard_label": {"weight": 0.5}}
+    trainer = Doubled(
+        model=bert_classifier(seed=2, layers=2),
+        teacher_model=bert_classifier(seed=1),
+        args=config(tmp_path, losses, per_device_eval_batch_size=16),
+        train_dataset=text_dataset(),
+    )
+    metrics = trainer.evaluate(text_dataset(16, seed=1))  # one batch: the Trainer's eval_loss is its loss
+    expected = 2 * (metrics["eval_soft_target"] + 0.5 * metrics["eval_hard_label"])
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
