@@ -430,6 +430,9 @@ def test_a_half_precision_teacher_under_mixed_precision(tmp_path, monkeypatch, p
         args = config(tmp_path / str(half), losses, bf16=True, max_steps=3, **cache)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
         assert teacher.dtype == (torch.bfloat16 if half else torch.float32)
+        if cache:  # the record (read by later runs' model cards) keeps the teacher's size as given, in float32
+            record = trainer.teacher_cache.record["teacher"]
+            assert record["weight_bytes"] == 4 * record["parameters"]
         trainer.train()
         runs[half] = train_logs(trainer)
     for half_entry, full_entry in zip(runs[True], runs[False], strict=True):

@@ -54,9 +54,18 @@ def weights_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_record(teacher: nn.Module | None, dataset: Any, collator: Any, contents: dict[str, Any]) -> dict[str, Any]:
+def cache_record(
+    teacher: nn.Module | None,
+    dataset: Any,
+    collator: Any,
+    contents: dict[str, Any],
+    teacher_facts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The fingerprint of a run's cache: teacher weights (None: not in memory, so not checked), the data (size
-    and, for a `datasets.Dataset`, its content fingerprint), the collator, and the contents the losses need."""
+    and, for a `datasets.Dataset`, its content fingerprint), the collator, and the contents the losses need.
+
+    `teacher_facts` (`card.model_facts` of the teacher as given, before any half-precision cast) supply the
+    parameter count and weight bytes kept for model cards; by default they are measured on `teacher`."""
     teacher_part = None
     if teacher is not None:
         config = getattr(teacher, "config", None)
@@ -66,7 +75,7 @@ def cache_record(teacher: nn.Module | None, dataset: Any, collator: Any, content
             "config": config.to_dict() if isinstance(config, PretrainedConfig) else None,
         }
         # For the student's model card, when a later run has only the cache.
-        facts = model_facts(teacher)
+        facts = teacher_facts or model_facts(teacher)
         teacher_part.update(parameters=facts["parameters"], weight_bytes=facts["weight_bytes"])
     return {
         "format": FORMAT_VERSION,

@@ -67,7 +67,9 @@ class TeacherCacheMixin:
         losses = list(self.distillation_losses.values())
         contents = cache_contents(losses, teacher, self.args.teacher_cache_top_k)
         in_memory = None if isinstance(teacher, ConfigOnly) or split_teacher else teacher
-        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents)
+        # The teacher's size as given (a GPU run may have cast it to half precision since).
+        facts = getattr(self, "_teacher_facts", None)
+        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts)
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
                 soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
