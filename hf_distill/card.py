@@ -84,10 +84,16 @@ def add_distillation_section(
         lines.append(f"| {name} | `{facts['class']}` | {parameters} | {size} |")
     if ratio is not None:
         lines += ["", f"The student has {ratio:.1%} of the teacher's parameters ({1 / ratio:.2f}x fewer)."]
-    lines += ["", "Loss: the weighted sum of", ""]
-    for term, spec in losses.items():
-        options = ", ".join(f"{key} {value}" for key, value in spec.items() if key != "weight")
-        lines.append(f"- `{term}`, weight {spec.get('weight', 1.0)}" + (f": {options}" if options else ""))
+    lines += ["", "Loss: the weighted sum of", "", *loss_lines(losses)]
     card.text = card.text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     card.save(path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def loss_lines(losses: dict[str, dict]) -> list[str]:
+    """One Markdown bullet per configured term: its name, weight and options (model cards of trainer and pipeline)."""
+    lines = []
+    for term, spec in losses.items():
+        options = ", ".join(f"{key} {value}" for key, value in spec.items() if key != "weight")
+        lines.append(f"- `{term}`, weight {spec.get('weight', 1.0)}" + (f": {options}" if options else ""))
+    return lines

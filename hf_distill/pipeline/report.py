@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from huggingface_hub import HfApi, ModelCard, ModelCardData  # noqa: E402
 
+from ..card import loss_lines  # noqa: E402
 from .models import AUTO_CLASSES, save_atomically  # noqa: E402
 from .sources import hub_id  # noqa: E402
 
@@ -173,11 +174,6 @@ def model_card(
     else:
         teacher_words = f"the teacher `{teacher}`"
     auto_class = AUTO_CLASSES[report["task"]].__name__ if report.get("task") in AUTO_CLASSES else "AutoModel"
-    loss_lines = [
-        f"- `{term}`: weight {spec.get('weight', 1.0)}"
-        + "".join(f", {key} {value}" for key, value in spec.items() if key not in ("weight",))
-        for term, spec in losses.items()
-    ]
     body = [
         "# Distilled student",
         "",
@@ -186,7 +182,7 @@ def model_card(
         "",
         "## Losses",
         "",
-        *loss_lines,
+        *loss_lines(losses),
         "",
         "## Results on the held-out split",
         "",
