@@ -76,7 +76,8 @@ if __name__ == "__main__":
         # Under ZeRO-3 each teacher weight is a DeepSpeed parameter whose local tensor, outside a forward, is empty
         # (the process's shard lives in ds_tensor).
         sharded = all(hasattr(p, "ds_id") and p.numel() == 0 for p in teacher_weights)
-        print("TEACHER", type(run.teacher_model).__name__, sharded)
+        if run.args.process_index == 0:  # one line: two processes printing at once can interleave theirs
+            print("TEACHER", type(run.teacher_model).__name__, sharded)
     run.create_model_card()  # counts whole weights, not this process's shards; written by the first process
     if run.args.process_index == 0:
         print("CARD", ModelCard.load(str(output_dir / "README.md")).data.hf_distill["student_parameters"])
