@@ -6,8 +6,7 @@ args = DistillationConfig(output_dir="out", losses={"hard_label": {"weight": 0.5
 DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
 """
 
-__version__ = "0.1.0"  # before the imports: submodules record it
-
+from ._version import __version__
 from .config import DistillationConfig
 from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer
 from .losses import DistillationLoss, available_losses, register_loss
@@ -23,4 +22,5 @@ __all__ = [
     "available_losses",
     "load_teacher",
     "register_loss",
+    "__version__",
 ]

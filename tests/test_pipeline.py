@@ -67,6 +67,7 @@ def check_report(output_dir, with_baseline, smaller_student=True):
     assert sorted(saved["results"]) == sorted(models)
     for name in models:
         row = saved["results"][name]
+        assert "" not in row and "epoch" not in row  # metrics only, each under its own name
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["latency_ms_batch_1"] > 0 and row["latency_ms_batch_4"] > 0
     teacher, student = saved["results"]["teacher"], saved["results"]["student"]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import bert_masked_lm
@@ -33,8 +36,11 @@ from hf_distill.pipeline import (
     parse_args,
     prepare_data,
 )
-from hf_distill.pipeline.arguments import RECIPES_DIR
-from hf_distill.pipeline.sources import FASHION_MNIST_DIR, WORDNET_DIR, hub_id, load_raw_dataset
+from hf_distill.pipeline.sources import asset_dir, hub_id, load_raw_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDNET_DIR = asset_dir("HF_DISTILL_WORDNET_DIR")
+FASHION_MNIST_DIR = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
 
 PIPELINE_FIELDS = {field.name for field in dataclasses.fields(PipelineArguments)}
 RECIPES = ["distilbert", "minilm-mlm", "minilm-rotten-tomatoes", "vit-fashion-mnist", "vit-mobilenet"]
@@ -57,7 +63,8 @@ def test_every_recipe_is_listed_with_a_description_and_parses(tmp_path):
 def test_the_published_settings_are_in_the_recipes():
     distilbert = load_recipe("distilbert")
     assert distilbert["teacher"] == "bert-base-uncased"
-    assert distilbert["student_layers"] == [0, 2, 4, 7, 9, 11]
+    # Half the depth by default: for bert-base the layers DistilBERT keeps (test_default_student_layers_...).
+    assert "student_layers" not in distilbert and "student_num_layers" not in distilbert
     assert distilbert["losses"]["soft_target"] == {"weight": 5.0, "temperature": 2.0}
     assert distilbert["losses"]["hard_label"] == {"weight": 2.0}
     assert distilbert["losses"]["hidden_state"]["distance"] == "cosine"
@@ -96,7 +103,7 @@ def test_unknown_recipe_and_unknown_keys_fail_with_the_valid_names(tmp_path):
 
 def test_help_lists_the_recipes():
     result = subprocess.run(
-        [sys.executable, str(RECIPES_DIR.parent / "scripts" / "distill.py"), "--help"],
+        [sys.executable, str(ROOT / "scripts" / "distill.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -129,7 +136,7 @@ def test_build_student_copies_the_chosen_layers_and_embeddings():
                 teacher_state[f"bert.encoder.layer.{source}.{suffix}"],
             )
     assert student.cls.predictions.decoder.weight is student.bert.embeddings.word_embeddings.weight
-    with pytest.raises(ValueError, match="student_layers must name teacher layers 0..3"):
+    with pytest.raises(ValueError, match="must be teacher layers 0..3 .*--student_layers"):
         build_student(teacher, layers=[0, 4])
 
 
@@ -247,3 +254,39 @@ def test_the_baseline_starts_from_the_checkpoint_not_the_teacher_trained_here(tm
     checkpoint = load_file(os.path.join(teacher_dir, "model.safetensors"))
     for key, value in checkpoint.items():
         assert torch.equal(initial.state_dict()["bert." + key.removeprefix("bert.")], value), key
+
+
+def test_distilbert_recipe_halves_any_teacher_and_bad_depths_name_the_flags(tmp_path):
+    teacher_dir = write_masked_lm_teacher(str(tmp_path / "teacher"), layers=4)
+    files = write_text_files(str(tmp_path / "text"))
+    argv = ["--recipe", "distilbert", "--teacher", teacher_dir, "--dataset", files, "--output_dir", str(tmp_path)]
+    args, config, _ = parse_args(argv)
+    data = prepare_data(args, config.seed)
+    student, layer_map = make_student(args, bert_masked_lm(layers=4), data, config.seed)
+    assert student.config.num_hidden_layers == 2 and [pair[1] for pair in layer_map] == [0, 1, 4]
+    for flags, message in (
+        (["--student_layers", "0", "2", "4", "7"], r"teacher layers 0..3 .* --student_layers .* --student_num_layers"),
+        (["--student_num_layers", "6"], r"1..4 .* --student_num_layers N with N <= 4, or --student_layers"),
+    ):
+        args, config, _ = parse_args([*argv, *flags])
+        with pytest.raises(ValueError, match=message):
+            make_student(args, bert_masked_lm(layers=4), data, config.seed)
+
+
+def _write_idx(path: Path, array: np.ndarray, header: int) -> None:
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes(header) + array.astype(np.uint8).tobytes())
+
+
+def test_offline_data_sets_are_read_from_the_folders_the_environment_names(tmp_path, monkeypatch):
+    images = np.arange(3 * 28 * 28).reshape(3, 28, 28) % 256
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images, 16)
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.array([9, 0, 3]), 8)
+    monkeypatch.setenv("HF_DISTILL_FASHION_MNIST_DIR", str(tmp_path))
+    data = load_raw_dataset("offline:fashion_mnist")
+    assert data["test"]["label"] == [9, 0, 3]
+    assert np.array_equal(np.array(data["train"][1]["image"]), images[1])
+    monkeypatch.setenv("HF_DISTILL_WORDNET_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base.*set HF_DISTILL_WORDNET_DIR"):
+        load_raw_dataset("offline:wordnet_fortunes")

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
-from .. import __version__
+from .._version import __version__
 from ..card import model_facts
 from .contents import (
     OutputExtractor,

@@ -1,11 +1,11 @@
-"""The distillation pipeline behind `scripts/distill.py`, one public function per stage.
+"""The distillation pipeline behind the `hf-distill` command, one public function per stage.
 
 from hf_distill.pipeline import parse_args, prepare_data, prepare_teacher, make_student, distill, ...
 args, config, recipe = parse_args(["--recipe", "minilm-rotten-tomatoes", "--max_train_samples", "500"])
 report = run_pipeline(args, config, recipe)     # or call the stages one by one, as run_pipeline does
 """
 
-from .arguments import PipelineArguments, available_recipes, load_recipe, parse_args
+from .arguments import RECIPES_DIR, PipelineArguments, available_recipes, load_recipe, parse_args
 from .data import PreparedData, load_processor, mask_once, prepare_data
 from .evaluation import count_parameters, describe_models, evaluate_model, measure_latency
 from .models import (
@@ -16,13 +16,14 @@ from .models import (
     prepare_teacher,
     save_atomically,
 )
-from .report import build_report, model_card, push_student, save_student, write_report
-from .run import distill, losses_with_layer_map, main, make_student, run_pipeline
+from .report import build_report, model_card, push_student, report_lines, save_student, write_report
+from .run import distill, losses_with_layer_map, make_student, run_pipeline
 from .sources import OFFLINE_SOURCES, load_raw_dataset
 
 __all__ = [
     "OFFLINE_SOURCES",
     "PipelineArguments",
+    "RECIPES_DIR",
     "PreparedData",
     "available_recipes",
     "build_report",
@@ -38,7 +39,6 @@ __all__ = [
     "load_raw_dataset",
     "load_recipe",
     "losses_with_layer_map",
-    "main",
     "make_student",
     "mask_once",
     "measure_latency",
@@ -47,6 +47,7 @@ __all__ = [
     "prepare_data",
     "prepare_teacher",
     "push_student",
+    "report_lines",
     "run_pipeline",
     "save_atomically",
     "save_student",

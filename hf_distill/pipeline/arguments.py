@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,9 @@ from transformers import HfArgumentParser
 from ..config import DistillationConfig
 
 TASKS = ("text-classification", "masked-lm", "image-classification")
-#: Folder of the recipes that ship with the project (one YAML file each; the file name is the recipe name).
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+#: The recipes that ship with the package (the top-level `recipes/` folder, installed as `hf_distill.recipes`): one
+#: YAML file each, the file name is the recipe name.
+RECIPES_DIR: Traversable = files("hf_distill.recipes")
 
 
 @dataclass
@@ -151,24 +154,32 @@ class PipelineArguments:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
 
 
-def available_recipes(recipes_dir: Path = RECIPES_DIR) -> dict[str, str]:
+def available_recipes(recipes_dir: Traversable = RECIPES_DIR) -> dict[str, str]:
     """Recipe name -> the one-line description on the first line of its file (`# ...`)."""
     recipes = {}
-    for path in sorted(recipes_dir.glob("*.yaml")):
+    for path in sorted((p for p in recipes_dir.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name):
         first = path.read_text(encoding="utf-8").splitlines()[:1]
-        recipes[path.stem] = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        recipes[path.name[: -len(".yaml")]] = (
+            first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        )
     return recipes
+
+
+def recipe_listing() -> str:
+    """One line per shipped recipe: its name and description (what `--help` and `--list-recipes` print)."""
+    return "\n".join(f"  {name:<24} {line}" for name, line in available_recipes().items())
 
 
 def _field_names() -> set[str]:
     return {f.name for cls in (PipelineArguments, DistillationConfig) for f in dataclasses.fields(cls) if f.init}
 
 
-def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
-    """The settings a recipe changes from the defaults; unknown recipes and keys are errors."""
-    recipes = available_recipes(recipes_dir)
-    path = Path(name)
+def load_recipe(name: str, recipes_dir: Traversable = RECIPES_DIR) -> dict[str, Any]:
+    """The settings a recipe changes from the defaults: a shipped recipe by name, or a YAML file by path; unknown
+    recipes and keys are errors."""
+    path: Path | Traversable = Path(name)
     if not path.is_file():
+        recipes = available_recipes(recipes_dir)
         if name not in recipes:
             raise ValueError(
                 f"unknown recipe {name!r}; choose one of: {', '.join(recipes)} (or a path to a YAML file)"
@@ -188,7 +199,6 @@ def load_recipe(name: str, recipes_dir: Path = RECIPES_DIR) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[PipelineArguments, DistillationConfig, str | None]:
     """Parse `--recipe NAME` and the flags that override it. Returns the two argument sets and the recipe name."""
-    listing = "\n".join(f"  {name:<24} {line}" for name, line in available_recipes().items())
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--recipe", default=None)
     known, _ = recipe_parser.parse_known_args(argv)
@@ -196,10 +206,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[PipelineArguments, Distil
         (PipelineArguments, DistillationConfig),
         description="Distil a teacher into a student, stage by stage: teacher, student, distill, evaluate, "
         "report, save (and push).",
-        epilog=f"recipes (--recipe NAME; flags after it override the recipe):\n{listing}",
+        epilog=f"recipes (--recipe NAME; flags after it override the recipe):\n{recipe_listing()}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--recipe", default=None, help="A recipe from recipes/ (listed below) or a YAML file.")
+    parser.add_argument(
+        "--recipe", default=None, help="A recipe that ships with hf_distill (listed below) or the path of a YAML file."
+    )
+    parser.add_argument("--list-recipes", action="store_true", help="Print the recipes that ship with hf_distill.")
     if known.recipe is not None:
         settings = load_recipe(known.recipe)
         settings.setdefault("output_dir", str(Path("runs") / Path(known.recipe).stem))

@@ -23,8 +23,8 @@ from transformers import (
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     DefaultDataCollator,
-    ViTImageProcessor,
 )
+from transformers.utils import is_torchvision_available
 
 from .arguments import PipelineArguments
 from .sources import load_raw_dataset, resolve_model
@@ -60,6 +60,11 @@ def load_processor(args: PipelineArguments):
     source = resolve_model(args.processor or args.teacher)
     if args.task == "image-classification":
         if source is None:
+            # Imported here, by backend: naming ViTImageProcessor without torchvision warns, even for text runs.
+            if is_torchvision_available():
+                from transformers import ViTImageProcessor
+            else:
+                from transformers import ViTImageProcessorPil as ViTImageProcessor
             return ViTImageProcessor(
                 size={"height": args.image_size, "width": args.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
             )

@@ -51,6 +51,7 @@ def evaluate_model(
             per_device_eval_batch_size=batch_size,
             report_to="none",
             use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=torch.accelerator.is_available(),
             eval_accumulation_steps=16,
             disable_tqdm=False,
             remove_unused_columns=False,  # image splits are transformed on the fly from their image column
@@ -64,8 +65,11 @@ def evaluate_model(
             preprocess_logits_for_metrics=_keep_label_log_probs if masked_lm else None,
         )
         metrics = trainer.evaluate(metric_key_prefix=name)
+    prefix = f"{name}_"  # the Trainer also adds an unprefixed `epoch`, which is no metric
     return {
-        key[len(name) + 1 :]: value for key, value in metrics.items() if not key.endswith(("runtime", "per_second"))
+        key[len(prefix) :]: value
+        for key, value in metrics.items()
+        if key.startswith(prefix) and not key.endswith(("runtime", "per_second", "preparation_time"))
     }
 
 

@@ -16,6 +16,7 @@ import shutil
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -46,8 +47,15 @@ def stage_args(config: DistillationConfig, output_dir: str, **changes: Any) -> D
     """A copy of `config` for one training stage: its own checkpoint folder, and no Hub pushes from the Trainer
     (the pipeline pushes the finished student itself). Columns are kept: `prepare_data` leaves only model inputs,
     and image splits are transformed on the fly from their `image` column."""
+    # Pinned host memory only helps copies to an accelerator; without one the DataLoader warns at every stage.
+    pin_memory = config.dataloader_pin_memory and torch.accelerator.is_available()
     return dataclasses.replace(
-        config, output_dir=output_dir, push_to_hub=False, remove_unused_columns=False, **changes
+        config,
+        output_dir=output_dir,
+        push_to_hub=False,
+        remove_unused_columns=False,
+        dataloader_pin_memory=pin_memory,
+        **changes,
     )
 
 
@@ -163,13 +171,19 @@ def load_initial_teacher(
     if args.teacher_config is not None:
         teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
         return auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
-    teacher, info = auto_class.from_pretrained(
-        resolve_model(args.teacher),
-        use_safetensors=True,
-        trust_remote_code=config.teacher_trust_remote_code,
-        output_loading_info=True,
-        **kwargs,
-    )
+    # The pipeline reports the missing (task-head) weights itself, with what it does about them (prepare_teacher).
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        teacher, info = auto_class.from_pretrained(
+            resolve_model(args.teacher),
+            use_safetensors=True,
+            trust_remote_code=config.teacher_trust_remote_code,
+            output_loading_info=True,
+            **kwargs,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return teacher, info["missing_keys"]
 
 
@@ -218,7 +232,8 @@ def default_student_layers(teacher_depth: int, student_depth: int | None = None)
     student_depth = student_depth or max(1, teacher_depth // 2)
     if not 0 < student_depth <= teacher_depth:
         raise ValueError(
-            f"student_num_layers must lie in 1..{teacher_depth} (the teacher's depth), got {student_depth}"
+            f"student_num_layers must lie in 1..{teacher_depth} (the teacher's depth), got {student_depth}: pass "
+            f"--student_num_layers N with N <= {teacher_depth}, or --student_layers with the teacher layers to keep"
         )
     if student_depth == 1:
         return [teacher_depth - 1]
@@ -241,7 +256,11 @@ def build_student(
     layers = list(layers) if layers is not None else default_student_layers(len(teacher_layers), num_layers)
     bad = [index for index in layers if not 0 <= index < len(teacher_layers)]
     if bad or not layers:
-        raise ValueError(f"student_layers must name teacher layers 0..{len(teacher_layers) - 1}, got {layers}")
+        raise ValueError(
+            f"the student's layers must be teacher layers 0..{len(teacher_layers) - 1} (the teacher has "
+            f"{len(teacher_layers)}), got {layers}: pass --student_layers with indices in that range, or "
+            "--student_num_layers N for N layers spread evenly"
+        )
     student_config = copy.deepcopy(teacher.config)
     student_config.num_hidden_layers = len(layers)
     student = type(teacher)(student_config)

@@ -1,6 +1,6 @@
 """The whole pipeline, stage by stage: data, teacher, student, distill, evaluate, report, save, push.
 
-Run it from the command line (`python scripts/distill.py --recipe NAME`) or call `run_pipeline(args, config)`
+Run it from the command line (`hf-distill --recipe NAME`) or call `run_pipeline(args, config)`
 from a notebook; each stage it calls is a public function of `hf_distill.pipeline`.
 """
 
@@ -20,11 +20,11 @@ from transformers import set_seed
 from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
 from ..trainer import DistillationTrainer
-from .arguments import PipelineArguments, parse_args
+from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
 from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
-from .report import build_report, model_card, push_student, report_lines, save_student, write_report
+from .report import build_report, model_card, push_student, save_student, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,4 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     timings["total"] = round(time.perf_counter() - started, 1)
     report["student_dir"] = student_dir
     write_report(config.output_dir, report)
-    return report
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of `scripts/distill.py`: parse the recipe and flags, run, print the table."""
-    args, config, recipe = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.logging.set_verbosity_warning()
-    report = run_pipeline(args, config, recipe)
-    print("\n" + "\n".join(report_lines(report)))
-    print(f"\nStudent saved to {report['student_dir']}; report in {config.output_dir}/report.md")
     return report

