@@ -97,7 +97,9 @@ def fashion_mnist() -> DatasetDict:
     """Fashion-MNIST as the Hub's `zalando-datasets/fashion_mnist` lays it out: `image` (28x28 grey) and `label`."""
     folder = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
     if not folder.is_dir():
-        raise _missing(f"Fashion-MNIST ({folder})", "apt-get install dataset-fashion-mnist", "HF_DISTILL_FASHION_MNIST_DIR")
+        raise _missing(
+            f"Fashion-MNIST ({folder})", "apt-get install dataset-fashion-mnist", "HF_DISTILL_FASHION_MNIST_DIR"
+        )
     features = Features({"image": Image(), "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     splits = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
