@@ -248,7 +248,7 @@ def teacher_forwards(teacher, data, shape, hidden_states: bool) -> list[float]:
 def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
     teacher, student, data, losses = PAIRS[name](shape, quick)
     initial = {key: value.clone() for key, value in student.state_dict().items()}
-    steps = {"plain": [], "hard_label": [], "online": [], "cached": []}
+    steps = {"plain": [], "hard_label": [], "online": [], "cached": [], "online_unchecked": []}
     flops = {}
     with tempfile.TemporaryDirectory() as scratch:
         build = cache_build(student, teacher, data, losses, shape, scratch, attempts=1 if quick else 3)
@@ -257,8 +257,12 @@ def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
             "hard_label": (None, PLAIN_LOSSES, {}),
             "online": (teacher, losses, {}),
             "cached": (None, losses, {"teacher_cache": build["cache"]}),
+            # The online step without the non-finite check: what the check costs (one host sync per step).
+            "online_unchecked": (teacher, losses, {"check_finite": False}),
         }
         for kind, (kind_teacher, kind_losses, extra) in kinds.items():
+            if kind == "online_unchecked":
+                continue  # the same arithmetic as "online"
             flops[kind] = step_flops(student, kind_teacher, data, kind_losses, shape, scratch, **extra)
         # Rounds of every kind of training, so that a slow spell of a shared machine hits them all.
         started, rounds = time.perf_counter(), 0
@@ -288,6 +292,7 @@ def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
         medians["hard_label_step_s"] + medians["teacher_forward_s"]
     )
     medians["cached_over_hard_label"] = medians["cached_step_s"] / medians["hard_label_step_s"]
+    medians["finite_check_overhead"] = medians["online_step_s"] / medians["online_unchecked_step_s"]
     medians.update(cache_build_s=build["build"], teacher_pass_s=build["inference"],
                    cache_build_over_inference=build["build"] / build["inference"])  # fmt: skip
     return medians
@@ -406,6 +411,8 @@ def main() -> None:
     # The same three against DistillationTrainer on the labels alone (see PLAIN_LOSSES): like for like.
     for key in ("online_over_hard_label_parts", "cached_over_hard_label", "kd_peak_over_hard_label"):
         ratios[key] = max(p[key] for p in results["pairs"].values())
+    # The online step with the non-finite check (check_finite, the default) over the same step without it.
+    ratios["finite_check_overhead"] = max(p["finite_check_overhead"] for p in results["pairs"].values())
     report = format_results(results, ratios)  # formatted in --quick too, so a formatting slip shows up there
     if options.quick:
         print(report)  # a spot check: shown, not written
@@ -450,6 +457,18 @@ def format_results(results: dict, ratios: dict) -> str:
     for name, row in results["pairs"].items():
         lines.append(f"| {name} | " + " | ".join(f"{row[key]:.3f}" for key in keys) + " |")
     lines += [
+        "",
+        "| pair | online KD step (s) | the same with check_finite=False (s) | ratio |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {row['online_step_s']:.3f} | {row['online_unchecked_step_s']:.3f} | "
+            f"{row['finite_check_overhead']:.3f} |"
+            for name, row in results["pairs"].items()
+        ],
+        "",
+        "check_finite (the default) checks every teacher output, loss term and gradient of a step on the device "
+        "and reads the flags back in one host sync per optimizer step; the ratio is what that costs (timed in the "
+        "same rounds).",
         "",
         "Plain step: the student trained on its labels by `transformers.Trainer`, as without hf_distill. Hard-label "
         "step: the same through `DistillationTrainer` with `hard_label` alone, which for masked LM projects onto the "

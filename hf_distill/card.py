@@ -16,6 +16,19 @@ from torch import nn
 TAGS = ("distillation", "hf_distill")
 
 
+def public_name(name: str | None) -> str | None:
+    """How a card that may be pushed names a model or data set: a Hub id as it is, a local path by its last
+    component (a folder's name, a file's name or glob), never the local filesystem path."""
+    if not name:
+        return None
+    parts = []
+    for part in name.split(","):
+        local = os.path.exists(part) or os.path.isabs(part) or part.startswith(("./", "../", "~")) or "\\" in part
+        local = local or any(character in part for character in "*?[")
+        parts.append(os.path.basename(os.path.normpath(os.path.expanduser(part))) if local else part)
+    return ",".join(parts)
+
+
 def model_facts(model: nn.Module) -> dict[str, Any]:
     """Name (Hub id or path it was loaded from, None when built from a config), class, parameters, weight bytes."""
     config = getattr(model, "config", None)
@@ -60,7 +73,7 @@ def add_distillation_section(
     if teacher.get("parameters"):
         ratio = student["parameters"] / teacher["parameters"]
     card.data.hf_distill = {
-        "teacher": teacher["name_or_path"],
+        "teacher": public_name(teacher["name_or_path"]),
         "teacher_class": teacher["class"],
         "teacher_parameters": teacher.get("parameters"),
         "student_parameters": student["parameters"],
@@ -68,7 +81,9 @@ def add_distillation_section(
         "losses": losses,
         "teacher_cache": from_cache,
     }
-    named = f"`{teacher['name_or_path']}` " if teacher["name_or_path"] else "a teacher built from a config "
+    named = (
+        f"`{public_name(teacher['name_or_path'])}` " if teacher["name_or_path"] else "a teacher built from a config "
+    )
     lines = [
         "## Distillation",
         "",

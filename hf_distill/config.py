@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import available_losses, build_losses
@@ -51,6 +52,11 @@ class DistillationConfig(TrainingArguments):
             and far smaller logits. Applies only when every configured loss accepts such logits (all built-in
             ones do, except `relation` on logits); set it to False when an override of yours reads full logits.
             Evaluation always computes full logits.
+        check_finite (`bool`, *optional*, defaults to `True`):
+            Stop training with a `FloatingPointError` that names the culprit (a teacher output, a loss term, the
+            loss or the gradients), the step and what to try, when a value of a step is NaN or infinite, before the
+            optimizer applies that step ([`hf_distill.guards`]). Costs one host sync per optimizer step. With
+            fp16's gradient scaler, infinite gradients are left to the scaler, which skips such steps by design.
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
@@ -95,6 +101,13 @@ class DistillationConfig(TrainingArguments):
             "positions the losses read (same losses, less time and memory). Off for overrides reading full logits."
         },
     )
+    check_finite: bool = field(
+        default=True,
+        metadata={
+            "help": "Stop training, naming the culprit and the step, when a teacher output, a loss term, the loss or "
+            "a gradient is NaN or infinite, before the optimizer applies the step (one host sync per step)."
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.losses, str):
@@ -115,4 +128,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_cache_top_k must be an integer >= 0 (0: every logit), got {self.teacher_cache_top_k!r}"
             )
+        # Pinned host memory only speeds up copies to an accelerator; without one the DataLoader warns each epoch.
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False
         super().__post_init__()

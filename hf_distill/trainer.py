@@ -18,22 +18,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import DataCollatorForLanguageModeling, Trainer
+from transformers import Trainer
 
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
 from .card import cached_teacher_facts, model_facts
+from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
+from .guards import NonFiniteGuard, check_finite_weights
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
-from .losses.logits import SPAN_CLASSES, SPAN_LABELS
 from .reporting import TermReportingMixin
+from .saving import TRAINER_STATE_NAME, last_complete_checkpoint, staged_folder
 from .seq2seq import check_decoder_start, is_seq2seq, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
-_LABEL_COLUMNS = ("label", "labels", "label_ids")
 # What the losses asked the models for (encoder-decoders return each per stack); not predictions.
 _INTERNAL_OUTPUTS = {
     f"{stack}{kind}" for stack in ("", "encoder_", "decoder_") for kind in ("hidden_states", "attentions")
@@ -113,6 +114,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
                 f"the losses {teacher_terms} need a teacher: pass teacher_model=(a model, Hub id or path)"
                 + (f", which builds the teacher cache {args.teacher_cache}" if args.teacher_cache else "")
             )
+        teacher_source = teacher_model if isinstance(teacher_model, str) else None
         if isinstance(teacher_model, str):
             teacher_model = load_teacher(
                 teacher_model,
@@ -124,7 +126,12 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
         check_decoder_start(model)
         teacher_facts = model_facts(teacher_model) if isinstance(teacher_model, nn.Module) else None
-        _check_labels(terms, model, kwargs.get("train_dataset"), kwargs.get("data_collator"))
+        check_data(
+            terms, model, args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), kwargs.get("data_collator")
+        )
+        if teacher_terms:
+            known_teacher = teacher_model if cache is None else ConfigOnly(cache.teacher_config())
+            check_same_inputs(model, known_teacher, kwargs.get("processing_class"), teacher_source)
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -159,6 +166,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         self._train_terms: dict[str, torch.Tensor] = {}
         self._eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._term_steps = 0  # optimizer steps whose terms _train_terms holds
+        self.finite_guard = NonFiniteGuard() if args.check_finite else None
         # A hook per step and data-dependent shapes would defeat compilation.
         compact = args.compact_token_logits and not args.torch_compile
         # A finished cache replaces the teacher before it runs: no need to probe it.
@@ -273,6 +281,12 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             teacher_outputs = self._teacher_outputs(inputs, training=model.training)
         loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
         self._record_terms(terms, inputs, training=model.training)
+        if self.finite_guard is not None and model.training:
+            if self.teacher_model is not None and teacher_outputs is not None:
+                self.finite_guard.watch_teacher(teacher_outputs)
+            for term, value in terms.items():
+                self.finite_guard.watch(f"the {term} term", value)
+            self.finite_guard.watch("the total loss", loss)
         if model.training and self.accelerator.num_processes > 1:
             # Each process holds its share of a globally normalised loss; DDP averages, so undo the average.
             loss = loss * self.accelerator.num_processes
@@ -325,7 +339,50 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             for parameter in self.distillation_losses.parameters():
                 if parameter.grad is not None:
                     torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
+        # The step's gradients are complete after its last micro-batch: check them before the Trainer measures or
+        # clips them (a norm of inf turns every gradient into NaN) and before the optimizer applies them.
+        if self.finite_guard is not None and self.accelerator.sync_gradients:
+            self.check_finite_step()
         return loss
+
+    def check_finite_step(self) -> None:
+        """Raise `FloatingPointError` before the optimizer step if a value of this step was NaN or infinite."""
+        # A gradient scaler (fp16) skips steps with infinite gradients by design; DeepSpeed and FSDP hold gradients
+        # in their own buffers and shards. Their terms and teacher outputs are still checked.
+        own_gradients = self.accelerator.scaler is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        parameters = None
+        if own_gradients:
+            student = self.accelerator.unwrap_model(self.model).named_parameters()
+            projectors = (("losses." + name, p) for name, p in self.distillation_losses.named_parameters())
+            parameters = [*student, *projectors]
+        self.finite_guard.check(self.state.global_step + 1, parameters, self.accelerator.num_processes)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's `save_model`, refused (`FloatingPointError`) for a student whose weights are not finite."""
+        check_finite_weights(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Written aside, then moved into place: a crash or a full disk never leaves a half-written student.
+        if not self.args.should_save:
+            return super()._save(output_dir, state_dict)
+        with staged_folder(output_dir or self.args.output_dir) as staging:
+            super()._save(staging, state_dict)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """The Trainer's `train`; `resume_from_checkpoint=True` takes the last checkpoint whose save completed."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
+        elif isinstance(resume_from_checkpoint, str) and not os.path.isfile(
+            os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+        ):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {TRAINER_STATE_NAME}: its save was interrupted. Resume from an earlier "
+                "checkpoint, or pass resume_from_checkpoint=True for the last complete one"
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _clip_grad_norm(self, model: nn.Module):
         """Clip the student's and the projectors' gradients together, as one model's would be."""
@@ -367,21 +424,3 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
-
-
-def _check_labels(
-    terms: dict[str, tuple[float, DistillationLoss]], model: nn.Module, train_dataset: Any, collator: Any
-) -> None:
-    """Refuse a hard_label loss on a dataset that has no labels, before any step runs (a masked-LM collator
-    makes its own labels)."""
-    if isinstance(collator, DataCollatorForLanguageModeling):
-        return
-    columns = getattr(train_dataset, "column_names", None)
-    uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
-    span = type(model).__name__ in SPAN_CLASSES
-    if uses_labels and isinstance(columns, list) and not set(columns) & {*_LABEL_COLUMNS, *SPAN_LABELS}:
-        add = "'start_positions' and 'end_positions' columns" if span else "a 'label' column"
-        raise ValueError(
-            f"losses {uses_labels} train on labels, but the training dataset has no label column (columns: "
-            f"{columns}); add {add}, or drop {uses_labels} to distil from the teacher alone"
-        )

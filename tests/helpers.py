@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from datasets import Dataset
 from transformers import (
@@ -186,3 +188,10 @@ def config(tmp_path, losses: dict | None = None, config_class=DistillationConfig
         settings["losses"] = losses
     settings.update(overrides)
     return config_class(**settings)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -28,6 +28,7 @@ def test_quick_benchmark_prints_every_ratio():
         "online_over_hard_label_parts",
         "cached_over_hard_label",
         "kd_peak_over_hard_label",
+        "finite_check_overhead",
     }
     assert ratios["online_over_parts"] > 0 and ratios["kd_peak_over_plain"] > 0
     assert 0 < ratios["token_kl_peak_saving"] < 1

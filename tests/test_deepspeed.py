@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed_run import trainer
+from helpers import free_port
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
@@ -17,10 +18,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, r
 
 
 def launch(output_dir: Path, stage: int, *mode: str, processes: int = 1) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = str(free_port())
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                   "MASTER_PORT": port}  # fmt: skip
     command = [sys.executable, str(TESTS / "deepspeed_run.py"), str(output_dir), str(stage), *mode]
     if processes > 1:
-        port = str(29580 + stage)
         command = ["torchrun", "--nproc_per_node", str(processes), "--master_port", port, *command[1:]]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_run import run
+from helpers import free_port
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
@@ -22,7 +23,7 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(free_port()),
         str(TESTS / "ddp_run.py"),
         str(tmp_path / "ddp"),
         # With a cache: process 0 builds it while process 1 waits, then each reads its share of every batch.

@@ -218,6 +218,40 @@ class OutputExtractor:
         return stored
 
 
+def _row_counts_key(key: str) -> str | None:
+    """The key of the per-example row counts of a stored row tensor, None for per-example tensors."""
+    if key.startswith("span."):
+        return "span_rows"
+    if key.startswith("token."):
+        return "rows"
+    if "hidden." in key:
+        return key.split("hidden.")[0] + "hidden_rows"
+    return None
+
+
+def _teacher_value(key: str) -> bool:
+    """Whether a stored tensor is the teacher's own output (the log-normaliser and tail are derived from them)."""
+    return key == "logits" or key.startswith(("token.logits", "token.values", "span.")) or "hidden." in key
+
+
+def nonfinite_examples(stored: dict[str, torch.Tensor]) -> list[int]:
+    """The examples (positions in the batch) whose stored teacher outputs hold a NaN or an infinity."""
+    checked = {key: tensor for key, tensor in stored.items() if tensor.is_floating_point() and _teacher_value(key)}
+    if not checked or all(bool(torch.isfinite(tensor).all()) for tensor in checked.values()):
+        return []
+    examples = len(stored["checksum"])
+    bad = torch.zeros(examples, dtype=torch.bool)
+    for key, tensor in checked.items():
+        finite_rows = torch.isfinite(tensor.reshape(len(tensor), -1)).all(1).cpu()
+        counts = stored.get(_row_counts_key(key) or "")
+        if counts is not None:
+            owner = torch.repeat_interleave(torch.arange(examples), counts.cpu())
+            bad[owner[~finite_rows]] = True
+        else:
+            bad |= ~finite_rows
+    return bad.nonzero().flatten().tolist()
+
+
 class TokenTargets:
     """A batch's cached token-level targets, one row per counted position in the loss's order."""
 

@@ -20,6 +20,8 @@ Reading slices the memory-mapped shards, so no whole-cache tensor is ever loaded
 from __future__ import annotations
 
 import bisect
+import contextlib
+import errno
 import json
 import os
 import re
@@ -96,7 +98,19 @@ class ShardWriter:
         end = self.start + self.pending_examples
         path = os.path.join(self.directory, shard_name(self.start, end))
         tensors = {name: torch.cat(parts).contiguous() for name, parts in self.pending.items()}
-        save_file(tensors, path + ".tmp")
+        try:
+            save_file(tensors, path + ".tmp")
+        except OSError as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + ".tmp")
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(
+                error.errno,
+                f"no space left on the device while writing the teacher cache in {self.directory} ({error}); the "
+                "shards written before are kept: free space (or choose another teacher_cache) and build again, "
+                "which resumes after them",
+            ) from error
         os.replace(path + ".tmp", path)  # a shard is either absent or whole
         self.start, self.pending, self.pending_examples = end, {}, 0
 

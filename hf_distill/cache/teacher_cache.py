@@ -22,6 +22,7 @@ from .contents import (
     contents_mismatch,
     input_checksums,
     label_checksums,
+    nonfinite_examples,
     same_inputs,
 )
 from .store import (
@@ -210,9 +211,20 @@ def build_teacher_cache(
     writer = ShardWriter(directory, start, shard_size)
     with tqdm(total=total, initial=start, desc="Building the teacher cache", unit="example") as progress:
         with torch.inference_mode():
+            seen = start
             for inputs in batches_from(start):
                 stored = extractor(inputs, forward(inputs))
+                broken = nonfinite_examples(stored)
+                if broken:
+                    writer.flush()  # the whole shards before stay: a fixed teacher resumes after them
+                    raise FloatingPointError(
+                        f"the teacher's outputs for training examples {[seen + i for i in broken][:10]} hold NaN or "
+                        f"infinite values, so the teacher cache {directory} stops before them (what was built so far "
+                        "is kept). A teacher run in float16 overflows past 65,504: load it in float32 or bfloat16; "
+                        "otherwise check the teacher on those examples"
+                    )
                 writer.add(stored)
+                seen += len(stored["checksum"])
                 progress.update(len(stored["checksum"]))
         writer.flush()
     shards = finished_shards(directory)

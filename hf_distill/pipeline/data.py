@@ -167,6 +167,12 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
         )
         for name, split in (("train", train), ("teacher train", teacher_train), ("eval", held_out))
     ]
+    for name, split in (("training", splits[0]), ("held-out", splits[2])):
+        if len(split) == 0:
+            raise ValueError(
+                f"the {name} split of {args.dataset!r} has no line of text ({args.text_column!r} is empty on every "
+                "row): give text files (or a data set) with non-empty lines"
+            )
     masking = DataCollatorForLanguageModeling(processor, mlm_probability=args.mlm_probability)
     splits[2] = mask_once(splits[2], masking, seed)
     return PreparedData(args.task, processor, *splits, masking, DataCollatorForTokenClassification(processor), None)

@@ -88,11 +88,28 @@ def weights_size_bytes(model: nn.Module) -> int:
     return total
 
 
+#: Above this interquartile range (as a share of the median) a latency is too noisy to trust.
+NOISY_SPREAD = 0.25
+#: Two models of one architecture (student and baseline) whose medians differ by more than this ratio were timed
+#: under different conditions.
+SAME_NETWORK_RATIO = 1.25
+_clock = time.perf_counter  # the tests replace it to inject a slow spell
+
+
+def _spread(times: list[float]) -> float:
+    """Interquartile range over the median: how much the repeats of one measurement disagree."""
+    if len(times) < 4:
+        return 0.0
+    quartiles = statistics.quantiles(times, n=4)
+    return (quartiles[2] - quartiles[0]) / statistics.median(times)
+
+
 @torch.no_grad()
 def measure_latency(
     models: dict[str, nn.Module], data: PreparedData, batch_sizes: list[int], repeats: int = 20, warmup: int = 3
 ) -> dict[str, dict[str, float]]:
-    """Median CPU wall time of one forward pass, in milliseconds, per model and batch size (held-out inputs).
+    """Median CPU wall time of one forward pass, in milliseconds, per model and batch size (held-out inputs), and
+    the spread of the repeats (`latency_spread_batch_<b>`: interquartile range over the median).
 
     The models take turns, one forward each per round, so that whatever else the machine does drifts over all
     of them alike instead of favouring the one timed in a quiet moment. Runs on the CPU with the process's
@@ -108,16 +125,46 @@ def measure_latency(
         times: dict[str, list[float]] = {name: [] for name in models}
         for round_index in range(warmup + repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = _clock()
                 model(**batch)
                 if round_index >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(_clock() - start)
         for name in models:
             latency[name][f"latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times[name])
+            latency[name][f"latency_spread_batch_{batch_size}"] = _spread(times[name])
     for name, model in models.items():
         device, training = placement[name]
         model.to(device).train(training)
     return latency
+
+
+def untrusted_latencies(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Batch size -> why its latencies cannot be trusted, for each batch size whose figures disagree with
+    themselves: a model whose repeats spread widely, or two models of one architecture (student and baseline) whose
+    medians differ. Both mean that something else was using the CPU while they were timed."""
+    problems: dict[str, str] = {}
+    batch_sizes = [
+        key.rsplit("_", 1)[1] for key in next(iter(results.values())) if key.startswith("latency_ms_batch_")
+    ]
+    for batch in batch_sizes:
+        reasons = [
+            f"the {name}'s repeats spread over {row[f'latency_spread_batch_{batch}']:.0%} of their median"
+            for name, row in results.items()
+            if row.get(f"latency_spread_batch_{batch}", 0.0) > NOISY_SPREAD
+        ]
+        names = list(results)
+        pairs = [
+            (a, b) for index, a in enumerate(names) for b in names[index + 1 :]
+            if results[a].get("architecture") and results[a].get("architecture") == results[b].get("architecture")
+        ]  # fmt: skip
+        for a, b in pairs:
+            fast, slow = sorted((results[a][f"latency_ms_batch_{batch}"], results[b][f"latency_ms_batch_{batch}"]))
+            if slow > SAME_NETWORK_RATIO * fast:
+                reasons.append(f"the {a} and the {b}, one architecture, took {results[a][f'latency_ms_batch_{batch}']:.1f} "
+                               f"and {results[b][f'latency_ms_batch_{batch}']:.1f} ms")  # fmt: skip
+        if reasons:
+            problems[batch] = "; ".join(reasons)
+    return problems
 
 
 def describe_models(
@@ -129,6 +176,8 @@ def describe_models(
         name: {
             "parameters": count_parameters(model),
             "size_bytes": weights_size_bytes(model),
+            # Same class, same size: the same network, which should run at the same speed.
+            "architecture": f"{type(model).__name__}, {count_parameters(model):,} parameters",
             **latency[name],
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..saving import staged_folder
 from .arguments import PipelineArguments
 from .data import PreparedData
 from .sources import resolve_model
@@ -47,15 +47,8 @@ def stage_args(config: DistillationConfig, output_dir: str, **changes: Any) -> D
     """A copy of `config` for one training stage: its own checkpoint folder, and no Hub pushes from the Trainer
     (the pipeline pushes the finished student itself). Columns are kept: `prepare_data` leaves only model inputs,
     and image splits are transformed on the fly from their `image` column."""
-    # Pinned host memory only helps copies to an accelerator; without one the DataLoader warns at every stage.
-    pin_memory = config.dataloader_pin_memory and torch.accelerator.is_available()
     return dataclasses.replace(
-        config,
-        output_dir=output_dir,
-        push_to_hub=False,
-        remove_unused_columns=False,
-        dataloader_pin_memory=pin_memory,
-        **changes,
+        config, output_dir=output_dir, push_to_hub=False, remove_unused_columns=False, **changes
     )
 
 
@@ -152,7 +145,8 @@ def prepare_teacher(
         processing_class=data.processor,
     ).train()
     teacher.requires_grad_(True)
-    save_atomically(trained_dir, lambda folder: _save_teacher(teacher, data, record, folder))
+    # The record goes in last: a record in the folder means a whole teacher beside it.
+    save_atomically(trained_dir, lambda folder: _save_teacher(teacher, data, record, folder), last=(TEACHER_RECORD,))
     return teacher.eval(), trained_dir
 
 
@@ -194,22 +188,11 @@ def _save_teacher(teacher: PreTrainedModel, data: PreparedData, record: dict[str
         json.dump(record, handle, indent=2)
 
 
-def save_atomically(folder: str, write) -> None:
-    """Run `write(tmp_folder)` and then move the result to `folder` in one rename, so that a crash never leaves
-    a half-written folder under the final name."""
-    folder = os.path.abspath(folder)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.isdir(folder):
-        old = folder + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
+def save_atomically(folder: str, write, last: tuple[str, ...] = ()) -> None:
+    """Run `write(staging_folder)`, then move what it wrote into `folder`, the weights and then `last` at the end,
+    so that a crash never leaves a half-written file under `folder` ([`hf_distill.saving.staged_folder`])."""
+    with staged_folder(folder, last) as staging:
+        write(staging)
 
 
 def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -17,7 +17,9 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from huggingface_hub import HfApi, ModelCard, ModelCardData  # noqa: E402
 
-from ..card import loss_lines  # noqa: E402
+from ..card import loss_lines, public_name  # noqa: E402
+from ..guards import check_finite_weights  # noqa: E402
+from .evaluation import untrusted_latencies  # noqa: E402
 from .models import AUTO_CLASSES, save_atomically  # noqa: E402
 from .sources import hub_id  # noqa: E402
 
@@ -39,6 +41,8 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
     for key in teacher:
         if key.startswith("latency_ms_batch_"):
             summary[f"speedup_batch_{key.rsplit('_', 1)[1]}"] = _ratio(teacher[key], student[key])
+    # Latencies the measurement itself shows to be unreliable (noisy repeats, one network timed at two speeds).
+    summary["latency_untrusted"] = untrusted_latencies(results)
     if "baseline" in results:
         baseline = results["baseline"][metric]
         summary["gap_closure"] = _ratio(student[metric] - baseline, teacher[metric] - baseline)
@@ -46,7 +50,7 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
     return summary
 
 
-def _table(results: dict[str, dict[str, Any]], metrics: list[str]) -> list[str]:
+def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: dict[str, str]) -> list[str]:
     latencies = sorted(
         (key for key in results["teacher"] if key.startswith("latency_ms_batch_")),
         key=lambda k: int(k.rsplit("_", 1)[1]),
@@ -56,7 +60,10 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str]) -> list[str]:
         *metrics,
         "parameters (M)",
         "size (MB)",
-        *[f"CPU ms, batch {k.rsplit('_', 1)[1]}" for k in latencies],
+        *[
+            f"CPU ms, batch {k.rsplit('_', 1)[1]}" + (" (noisy)" if k.rsplit("_", 1)[1] in untrusted else "")
+            for k in latencies
+        ],
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in MODEL_ORDER:
@@ -120,12 +127,20 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
     metrics = [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
-    lines = [f"# Distillation report: {report.get('recipe') or 'custom run'}", "", *_table(results, metrics), ""]
+    untrusted = summary.get("latency_untrusted", {})
+    lines = [
+        f"# Distillation report: {report.get('recipe') or 'custom run'}",
+        "",
+        *_table(results, metrics, untrusted),
+        "",
+    ]
     lines.append(f"- retention (student / teacher accuracy): {summary['retention']:.2%}")
     lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of the teacher's")
     for key, value in summary.items():
         if key.startswith("speedup_batch_"):
-            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}: {value:.2f}x")
+            batch = key.rsplit("_", 1)[1]
+            noisy = " (not to be trusted: see below)" if batch in untrusted else ""
+            lines.append(f"- CPU speed-up at batch {batch}: {value:.2f}x{noisy}")
     if "gap_closure" in summary:
         lines.append(
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
@@ -135,6 +150,12 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             "- perplexity: exp(mean cross-entropy) over the masked tokens of the held-out split, masked once with a "
             "fixed seed"
+        )
+    for batch, reason in untrusted.items():
+        lines.append(
+            f"- CPU latency at batch {batch} cannot be trusted: {reason}, so something else was using the CPU while the "
+            "models were timed. For a clean figure, rerun with nothing else running on the machine (a larger "
+            "--latency_repeats helps against short spells)"
         )
     timings = report.get("timings_s")
     if timings:
@@ -150,13 +171,16 @@ def model_card(
     """A model card that records the teacher, the losses, the data and the measured metrics and compression.
 
     `teacher` is the `--teacher` value (None for a teacher built from a config); `base_model` names its Hub id,
-    or the Hub copy of an offline model, and is left out for local folders."""
+    or the Hub copy of an offline model, and is left out for local folders. A card may be pushed: local folders
+    and files are named by their last path component, never by their path on this machine."""
     results, summary = report["results"], report["summary"]
+    base_model, hub_dataset = hub_id(teacher), hub_id(dataset)
+    teacher, dataset = public_name(teacher), public_name(dataset)
     data = ModelCardData(
-        base_model=hub_id(teacher),
+        base_model=base_model,
         library_name="transformers",
         tags=["distillation", "hf_distill", *([f"recipe:{recipe}"] if recipe else [])],
-        datasets=[hub_id(dataset)] if hub_id(dataset) else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         metrics=["accuracy"] + (["perplexity"] if "perplexity" in results["student"] else []),
         hf_distill={
             "teacher": teacher,
@@ -169,7 +193,7 @@ def model_card(
     )
     if teacher is None:
         teacher_words = "a teacher trained here from a config"
-    elif report.get("teacher_used") != teacher:
+    elif public_name(report.get("teacher_used")) != teacher:
         teacher_words = f"the teacher `{teacher}`, whose task head was trained here first"
     else:
         teacher_words = f"the teacher `{teacher}`"
@@ -209,8 +233,9 @@ def model_card(
 
 
 def save_student(model, processor, folder: str, card: ModelCard) -> str:
-    """Save the student (safetensors), its tokenizer or image processor and its model card as one folder,
-    written elsewhere first and moved into place in one rename."""
+    """Save the student (safetensors), its tokenizer or image processor and its model card, written elsewhere first
+    and moved into place file by file, the weights last; a student whose weights are not finite is refused."""
+    check_finite_weights(model, folder)
 
     def write(tmp: str) -> None:
         model.save_pretrained(tmp)

@@ -1,0 +1,89 @@
+"""Writing to disk so that an interruption never leaves a half-written model that looks complete.
+
+- `staged_folder(target)`: a context that yields a sibling folder to write into, then moves its files into `target`
+  (the weights last) only once everything is written; a failed write (a full disk) raises an error that says what
+  to do and leaves `target` as it was.
+- `last_complete_checkpoint(output_dir)`: the newest checkpoint a training run finished writing, for
+  `resume_from_checkpoint=True` after a crash in the middle of a save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+#: The Trainer writes this last into a checkpoint: a checkpoint without it was interrupted.
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+_STAGING = ".saving-"
+
+
+@contextlib.contextmanager
+def staged_folder(target: str, last: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yield a folder to write a model into; on success its files replace those of `target`: the weights last, then
+    the files named in `last` (a record that says the folder is complete).
+
+    A process killed while writing leaves `target` untouched (plus a `<target>.saving-<pid>` folder, removed by
+    the next save); a process killed while the files move leaves every file whole, old or new.
+    """
+    target = os.path.abspath(target)
+    for leftover in glob.glob(glob.escape(target) + _STAGING + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = f"{target}{_STAGING}{os.getpid()}"
+    os.makedirs(staging)
+    try:
+        yield staging
+        _publish(staging, target, last)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                error.errno,
+                f"no space left on the device while saving to {target} ({error}); nothing there was changed: free "
+                "space or choose another output_dir, then save again",
+            ) from error
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: str, target: str, last: tuple[str, ...]) -> None:
+    os.makedirs(target, exist_ok=True)
+    for name in last:  # the old record goes first: until the new one lands, the folder claims nothing
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(target, name))
+    names = sorted(os.listdir(staging), key=lambda name: 2 if name in last else int(bool(_WEIGHTS.match(name))))
+    for name in names:
+        destination = os.path.join(target, name)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            shutil.rmtree(destination)
+        os.replace(os.path.join(staging, name), destination)
+    stale = [name for name in os.listdir(target) if _WEIGHTS.match(name) and name not in names]
+    for name in stale:  # weights of an earlier save laid out otherwise (one file vs shards)
+        os.remove(os.path.join(target, name))
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-numbered `checkpoint-N` in `output_dir` whose trainer state was written (the Trainer's last
+    file), skipping, with a warning, those a crash interrupted."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(match.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            return path
+        logger.warning("Skipping %s: it has no %s, so its save was interrupted", path, TRAINER_STATE_NAME)
+    return None

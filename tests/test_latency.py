@@ -1,0 +1,68 @@
+"""The report's CPU latency says when it cannot be trusted: a slow spell injected into the timing is flagged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import bert_classifier
+
+from hf_distill.pipeline import evaluation
+from hf_distill.pipeline.report import build_report, report_lines
+
+
+class Batches:
+    """What `describe_models` reads of the prepared data: held-out batches of a given size."""
+
+    def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.randint(5, 64, (batch_size, 8))}
+
+
+def timed_models(monkeypatch, slow_rounds: set[int]):
+    """Three models timed by a fake clock: the teacher costs 4 ms, student and baseline (one network) 2 ms each;
+    in `slow_rounds`, something else takes the CPU while the baseline runs (+6 ms)."""
+    clock = {"now": 0.0, "round": 0}
+    monkeypatch.setattr(evaluation, "_clock", lambda: clock["now"])
+    models = {
+        "teacher": bert_classifier(0),
+        "student": bert_classifier(1, layers=2),
+        "baseline": bert_classifier(2, layers=2),
+    }
+    costs = {"teacher": 4e-3, "student": 2e-3, "baseline": 2e-3}
+    for name, model in models.items():
+
+        def advance(_module, _inputs, name=name):
+            slow = name == "baseline" and clock["round"] in slow_rounds
+            clock["now"] += costs[name] + (6e-3 if slow else 0.0)
+            if name == "baseline":  # the last model of a round
+                clock["round"] += 1
+
+        model.register_forward_pre_hook(advance)
+    return models
+
+
+def report_for(models, batch_sizes):
+    results = evaluation.describe_models(models, Batches(), batch_sizes, repeats=12)
+    for row in results.values():
+        row["accuracy"] = 0.8
+    return build_report(results, recipe="test")
+
+
+def test_a_quiet_measurement_is_trusted(monkeypatch):
+    report = report_for(timed_models(monkeypatch, slow_rounds=set()), [1])
+    assert report["summary"]["latency_untrusted"] == {}
+    assert report["results"]["student"]["latency_ms_batch_1"] == pytest.approx(2.0)
+    assert report["summary"]["speedup_batch_1"] == pytest.approx(2.0)
+    assert not any("cannot be trusted" in line or "noisy" in line for line in report_lines(report))
+
+
+def test_a_slow_spell_is_flagged_in_the_table_and_the_summary(monkeypatch):
+    # Warm-up is 3 rounds; rounds 3..14 are timed. Half of them slow: the baseline's median moves to 5 ms.
+    report = report_for(timed_models(monkeypatch, slow_rounds=set(range(3, 15, 2))), [1])
+    reason = report["summary"]["latency_untrusted"]["1"]
+    assert "the baseline's repeats spread over" in reason
+    assert "the student and the baseline, one architecture, took 2.0 and 5.0 ms" in reason
+    lines = report_lines(report)
+    assert "CPU ms, batch 1 (noisy)" in lines[2]
+    assert any(line.startswith("- CPU speed-up at batch 1") and "not to be trusted" in line for line in lines)
+    advice = next(line for line in lines if "cannot be trusted" in line)
+    assert "rerun with nothing else running" in advice
