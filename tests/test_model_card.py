@@ -59,3 +59,15 @@ def test_card_of_a_run_from_a_cache_alone_names_the_cached_teacher(tmp_path):
     facts = card_of(second).data.hf_distill
     assert facts["teacher_class"] == "BertForSequenceClassification"
     assert facts["teacher_parameters"] == parameters(teacher) and facts["teacher_cache"] is True
+
+
+def test_a_teacher_loaded_from_a_local_folder_is_named_by_the_folder_never_its_path(tmp_path):
+    folder = tmp_path / "private" / "my-teacher"
+    bert_classifier(seed=1).save_pretrained(folder)
+    trainer = DistillationTrainer(
+        model=bert_classifier(seed=2, layers=2), teacher_model=str(folder), args=config(tmp_path / "out", LOSSES),
+        train_dataset=text_dataset(),
+    )  # fmt: skip
+    card = card_of(trainer)
+    assert card.data.hf_distill["teacher"] == "my-teacher"
+    assert str(tmp_path) not in str(card)
