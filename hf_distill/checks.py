@@ -21,22 +21,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-)
 
-from .losses.logits import SPAN_CLASSES, SPAN_LABELS
+from .model_kind import SPAN_LABELS, describe
 
 logger = logging.getLogger(__name__)
 
 LABEL_COLUMNS = ("label", "labels", "label_ids")
-_CLASSIFIERS = {
-    *MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values(),
-    *MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values(),
-    *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
-}
 #: What a preprocessing step changes in the pixels a model reads.
 _PIXEL_SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "size", "crop_size")
 _SPECIAL_TOKENS = ("pad_token_id", "cls_token_id", "sep_token_id", "mask_token_id", "bos_token_id", "eos_token_id",
@@ -72,7 +62,7 @@ def check_data(
         return  # it makes its own labels from the inputs
     columns = getattr(train_dataset, "column_names", None)
     uses_labels = [term for term, (_, loss) in terms.items() if loss.needs_labels]
-    span = type(model).__name__ in SPAN_CLASSES
+    span = describe(model).span
     if uses_labels and isinstance(columns, list) and not set(columns) & {*LABEL_COLUMNS, *SPAN_LABELS}:
         add = "'start_positions' and 'end_positions' columns" if span else "a 'label' column"
         raise ValueError(
@@ -102,7 +92,7 @@ def _length(dataset: Any) -> int | None:
 def _check_label_range(model: nn.Module, dataset: Dataset, name: str) -> None:
     """Class labels must lie in 0..num_labels-1 (-100, ignored by the losses, aside)."""
     num_labels = getattr(model.config, "num_labels", None)
-    if type(model).__name__ not in _CLASSIFIERS or getattr(model.config, "problem_type", None) not in (
+    if not describe(model).class_labels or getattr(model.config, "problem_type", None) not in (
         None, "single_label_classification") or not num_labels or num_labels < 2:  # fmt: skip
         return
     column = next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-#: Class names of causal LMs (position i predicts token i+1) and of all language models (masked or causal).
-CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-LANGUAGE_MODEL_CLASSES = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) | CAUSAL_LM_CLASSES
+from .model_kind import describe
 
 
 def label_rows(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,22 +97,49 @@ def supports_rows(model: nn.Module) -> bool:
     return logits.dim() == 2 and logits.shape[0] == 1
 
 
-def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> dict[str, bool]:
+@dataclass(frozen=True)
+class LogitRowsPlan:
+    """Which models of a run project onto the vocabulary only at the positions the losses read, in training.
+
+    Attributes:
+        student, teacher: that model's projection runs at the labeled positions only (`project_rows`).
+        shift: the student is a causal LM: position i predicts label i + 1.
+        student_logits_read, teacher_logits_read: some configured loss reads that model's logits; a model whose
+            logits nothing reads projects no position at all.
+    """
+
+    student: bool = False
+    teacher: bool = False
+    shift: bool = False
+    student_logits_read: bool = True
+    teacher_logits_read: bool = True
+
+    def compacts(self, model: str) -> bool:
+        """Whether `model` ("student" or "teacher") projects fewer positions than all in training."""
+        return getattr(self, model)
+
+    def reads(self, model: str) -> bool:
+        """Whether a configured loss reads the logits of `model` ("student" or "teacher")."""
+        return getattr(self, f"{model}_logits_read")
+
+
+def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> LogitRowsPlan:
     """Which models project only the positions whose logits are read, in training, and whether any of `losses`
     (already set up) reads each model's logits at all: the `logit_rows` of a `DistillationTrainer`."""
-    student_name = type(student).__name__
+    kind = describe(student)
     use = (
         enabled
-        and student_name in LANGUAGE_MODEL_CLASSES
+        and kind.language_model
         # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
+        and not kind.seq2seq
         and not getattr(student.config, "is_encoder_decoder", False)
         # Only losses that accept row logits say truthfully whether they read logits (see DistillationLoss).
         and all(loss.accepts_row_logits for loss in losses)
     )
-    return {
-        "student": use and supports_rows(student),
-        "teacher": use and isinstance(teacher, nn.Module) and supports_rows(teacher),
-        "shift": student_name in CAUSAL_LM_CLASSES,
-        "student_logits_read": any("logits" in loss.student_outputs for loss in losses),
-        "teacher_logits_read": any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
-    }
+    return LogitRowsPlan(
+        student=use and supports_rows(student),
+        teacher=use and isinstance(teacher, nn.Module) and supports_rows(teacher),
+        shift=kind.causal_lm,
+        student_logits_read=any("logits" in loss.student_outputs for loss in losses),
+        teacher_logits_read=any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
+    )

@@ -18,27 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
-)
 
-#: Generation heads of encoder-decoder models (the mappings also list decoder-only audio models: see `is_seq2seq`).
-SEQ2SEQ_CLASSES = {
-    *MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values(),
-    *MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES.values(),
-    "VisionEncoderDecoderModel",
-}
+from .model_kind import describe
+
 STACKS = ("encoder", "decoder")
 # Depth of each stack across config families: BART, Marian, Whisper; T5.
 _DEPTH_ATTRIBUTES = {"encoder": ("encoder_layers", "num_layers"), "decoder": ("decoder_layers", "num_decoder_layers")}
-
-
-def is_seq2seq(model: Any) -> bool:
-    """Whether `model` is an encoder-decoder language model whose decoder predicts `labels` position by position."""
-    config = getattr(model, "config", None)
-    name = getattr(model, "class_name", None) or type(model).__name__  # a teacher known from its cache: its class
-    return name in SEQ2SEQ_CLASSES and bool(getattr(config, "is_encoder_decoder", False))
 
 
 def decoder_start_token_id(model: nn.Module) -> int | None:
@@ -69,7 +54,7 @@ def decoder_input_ids_from_labels(model: nn.Module, labels: torch.Tensor) -> tor
 
 def check_decoder_start(student: nn.Module) -> None:
     """An encoder-decoder student needs the start token from which the decoder inputs of both models are built."""
-    if is_seq2seq(student) and decoder_start_token_id(student) is None:
+    if describe(student).seq2seq and decoder_start_token_id(student) is None:
         raise ValueError(
             f"the {type(student).__name__} student's config has no decoder_start_token_id, from which the decoder "
             "inputs of the student and the teacher are built: set it (T5: the pad token id, 0)"
@@ -95,7 +80,7 @@ def decoder_positions(inputs: Mapping[str, Any]) -> torch.Tensor | None:
 
 def check_stack(term: str, stack: str | None, student: nn.Module, teacher: Any) -> None:
     """A loss on hidden states must name a stack for encoder-decoder models, and only for them."""
-    seq2seq = [side for side, model in (("student", student), ("teacher", teacher)) if is_seq2seq(model)]
+    seq2seq = [side for side, model in (("student", student), ("teacher", teacher)) if describe(model).seq2seq]
     if len(seq2seq) == 1:
         other = "teacher" if seq2seq[0] == "student" else "student"
         raise ValueError(

@@ -28,9 +28,10 @@ from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
 from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
+from .model_kind import describe
 from .reporting import TermReportingMixin
 from .saving import TRAINER_STATE_NAME, last_complete_checkpoint, staged_folder
-from .seq2seq import check_decoder_start, is_seq2seq, with_decoder_inputs
+from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
@@ -140,7 +141,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.teacher_model = self._prepare_teacher(teacher_model)
         student = self.accelerator.unwrap_model(self.model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
-        self.seq2seq = is_seq2seq(student)
+        self.seq2seq = describe(student).seq2seq
         self._teacher_flags = teacher_call_flags(teacher)
         if teacher is None and cache is not None:
             teacher = ConfigOnly(cache.teacher_config(), cache.record["teacher"]["class"])  # what setup reads
@@ -305,13 +306,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def _projected_rows(self, inputs: Mapping[str, Any], model: str = "student") -> torch.Tensor | None:
         """The `[batch, length]` positions at which `model` ("student" or "teacher") projects onto the vocabulary
         in training (see `logit_rows`): the labeled ones, or none when no loss reads its logits. None: all."""
-        if not self.logit_rows[model]:
+        if not self.logit_rows.compacts(model):
             return None
-        if not self.logit_rows[f"{model}_logits_read"]:
+        if not self.logit_rows.reads(model):
             input_ids = inputs.get("input_ids")
             return None if input_ids is None else torch.zeros_like(input_ids, dtype=torch.bool)
         labels = inputs.get("labels")
-        return None if labels is None else label_rows(labels, shift=self.logit_rows["shift"])[0]
+        return None if labels is None else label_rows(labels, shift=self.logit_rows.shift)[0]
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""

@@ -81,7 +81,7 @@ def test_row_logits_train_and_evaluate_exactly_like_full_logits(tmp_path, pair):
     runs = train_with_and_without_rows(tmp_path, make_student, make_teacher, LM_LOSSES, train, test, steps=5)
     (rows, rows_eval), (full, full_eval) = runs[True], runs[False]
     for trainer, compact in ((rows, True), (full, False)):
-        assert trainer.logit_rows["student"] is compact and trainer.logit_rows["teacher"] is compact
+        assert trainer.logit_rows.student is compact and trainer.logit_rows.teacher is compact
     # Rows: [counted positions, vocab] for both models at every step; full: [batch, length, vocab].
     assert all(len(student) == 2 and student == teacher for student, teacher in rows.seen)
     assert all(len(student) == 3 for student, _ in full.seen)
@@ -142,7 +142,7 @@ def test_a_cache_build_skips_the_teacher_projection_no_loss_reads(tmp_path):
     assert probe == (1, 16) and build and all(shape == (0, 16) for shape in build)
     # With the cache finished, the teacher is only hashed against it: it is neither probed nor run.
     head_inputs.clear()
-    assert trainer().logit_rows["teacher"] is False and head_inputs == []
+    assert trainer().logit_rows.teacher is False and head_inputs == []
 
 
 def test_row_losses_match_full_losses_in_value_and_gradient():
@@ -209,7 +209,7 @@ def test_full_logits_are_kept_where_a_loss_may_read_them(tmp_path, losses, overr
         args=config(tmp_path, losses, max_steps=1, **overrides),
         train_dataset=masked_lm_dataset(),
     )
-    assert trainer.logit_rows["student"] is False
+    assert trainer.logit_rows.student is False
     trainer.train()
     assert [len(student) for student, _ in trainer.seen] == [3]
 
@@ -221,7 +221,7 @@ def test_classifiers_keep_their_logits(tmp_path):
         args=config(tmp_path, {"hard_label": {}, "soft_target": {}}),
         train_dataset=text_dataset(),
     )
-    assert trainer.logit_rows["student"] is False
+    assert trainer.logit_rows.student is False
 
 
 def test_encoder_decoders_keep_their_logits(tmp_path):
@@ -233,7 +233,7 @@ def test_encoder_decoders_keep_their_logits(tmp_path):
     trainer = DistillationTrainer(
         model=student, args=config(tmp_path, {"hard_label": {}}), train_dataset=causal_lm_dataset()
     )
-    assert supports_rows(student) and trainer.logit_rows["student"] is False
+    assert supports_rows(student) and trainer.logit_rows.student is False
 
 
 class ReshapingMaskedLM(BertForMaskedLM):

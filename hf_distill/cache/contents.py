@@ -11,7 +11,8 @@ import torch
 from ..losses import DistillationLoss, SoftTargetLoss
 from ..losses.base import position_mask, token_mask
 from ..losses.functional import teacher_top_k
-from ..seq2seq import is_seq2seq, stack_size
+from ..model_kind import describe
+from ..seq2seq import stack_size
 
 #: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.
 CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
@@ -58,7 +59,7 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
         "shift": any(loss.shift for loss in soft_targets),
         "top_k": None if dense or not reads_logits else int(top_k),
         "temperatures": [] if dense or not reads_logits else sorted({loss.temperature for loss in soft_targets}),
-        "seq2seq": is_seq2seq(teacher),
+        "seq2seq": describe(teacher).seq2seq,
     }
     # An encoder-decoder's hidden states come per stack (the losses name theirs); other models have one.
     for prefix, stack in STATE_PREFIXES.items():

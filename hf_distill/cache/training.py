@@ -15,7 +15,8 @@ from transformers import DataCollatorForLanguageModeling
 
 from ..losses import SoftTargetLoss
 from ..losses.base import batch_size
-from ..seq2seq import is_seq2seq, with_decoder_inputs
+from ..model_kind import describe
+from ..seq2seq import with_decoder_inputs
 from ..teacher import zero_stage
 from .contents import OutputExtractor, cache_contents
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
@@ -106,7 +107,7 @@ class TeacherCacheMixin:
         for batch in loader:
             batch = self._prepare_inputs(batch)
             # An encoder-decoder teacher reads the decoder inputs the student builds from the labels, as in training.
-            yield with_decoder_inputs(student, batch) if is_seq2seq(student) else batch
+            yield with_decoder_inputs(student, batch) if describe(student).seq2seq else batch
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

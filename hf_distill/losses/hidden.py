@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..seq2seq import STACKS, check_stack, is_seq2seq
+from ..model_kind import describe
+from ..seq2seq import STACKS, check_stack
 from .base import (
     DistillationLoss,
     ModuleOutputs,
@@ -31,7 +32,6 @@ from .functional import (
     self_attention_relations,
     similarity_preserving_loss,
 )
-from .logits import SPAN_CLASSES
 
 # Attention implementations that return their probability maps; sdpa and flash kernels return none.
 _MAP_RETURNING_ATTENTION = ("eager",)
@@ -172,7 +172,7 @@ class AttentionLoss(DistillationLoss):
         self.captured = ModuleOutputs()
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        if is_seq2seq(student) or is_seq2seq(teacher):
+        if describe(student).seq2seq or describe(teacher).seq2seq:
             raise ValueError(
                 f"losses[{self.term!r}]: attention distillation does not support encoder-decoder models yet (their "
                 "self- and cross-attention of two stacks); use hidden_state with 'stack', or drop this loss"
@@ -302,12 +302,12 @@ class RelationLoss(DistillationLoss):
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         if self.source == "hidden_state":
             check_stack(self.term, self.stack, student, teacher)
-        elif is_seq2seq(student):
+        elif describe(student).seq2seq:
             raise ValueError(
                 f"losses[{self.term!r}]: relation on logits does not support encoder-decoder models (one distribution "
                 "per decoder position); use source 'hidden_state' with a 'stack'"
             )
-        if self.source == "logits" and type(student).__name__ in SPAN_CLASSES:
+        if self.source == "logits" and describe(student).span:
             raise ValueError(
                 f"relation with source 'logits' needs a model that returns `logits`; {type(student).__name__} returns "
                 "start_logits and end_logits: use source 'hidden_state'"

@@ -7,47 +7,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.auto import modeling_auto
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES,
-    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
-)
 
-from ..logit_rows import CAUSAL_LM_CLASSES, LANGUAGE_MODEL_CLASSES, label_rows
-from ..seq2seq import decoder_positions, decoder_start_token_id, is_seq2seq
+from ..logit_rows import label_rows
+from ..model_kind import SPAN_LABELS, describe
+from ..seq2seq import decoder_positions, decoder_start_token_id
 from .base import DistillationLoss, batch_size, register_loss, token_mask
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
 
-_TOKEN_LEVEL_CLASSES = {
-    *MODEL_FOR_MASKED_LM_MAPPING_NAMES.values(),
-    *MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values(),
-    *MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.values(),
-}
-#: Extractive question answering: `start_logits` and `end_logits` over the positions, no `logits`.
-SPAN_CLASSES = set(MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES.values())
-#: Their labels: the answer span's first and last position.
-SPAN_LABELS = ("start_positions", "end_positions")
-#: Heads whose logits are not one distribution per example or per position along the last axis (per-pixel class
-#: maps with the classes on axis 1, boxes, depth, CTC frames...): soft targets would silently mean nothing there.
-_DENSE_PREDICTION_CLASSES = {
-    name
-    for mapping in (
-        "SEMANTIC_SEGMENTATION",
-        "UNIVERSAL_SEGMENTATION",
-        "INSTANCE_SEGMENTATION",
-        "IMAGE_SEGMENTATION",
-        "OBJECT_DETECTION",
-        "ZERO_SHOT_OBJECT_DETECTION",
-        "DEPTH_ESTIMATION",
-        "CTC",
-        "AUDIO_FRAME_CLASSIFICATION",
-        "MASKED_IMAGE_MODELING",
-    )
-    for name in getattr(modeling_auto, f"MODEL_FOR_{mapping}_MAPPING_NAMES", {}).values()
-}
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
 
@@ -60,14 +27,15 @@ def _default_labels(id2label: Mapping[int, str] | None) -> bool:
 def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a pair whose logits do not mean the same classes (or tokens) in the same order."""
     student_config, teacher_config = student.config, teacher.config
-    if type(student).__name__ in _DENSE_PREDICTION_CLASSES:
+    student_kind, teacher_kind = describe(student), describe(teacher)
+    if student_kind.dense_prediction:
         raise ValueError(
             f"soft_target does not support a {type(student).__name__} student: its logits are not one class "
             "distribution per example or per token on the last axis; distil it with hidden_state, relation or "
             "feature_map, or a loss of your own (register_loss)"
         )
-    seq2seq = is_seq2seq(student)
-    if seq2seq != is_seq2seq(teacher) and isinstance(teacher, nn.Module):
+    seq2seq = student_kind.seq2seq
+    if seq2seq != teacher_kind.seq2seq and isinstance(teacher, nn.Module):
         raise ValueError(
             f"the student is a {type(student).__name__} and the teacher a {type(teacher).__name__}: token-level soft "
             "targets need two encoder-decoder models (whose decoders read the same inputs) or neither; load the "
@@ -79,8 +47,8 @@ def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
             f"{decoder_start_token_id(teacher)}: both decoders are fed the student's decoder inputs, so set the same "
             "decoder_start_token_id in both configs"
         )
-    span = type(student).__name__ in SPAN_CLASSES
-    if span != (type(teacher).__name__ in SPAN_CLASSES) and isinstance(teacher, nn.Module):
+    span = student_kind.span
+    if span != teacher_kind.span and isinstance(teacher, nn.Module):
         raise ValueError(
             f"the student is a {type(student).__name__} and the teacher a {type(teacher).__name__}: soft targets need "
             "two question-answering models (start and end logits) or neither; load the teacher with the student's "
@@ -88,7 +56,7 @@ def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
         )
     if span:
         return  # distributions over the positions of the same inputs: nothing else to match
-    if type(student).__name__ in LANGUAGE_MODEL_CLASSES or seq2seq:
+    if student_kind.language_model or seq2seq:
         student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
         if student_vocab != teacher_vocab:
             raise ValueError(
@@ -165,11 +133,10 @@ class SoftTargetLoss(DistillationLoss):
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
-        self.seq2seq = is_seq2seq(student)
-        self.token_level = type(student).__name__ in _TOKEN_LEVEL_CLASSES or self.seq2seq
-        self.span = type(student).__name__ in SPAN_CLASSES
+        kind = describe(student)
+        self.seq2seq, self.token_level, self.span = kind.seq2seq, kind.token_level, kind.span
         # Causal LMs predict token i+1 at position i, so their labels line up one position later.
-        self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
+        self.shift = kind.causal_lm
 
     def item_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """Which positions count: `[batch, length]` for token-level tasks, None (every example) otherwise."""
@@ -323,9 +290,8 @@ class HardLabelLoss(DistillationLoss):
         self.span = False
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.shift = type(student).__name__ in CAUSAL_LM_CLASSES
-        self.language_model = type(student).__name__ in LANGUAGE_MODEL_CLASSES
-        self.span = type(student).__name__ in SPAN_CLASSES
+        kind = describe(student)
+        self.shift, self.language_model, self.span = kind.causal_lm, kind.language_model, kind.span
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.span:
