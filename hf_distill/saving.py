@@ -3,8 +3,9 @@
 - `staged_folder(target)`: a context that yields a sibling folder to write into, then moves its files into `target`
   (the weights last) only once everything is written; a failed write (a full disk) raises an error that says what
   to do and leaves `target` as it was.
-- `last_complete_checkpoint(output_dir)`: the newest checkpoint a training run finished writing, for
-  `resume_from_checkpoint=True` after a crash in the middle of a save.
+- `checkpoint_to_resume(resume_from_checkpoint, output_dir)`: for `resume_from_checkpoint=True`, the newest
+  checkpoint a training run finished writing (`last_complete_checkpoint`), so that a crash in the middle of a save
+  resumes from the one before; a named checkpoint that was cut short is refused.
 """
 
 from __future__ import annotations
@@ -87,3 +88,21 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             return path
         logger.warning("Skipping %s: it has no %s, so its save was interrupted", path, TRAINER_STATE_NAME)
     return None
+
+
+def checkpoint_to_resume(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | bool | None:
+    """What `Trainer.train` should resume from: for True, the last complete checkpoint in `output_dir`; a folder
+    given by name must be complete. Refused with an error that says what to pass instead."""
+    if resume_from_checkpoint is True:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(f"no complete checkpoint in {output_dir} to resume from: train without resuming")
+        return checkpoint
+    if isinstance(resume_from_checkpoint, str) and not os.path.isfile(
+        os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+    ):
+        raise ValueError(
+            f"{resume_from_checkpoint} has no {TRAINER_STATE_NAME}: its save was interrupted. Resume from an earlier "
+            "checkpoint, or pass resume_from_checkpoint=True for the last complete one"
+        )
+    return resume_from_checkpoint

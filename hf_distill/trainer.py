@@ -30,7 +30,7 @@ from .logit_rows import label_rows, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .model_kind import describe
 from .reporting import TermReportingMixin
-from .saving import TRAINER_STATE_NAME, last_complete_checkpoint, staged_folder
+from .saving import checkpoint_to_resume, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 
@@ -54,30 +54,17 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         **kwargs: every other [`~transformers.Trainer`] argument (datasets, collator, processing_class,
             compute_metrics, callbacks, optimizers...).
 
-    The teacher is frozen, kept in eval mode, prepared by accelerate in evaluation mode (never wrapped for
-    gradient sync; under DeepSpeed ZeRO-3, partitioned by an inference engine), never in the optimizer and never
-    saved. Learnable parts of the losses (projectors) train with the student, are saved in checkpoints as
-    `distillation_losses.safetensors` and restored by `resume_from_checkpoint`, and stay out of the saved student. Each term is normalised over the whole
-    accumulated (and, across processes, global) batch, so gradient accumulation changes nothing but memory.
-    Every term is logged under its name in training logs and as `eval_<name>` by `evaluate()`; the model card of
-    `push_to_hub` / `create_model_card` adds the teacher, the losses and the compression ([`hf_distill.card`]).
+    The teacher is frozen, in eval mode, prepared by accelerate in evaluation mode (under DeepSpeed ZeRO-3,
+    partitioned by an inference engine), never in the optimizer and never saved. The losses' projectors train with
+    the student, are checkpointed (`distillation_losses.safetensors`) and restored by `resume_from_checkpoint`, and
+    stay out of the saved student. Each term is normalised over the whole accumulated (and global) batch, logged
+    under its name and as `eval_<name>`; a NaN or infinity stops training before its step (`check_finite`,
+    [`hf_distill.guards`]); saves are written aside and moved into place ([`hf_distill.saving`]).
 
-    With `args.teacher_cache` set ([`hf_distill.cache`]), the teacher's outputs on the training set are built
-    there once (by the main process, resuming an interrupted build) and read back at each step; the trainer then
-    holds no teacher (`teacher_model` may be omitted once the cache exists; when given, its weights are hashed
-    and must match the cache's). Evaluation has no cached outputs, so only the terms that need no teacher are
-    computed there.
-
-    For a masked or causal LM student trained on labels, the vocabulary projection of the student (and of an
-    online teacher) runs only at the labeled positions during training (`args.compact_token_logits`,
-    [`hf_distill.logit_rows`]): `student_outputs.logits` seen by the losses and by `compute_distillation_loss`
-    are then `[rows, vocab]`, the labeled positions in row-major order. A model whose logits no configured loss
-    reads (say, the teacher of `hard_label` + `hidden_state`) projects no position at all (`[0, vocab]`).
-    Evaluation and prediction see full logits.
-
-    For an encoder-decoder student (BART, T5, Whisper...), the decoder inputs are built once from the labels with
-    the student's rule and given to both models ([`hf_distill.seq2seq`]); losses on hidden states then name a
-    `stack`. A teacher that takes `use_cache` runs with `use_cache=False`.
+    More in docs/: a teacher-output cache (`args.teacher_cache`, [`hf_distill.cache`]: the trainer then holds no
+    teacher), logits only at the labeled positions for language models (`args.compact_token_logits`,
+    [`hf_distill.logit_rows`]: training-time logits are `[rows, vocab]`), encoder-decoders (decoder inputs built
+    once from the labels for both models, [`hf_distill.seq2seq`]), and the model card ([`hf_distill.card`]).
     """
 
     # Terms are normalised over the whole accumulated batch (see get_batch_samples): no further division.
@@ -372,18 +359,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """The Trainer's `train`; `resume_from_checkpoint=True` takes the last checkpoint whose save completed."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint in {self.args.output_dir} to resume from")
-        elif isinstance(resume_from_checkpoint, str) and not os.path.isfile(
-            os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
-        ):
-            raise ValueError(
-                f"{resume_from_checkpoint} has no {TRAINER_STATE_NAME}: its save was interrupted. Resume from an earlier "
-                "checkpoint, or pass resume_from_checkpoint=True for the last complete one"
-            )
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        return super().train(checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
 
     def _clip_grad_norm(self, model: nn.Module):
         """Clip the student's and the projectors' gradients together, as one model's would be."""
