@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .model_kind import describe
+from .positions import label_positions
 
 
 def label_rows(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,10 +32,9 @@ def label_rows(labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.T
     For a causal LM (`shift`), position i predicts token i+1, so it counts when label i+1 is not -100 and the
     last position never does.
     """
-    if shift:
-        labels = nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
-    rows = labels.ne(-100)
-    return rows, labels[rows]
+    rows = label_positions(labels, shift)
+    # A causal LM's target at position i is label i + 1 (its last position never counts).
+    return rows, labels[..., 1:][rows[..., :-1]] if shift else labels[rows]
 
 
 def output_head(model: nn.Module) -> nn.Module | None:

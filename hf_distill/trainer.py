@@ -26,9 +26,10 @@ from .card import cached_teacher_facts, model_facts
 from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
-from .logit_rows import label_rows, logit_rows_plan, project_rows
+from .logit_rows import logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .model_kind import describe
+from .positions import label_positions
 from .reporting import TermReportingMixin
 from .saving import checkpoint_to_resume, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
@@ -299,7 +300,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             input_ids = inputs.get("input_ids")
             return None if input_ids is None else torch.zeros_like(input_ids, dtype=torch.bool)
         labels = inputs.get("labels")
-        return None if labels is None else label_rows(labels, shift=self.logit_rows.shift)[0]
+        return None if labels is None else label_positions(labels, shift=self.logit_rows.shift)
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""

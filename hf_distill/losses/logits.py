@@ -10,8 +10,9 @@ from torch import nn
 
 from ..logit_rows import label_rows
 from ..model_kind import SPAN_LABELS, describe
-from ..seq2seq import decoder_positions, decoder_start_token_id
-from .base import DistillationLoss, batch_size, register_loss, token_mask
+from ..positions import label_positions, logit_positions
+from ..seq2seq import decoder_start_token_id
+from .base import DistillationLoss, batch_size, register_loss
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
 from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
 
@@ -123,8 +124,9 @@ class SoftTargetLoss(DistillationLoss):
             raise ValueError(f"soft_target divergence must be one of {DIVERGENCES}, got {divergence!r}")
         self.temperature = float(temperature)
         self.divergence = divergence
-        self.token_level = False
+        self.kind = None  # the student's (setup)
         self.shift = False
+        self.token_level = False
         self.span = False
         self.seq2seq = False
 
@@ -133,42 +135,19 @@ class SoftTargetLoss(DistillationLoss):
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
-        kind = describe(student)
-        self.seq2seq, self.token_level, self.span = kind.seq2seq, kind.token_level, kind.span
-        # Causal LMs predict token i+1 at position i, so their labels line up one position later.
-        self.shift = kind.causal_lm
-
-    def item_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor | None:
-        """Which positions count: `[batch, length]` for token-level tasks, None (every example) otherwise."""
-        if not self.token_level:
-            return None
-        if self.seq2seq:
-            # The decoder's positions: position i predicts label i (the decoder inputs are the shifted labels).
-            mask = decoder_positions(inputs)
-            if mask is None:
-                mask = torch.ones_like(inputs["decoder_input_ids"], dtype=torch.bool)
-            return mask
-        labels = inputs.get("labels")
-        if labels is not None:
-            return labels[..., 1:].ne(-100) if self.shift else labels.ne(-100)
-        mask = token_mask(inputs)
-        if mask is not None:
-            return mask[..., 1:] if self.shift else mask
-        input_ids = inputs["input_ids"]
-        return torch.ones_like(input_ids[..., 1:] if self.shift else input_ids, dtype=torch.bool)
+        self.kind = describe(student)
+        self.seq2seq, self.token_level, self.span = self.kind.seq2seq, self.kind.token_level, self.kind.span
+        self.shift = self.kind.causal_lm  # position i predicts token i + 1 (recorded with a teacher cache)
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        mask = self.item_mask(inputs)
-        return torch.tensor(float(batch_size(inputs))) if mask is None else mask.sum().float()
+        if not self.token_level:
+            return torch.tensor(float(batch_size(inputs)))
+        return self.position_mask(inputs).sum().float()
 
     def position_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """For token-level tasks, the `[batch, length]` positions of the logits that count (in `item_mask`)."""
-        mask = self.item_mask(inputs)
-        if self.shift:
-            # Position i predicts token i+1: the last position predicts nothing. Masking it, rather than slicing
-            # the logits, keeps them contiguous so the chunked loss makes no full-vocabulary copy.
-            mask = torch.nn.functional.pad(mask, (0, 1), value=False)
-        return mask
+        """For token-level tasks, the `[batch, length]` positions of the logits that count
+        ([`hf_distill.positions.logit_positions`]: the same rule as the logit rows and a teacher cache's rows)."""
+        return logit_positions(self.kind, inputs)
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.span:
@@ -307,9 +286,7 @@ class HardLabelLoss(DistillationLoss):
                 "the hard_label loss needs labels, but the batch has none: give the dataset a 'label' or 'labels' "
                 "column (or use a collator that makes them), or drop hard_label from losses"
             )
-        if self.shift:
-            labels = labels[..., 1:]
-        return labels.ne(-100).sum().float()
+        return label_positions(labels, self.shift).sum().float()
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         logits = getattr(student_outputs, "logits", None)
