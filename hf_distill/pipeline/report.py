@@ -175,6 +175,7 @@ def model_card(
     and files are named by their last path component, never by their path on this machine."""
     results, summary = report["results"], report["summary"]
     base_model, hub_dataset = hub_id(teacher), hub_id(dataset)
+    trained_here = report.get("teacher_used") != teacher
     teacher, dataset = public_name(teacher), public_name(dataset)
     data = ModelCardData(
         base_model=base_model,
@@ -193,7 +194,7 @@ def model_card(
     )
     if teacher is None:
         teacher_words = "a teacher trained here from a config"
-    elif public_name(report.get("teacher_used")) != teacher:
+    elif trained_here:
         teacher_words = f"the teacher `{teacher}`, whose task head was trained here first"
     else:
         teacher_words = f"the teacher `{teacher}`"
