@@ -21,12 +21,14 @@ def public_name(name: str | None) -> str | None:
     component (a folder's name, a file's name or glob), never the local filesystem path."""
     if not name:
         return None
-    parts = []
-    for part in name.split(","):
-        local = os.path.exists(part) or os.path.isabs(part) or part.startswith(("./", "../", "~")) or "\\" in part
-        local = local or any(character in part for character in "*?[")
-        parts.append(os.path.basename(os.path.normpath(os.path.expanduser(part))) if local else part)
-    return ",".join(parts)
+    parts = name.split(",")
+    return ",".join(os.path.basename(os.path.normpath(os.path.expanduser(p))) if is_local(p) else p for p in parts)
+
+
+def is_local(name: str) -> bool:
+    """Whether a model or data set name is a path on this machine (or a glob of files), not a Hub id."""
+    path_like = os.path.isabs(name) or name.startswith(("./", "../", "~")) or "\\" in name
+    return path_like or os.path.exists(name) or any(character in name for character in "*?[")
 
 
 def model_facts(model: nn.Module) -> dict[str, Any]:

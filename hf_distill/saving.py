@@ -45,7 +45,7 @@ def staged_folder(target: str, last: tuple[str, ...] = ()) -> Iterator[str]:
         yield staging
         _publish(staging, target, last)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             raise OSError(
                 error.errno,
                 f"no space left on the device while saving to {target} ({error}); nothing there was changed: free "
@@ -54,6 +54,11 @@ def staged_folder(target: str, last: tuple[str, ...] = ()) -> Iterator[str]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_disk_full(error: OSError) -> bool:
+    """Whether a failed write ran out of space (or of quota)."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _publish(staging: str, target: str, last: tuple[str, ...]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import errno
 import json
 import os
 import re
@@ -30,6 +29,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..saving import is_disk_full
 
 FORMAT_VERSION = 1
 RECORD_NAME = "cache.json"
@@ -103,7 +104,7 @@ class ShardWriter:
         except OSError as error:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path + ".tmp")
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(error):
                 raise
             raise OSError(
                 error.errno,

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
+from ..card import is_local
+
 OFFLINE_PREFIX = "offline:"
 #: Environment variable -> where Debian's package puts the files (the default).
 ASSET_DIRS = {
@@ -198,9 +200,8 @@ def hub_id(name: str | None) -> str | None:
         return None
     if name.startswith(OFFLINE_PREFIX):
         return OFFLINE_HUB_COPIES.get(name[len(OFFLINE_PREFIX) :])
-    if os.path.exists(name) or _text_files(name) is not None or any(c in name for c in "*?[,"):
-        return None
-    return name
+    # A comma-separated list is local text files; so is anything path-like (card.is_local, the cards' own rule).
+    return None if "," in name or is_local(name) else name
 
 
 def _text_files(spec: str) -> list[str] | None:
