@@ -91,6 +91,11 @@ class NonFiniteGuard:
         raise FloatingPointError(_message(step, bad, parameters))
 
 
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first few names of a list, and how many more there are."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _message(step: int, bad: list[str], parameters: list[tuple[str, nn.Parameter]]) -> str:
     teacher = [name for name in bad if name.startswith("the teacher's")]
     what = ", ".join(
@@ -98,8 +103,7 @@ def _message(step: int, bad: list[str], parameters: list[tuple[str, nn.Parameter
     )
     if "gradients" in bad:
         broken = [name for name, parameter in parameters if not torch.isfinite(parameter.grad).all()]
-        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
-        what = what.replace("gradients", f"the gradients of {shown}")
+        what = what.replace("gradients", f"the gradients of {_some(broken)}")
     if teacher:
         cause = _CAUSES["teacher"]
     elif bad != ["gradients"]:
@@ -121,9 +125,8 @@ def check_finite_weights(model: nn.Module, where: str) -> None:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all()
     ]
     if broken:
-        shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
         raise FloatingPointError(
-            f"not saving the model to {where}: its weights {shown} hold NaN or infinite values. Training diverged "
+            f"not saving the model to {where}: its weights {_some(broken)} hold NaN or infinite values. Training diverged "
             "before this save: lower learning_rate, keep max_grad_norm > 0, or train in bf16 rather than fp16, then "
             "train again from the last good checkpoint"
         )

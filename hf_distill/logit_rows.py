@@ -131,7 +131,6 @@ def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled
         enabled
         and kind.language_model
         # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
-        and not kind.seq2seq
         and not getattr(student.config, "is_encoder_decoder", False)
         # Only losses that accept row logits say truthfully whether they read logits (see DistillationLoss).
         and all(loss.accepts_row_logits for loss in losses)

@@ -238,7 +238,7 @@ def _teacher_value(key: str) -> bool:
 def nonfinite_examples(stored: dict[str, torch.Tensor]) -> list[int]:
     """The examples (positions in the batch) whose stored teacher outputs hold a NaN or an infinity."""
     checked = {key: tensor for key, tensor in stored.items() if tensor.is_floating_point() and _teacher_value(key)}
-    if not checked or all(bool(torch.isfinite(tensor).all()) for tensor in checked.values()):
+    if not checked or bool(torch.stack([torch.isfinite(tensor).all() for tensor in checked.values()]).all()):
         return []
     examples = len(stored["checksum"])
     bad = torch.zeros(examples, dtype=torch.bool)

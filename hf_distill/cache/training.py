@@ -104,10 +104,11 @@ class TeacherCacheMixin:
             num_workers=self.args.dataloader_num_workers,
         )
         student = self.accelerator.unwrap_model(self.model)
+        # An encoder-decoder teacher reads the decoder inputs the student builds from the labels, as in training.
+        seq2seq = describe(student).seq2seq
         for batch in loader:
             batch = self._prepare_inputs(batch)
-            # An encoder-decoder teacher reads the decoder inputs the student builds from the labels, as in training.
-            yield with_decoder_inputs(student, batch) if describe(student).seq2seq else batch
+            yield with_decoder_inputs(student, batch) if seq2seq else batch
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

@@ -143,6 +143,11 @@ def untrusted_latencies(results: dict[str, dict[str, Any]]) -> dict[str, str]:
     themselves: a model whose repeats spread widely, or two models of one architecture (student and baseline) whose
     medians differ. Both mean that something else was using the CPU while they were timed."""
     problems: dict[str, str] = {}
+    names = list(results)
+    pairs = [
+        (a, b) for index, a in enumerate(names) for b in names[index + 1 :]
+        if results[a].get("architecture") and results[a].get("architecture") == results[b].get("architecture")
+    ]  # fmt: skip
     batch_sizes = [
         key.rsplit("_", 1)[1] for key in next(iter(results.values())) if key.startswith("latency_ms_batch_")
     ]
@@ -152,11 +157,6 @@ def untrusted_latencies(results: dict[str, dict[str, Any]]) -> dict[str, str]:
             for name, row in results.items()
             if row.get(f"latency_spread_batch_{batch}", 0.0) > NOISY_SPREAD
         ]
-        names = list(results)
-        pairs = [
-            (a, b) for index, a in enumerate(names) for b in names[index + 1 :]
-            if results[a].get("architecture") and results[a].get("architecture") == results[b].get("architecture")
-        ]  # fmt: skip
         for a, b in pairs:
             fast, slow = sorted((results[a][f"latency_ms_batch_{batch}"], results[b][f"latency_ms_batch_{batch}"]))
             if slow > SAME_NETWORK_RATIO * fast:
@@ -172,12 +172,13 @@ def describe_models(
 ) -> dict[str, dict[str, Any]]:
     """Size and CPU speed of each model: parameters, weight bytes and latency per batch size."""
     latency = measure_latency(models, data, latency_batch_sizes, repeats)
+    parameters = {name: count_parameters(model) for name, model in models.items()}
     return {
         name: {
-            "parameters": count_parameters(model),
+            "parameters": parameters[name],
             "size_bytes": weights_size_bytes(model),
             # Same class, same size: the same network, which should run at the same speed.
-            "architecture": f"{type(model).__name__}, {count_parameters(model):,} parameters",
+            "architecture": f"{type(model).__name__}, {parameters[name]:,} parameters",
             **latency[name],
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
