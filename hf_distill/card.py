@@ -60,47 +60,74 @@ def cached_teacher_facts(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_distillation_section(
-    path: str, student: dict[str, Any], teacher: dict[str, Any], losses: dict[str, dict], from_cache: bool
+    path: str,
+    student: dict[str, Any],
+    teachers: dict[str, dict[str, Any]],
+    losses: dict[str, dict],
+    from_cache: bool,
 ) -> None:
     """Add the distillation tags, metadata and section to the model card at `path` (rewritten whole, in one rename).
 
     Args:
-        student, teacher (`dict`): `model_facts` of each (the teacher's may come from `cached_teacher_facts`).
+        student (`dict`): `model_facts` of the student.
+        teachers (`dict`): `{name: model_facts}` of every teacher (from `cached_teacher_facts` for a cache). One
+            teacher is described as "the teacher"; several each by name, and the parameter ratio is the student's
+            against the largest.
         losses (`dict`): the configured losses, as in `DistillationConfig.losses`.
         from_cache (`bool`): whether the teacher's outputs were read from a teacher-output cache.
     """
     card = ModelCard.load(path)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *TAGS]))
-    ratio = None
-    if teacher.get("parameters"):
-        ratio = student["parameters"] / teacher["parameters"]
-    card.data.hf_distill = {
-        "teacher": public_name(teacher["name_or_path"]),
-        "teacher_class": teacher["class"],
-        "teacher_parameters": teacher.get("parameters"),
+    sizes = [facts.get("parameters") for facts in teachers.values()]
+    largest = max(sizes) if sizes and all(sizes) else None
+    ratio = None if largest is None else student["parameters"] / largest
+    first = next(iter(teachers.values()))
+    metadata = {
+        "teacher": public_name(first["name_or_path"]),
+        "teacher_class": first["class"],
+        "teacher_parameters": first.get("parameters"),
         "student_parameters": student["parameters"],
         "parameter_ratio": ratio,
         "losses": losses,
         "teacher_cache": from_cache,
     }
-    named = (
-        f"`{public_name(teacher['name_or_path'])}` " if teacher["name_or_path"] else "a teacher built from a config "
+    several = len(teachers) > 1
+    if several:
+        metadata["teachers"] = [
+            {"name": name, "teacher": public_name(facts["name_or_path"]), "class": facts["class"],
+             "parameters": facts.get("parameters")}
+            for name, facts in teachers.items()
+        ]  # fmt: skip
+    card.data.hf_distill = metadata
+
+    def named(facts: dict[str, Any]) -> str:
+        where = (
+            f"`{public_name(facts['name_or_path'])}` " if facts["name_or_path"] else "a teacher built from a config "
+        )
+        return f"{where}(`{facts['class']}`)"
+
+    source = (
+        f"{len(teachers)} teachers: " + "; ".join(f"{name}, {named(facts)}" for name, facts in teachers.items())
+        if several
+        else named(first)
     )
     lines = [
         "## Distillation",
         "",
-        f"Distilled with hf_distill from {named}(`{teacher['class']}`)"
+        f"Distilled with hf_distill from {source}"
         + (", whose outputs were read from a teacher-output cache." if from_cache else "."),
         "",
         "| model | class | parameters | weights (MB) |",
         "|---|---|---|---|",
     ]
-    for name, facts in (("teacher", teacher), ("student", student)):
+    rows = [(f"teacher `{name}`" if several else "teacher", facts) for name, facts in teachers.items()]
+    for name, facts in (*rows, ("student", student)):
         parameters = f"{facts['parameters']:,}" if facts.get("parameters") else "-"
         size = f"{facts['weight_bytes'] / 1e6:.1f}" if facts.get("weight_bytes") else "-"
         lines.append(f"| {name} | `{facts['class']}` | {parameters} | {size} |")
     if ratio is not None:
-        lines += ["", f"The student has {ratio:.1%} of the teacher's parameters ({1 / ratio:.2f}x fewer)."]
+        whose = "the largest teacher's" if several else "the teacher's"
+        lines += ["", f"The student has {ratio:.1%} of {whose} parameters ({1 / ratio:.2f}x fewer)."]
     lines += ["", "Loss: the weighted sum of", "", *loss_lines(losses)]
     card.text = card.text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     card.save(path + ".tmp")

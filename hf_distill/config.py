@@ -10,6 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from .losses import available_losses, build_losses
+from .teacher_sources import normalized_weights
 
 
 def _default_losses() -> dict[str, dict[str, Any]]:
@@ -33,6 +34,9 @@ class DistillationConfig(TrainingArguments):
             loss to use, defaulting to the key, so one loss can appear twice under two names) and the loss's
             own options. Built-in losses: `soft_target`, `hard_label`, `hidden_state`, `attention`,
             `relation`, `feature_map`; add more with [`register_loss`].
+        teacher_weights (`dict[str, float]`, *optional*):
+            With several teachers (`teacher_model={name: model, ...}`), each one's weight in the mixture that
+            `soft_target` distils toward (normalised to sum to 1). Defaults to equal weights.
         teacher_trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow a teacher given as a Hub id or path to run modelling code from its repository. Only turn
             this on for a repository you trust.
@@ -59,7 +63,7 @@ class DistillationConfig(TrainingArguments):
             fp16's gradient scaler, infinite gradients are left to the scaler, which skips such steps by design.
     """
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses", "teacher_weights"]
 
     losses: dict | str | None = field(
         default_factory=_default_losses,
@@ -68,6 +72,13 @@ class DistillationConfig(TrainingArguments):
             "the name), ...options}, summed with their weights. Built-in: "
             + ", ".join(available_losses())
             + '. Example: \'{"soft_target": {"weight": 0.5, "temperature": 5.0}, "hard_label": {"weight": 0.5}}\'.'
+        },
+    )
+    teacher_weights: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers: a JSON mapping of teacher name to weight in soft_target's mixture of their "
+            'distributions (normalised to sum to 1). Default: equal weights. Example: \'{"bert": 2, "roberta": 1}\'.'
         },
     )
     teacher_trust_remote_code: bool = field(
@@ -118,6 +129,20 @@ class DistillationConfig(TrainingArguments):
                     f'losses must be a JSON mapping such as \'{{"soft_target": {{"weight": 1.0}}}}\'; '
                     f"could not parse {self.losses!r}: {error}"
                 ) from None
+        if isinstance(self.teacher_weights, str):
+            try:
+                self.teacher_weights = json.loads(self.teacher_weights)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f'teacher_weights must be a JSON mapping such as \'{{"a": 2, "b": 1}}\'; could not parse '
+                    f"{self.teacher_weights!r}: {error}"
+                ) from None
+        if self.teacher_weights is not None:
+            if not isinstance(self.teacher_weights, dict) or not self.teacher_weights:
+                raise ValueError(
+                    f"teacher_weights must map each teacher's name to its weight, got {self.teacher_weights!r}"
+                )
+            normalized_weights(list(self.teacher_weights), self.teacher_weights)  # numbers >= 0, not all 0
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
         if (

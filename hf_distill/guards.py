@@ -52,10 +52,12 @@ class NonFiniteGuard:
         previous = self._finite.get(name)
         self._finite[name] = finite if previous is None else previous & finite
 
-    def watch_teacher(self, outputs: Any) -> None:
-        """Record the teacher's outputs of one batch: every tensor (or tuple of tensors) it returned."""
+    def watch_teacher(self, outputs: Any, name: str | None = None) -> None:
+        """Record a teacher's outputs of one batch (`name`: which, when there are several): every tensor (or tuple
+        of tensors) it returned."""
+        whose = "the teacher's" if name is None else f"teacher {name!r}'s"
         for key, value in outputs.items():
-            self.watch(f"the teacher's {key}", value)
+            self.watch(f"{whose} {key}", value)
 
     def check(
         self,
@@ -96,11 +98,14 @@ def _some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def _is_teacher(name: str) -> bool:
+    """Whether a watched name is a teacher's output ("the teacher's logits", "teacher 'b''s logits")."""
+    return name.startswith(("the teacher's", "teacher '"))
+
+
 def _message(step: int, bad: list[str], parameters: list[tuple[str, nn.Parameter]]) -> str:
-    teacher = [name for name in bad if name.startswith("the teacher's")]
-    what = ", ".join(
-        f"'{name}'" if not name.startswith("the teacher's") and name != "gradients" else name for name in bad
-    )
+    teacher = [name for name in bad if _is_teacher(name)]
+    what = ", ".join(f"'{name}'" if not _is_teacher(name) and name != "gradients" else name for name in bad)
     if "gradients" in bad:
         broken = [name for name, parameter in parameters if not torch.isfinite(parameter.grad).all()]
         what = what.replace("gradients", f"the gradients of {_some(broken)}")

@@ -16,21 +16,56 @@ import torch
 from .card import add_distillation_section, model_facts
 
 
-class TermReportingMixin:
-    """Logs each distillation term, evaluates each over the whole set, and writes the distillation model card."""
+class TermLog:
+    """The terms seen since they were last reported: summed over the micro-steps of each optimizer step and
+    counted in steps (training), or summed as term x items with their items (evaluation)."""
 
-    #: Terms of the optimizer steps since the last log, and how many steps that is.
-    _train_terms: dict[str, torch.Tensor]
-    _term_steps: int
-    #: (sum of term x items, items) of each term over the evaluation so far.
-    _eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    def __init__(self) -> None:
+        self.train: dict[str, torch.Tensor] = {}
+        self.steps = 0  # optimizer steps whose terms `train` holds
+        self.eval: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_train(self, term: str, value: torch.Tensor) -> None:
+        # Globally normalised, so the micro-steps of one optimizer step add up to that step's term.
+        self.train[term] = self.train.get(term, 0.0) + value
+
+    def add_eval(self, term: str, value: torch.Tensor, count: torch.Tensor) -> None:
+        total, seen = self.eval.get(term, (torch.zeros_like(value), torch.zeros_like(value)))
+        self.eval[term] = (total + value * count, seen + count)
+
+    def pop_train(self, reduce) -> dict[str, float]:
+        """Each term's mean per optimizer step since the last call (`reduce` sums a tensor over processes)."""
+        steps = max(self.steps, 1)
+        means = {term: reduce(total).item() / steps for term, total in self.train.items()}
+        self.train, self.steps = {}, 0
+        return means
+
+    def pop_eval(self, reduce) -> dict[str, float]:
+        """Each term's mean over the items of the evaluation since the last call."""
+        means = {}
+        for term, (total, count) in self.eval.items():
+            totals = reduce(torch.stack([total, count]))
+            means[term] = (totals[0] / totals[1].clamp_min(1)).item()
+        self.eval = {}
+        return means
+
+
+class TermReportingMixin:
+    """Logs each distillation term, evaluates each over the whole set, and writes the distillation model card.
+
+    It reads the trainer's public parts: `term_log` ([`TermLog`]), `teachers`, `distillation_losses`,
+    `loss_weights`, `term_computable`, `normalizer`, `teacher_facts` and `teacher_cache`.
+    """
+
+    term_log: TermLog
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's step; on a batch without labels it also computes the terms that need none."""
-        has_teacher = self.teacher_model is not None  # evaluation reads no teacher cache
+        # Evaluation reads no teacher cache.
+        has_teacher = bool(self.teachers) and all(source.serves_evaluation for source in self.teachers.values())
         unlabeled = bool(self.label_names) and any(inputs.get(name) is None for name in self.label_names)
         if not unlabeled or not any(
-            self._computable(loss, has_teacher, inputs) for loss in self.distillation_losses.values()
+            self.term_computable(loss, has_teacher, inputs) for loss in self.distillation_losses.values()
         ):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # The Trainer computes a loss without labels only for a model with no label names that returns one.
@@ -51,14 +86,11 @@ class TermReportingMixin:
         the loss of the whole set taken as one batch, so it does not depend on the evaluation batch size (the
         Trainer's own would be a mean of per-batch losses).
         """
-        self._eval_terms = {}
+        self.term_log.eval = {}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        means = {}
-        for term, (total, count) in self._eval_terms.items():
-            totals = self.accelerator.reduce(torch.stack([total, count]), reduction="sum")
-            means[term] = (totals[0] / totals[1].clamp_min(1)).item()
-            output.metrics[f"{metric_key_prefix}_{term}"] = means[term]
-        self._eval_terms = {}
+        means = self.term_log.pop_eval(lambda tensor: self.accelerator.reduce(tensor, reduction="sum"))
+        for term, mean in means.items():
+            output.metrics[f"{metric_key_prefix}_{term}"] = mean
         weighted = type(self).compute_distillation_loss is type(self)._builtin_combination
         if (
             weighted
@@ -78,29 +110,23 @@ class TermReportingMixin:
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
         student = model_facts(self.accelerator.unwrap_model(self.model))
-        teacher = self._teacher_facts or {"name_or_path": None, "class": None}
-        add_distillation_section(path, student, teacher, self.args.losses, from_cache=self.teacher_cache is not None)
+        teachers = {name: facts or {"name_or_path": None, "class": None} for name, facts in self.teacher_facts.items()}
+        add_distillation_section(path, student, teachers, self.args.losses, from_cache=self.teacher_cache is not None)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._train_terms:
-            steps = max(self._term_steps, 1)
-            for term, total in self._train_terms.items():
-                logs[term] = self.accelerator.reduce(total, reduction="sum").item() / steps
-            self._train_terms = {}
-            self._term_steps = 0
+        if "loss" in logs and self.term_log.train:
+            logs.update(self.term_log.pop_train(lambda tensor: self.accelerator.reduce(tensor, reduction="sum")))
         super().log(logs, start_time)
 
     def _record_terms(self, terms: dict[str, torch.Tensor], inputs: Mapping[str, Any], training: bool) -> None:
         for term, value in terms.items():
             value = value.detach().float()
             if training:
-                # Globally normalised, so the micro-steps of one optimizer step add up to that step's term.
-                self._train_terms[term] = self._train_terms.get(term, 0.0) + value
+                self.term_log.add_train(term, value)
                 continue
             # A term added by an override has no item count: it weighs as one item per batch.
             if term in self.distillation_losses:
                 count = self.normalizer(term, inputs).float().to(value.device)
             else:
                 count = torch.ones_like(value)
-            total, seen = self._eval_terms.get(term, (torch.zeros_like(value), torch.zeros_like(value)))
-            self._eval_terms[term] = (total + value * count, seen + count)
+            self.term_log.add_eval(term, value, count)

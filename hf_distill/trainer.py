@@ -1,18 +1,21 @@
-"""`DistillationTrainer`: a `transformers.Trainer` that trains a student against a frozen teacher.
+"""`DistillationTrainer`: a `transformers.Trainer` that trains a student against one or several frozen teachers.
 
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=DistillationConfig(...),
                                   train_dataset=train, eval_dataset=test, processing_class=tokenizer)
     trainer.train()
 
 Override points for subclasses (the rest is the Trainer's own):
-- `teacher_forward(inputs, output_hidden_states, output_attentions)`: how the teacher sees a batch.
+- `teacher_forward(inputs, output_hidden_states, output_attentions, teacher=None)`: how a teacher sees a batch.
 - `compute_distillation_loss(student_outputs, teacher_outputs, inputs)`: how the terms combine.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,19 +24,26 @@ from torch import nn
 from transformers import Trainer
 
 from .cache import INDEX_KEY, IndexedDataset
-from .cache.training import ConfigOnly, TeacherCacheMixin, check_cache_use
+from .cache.training import ConfigOnly, TeacherCacheMixin, cached_reference, check_cache_use
 from .card import cached_teacher_facts, model_facts
 from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
-from .logit_rows import logit_rows_plan, project_rows
+from .logit_rows import LogitRowsPlan, logit_rows_plan, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .model_kind import describe
-from .positions import label_positions
-from .reporting import TermReportingMixin
+from .reporting import TermLog, TermReportingMixin
 from .saving import checkpoint_to_resume, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
+from .teacher_sources import (
+    DEFAULT_TEACHER,
+    FrozenTeacher,
+    TeacherEnsemble,
+    TeacherSource,
+    normalized_weights,
+    training_rows,
+)
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
@@ -49,8 +59,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 
     Args:
         model (`PreTrainedModel`): the student; the only model that trains and is saved.
-        teacher_model (`nn.Module` or `str`, *optional*): the teacher, or a Hub id / local folder loaded with the
-            student's task head (safetensors only). Optional when no configured loss needs a teacher.
+        teacher_model (`nn.Module`, `str` or `Mapping[str, nn.Module | str]`, *optional*): the teacher, or a Hub id /
+            local folder loaded with the student's task head (safetensors only), or several as `{name: teacher}`
+            (`soft_target` mixes them with `args.teacher_weights`; other terms name theirs, `"teacher": name`).
+            Optional when no configured loss needs a teacher, or when a finished teacher cache stands in for it.
         args ([`DistillationConfig`]): training arguments and the `losses` to combine.
         **kwargs: every other [`~transformers.Trainer`] argument (datasets, collator, processing_class,
             compute_metrics, callbacks, optimizers...).
@@ -74,100 +86,113 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def __init__(
         self,
         model: nn.Module | None = None,
-        teacher_model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str | Mapping[str, nn.Module | str] | None = None,
         args: DistillationConfig | None = None,
         **kwargs: Any,
     ):
-        args = DistillationConfig() if args is None else args
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(
-                f"DistillationTrainer takes a DistillationConfig as args, not {type(args).__name__}: build "
-                "hf_distill.DistillationConfig(**your_training_arguments, losses={...})"
-            )
-        if model is None:
-            raise ValueError("pass the student as model=...; DistillationTrainer does not support model_init")
-        if args.label_smoothing_factor:
-            raise ValueError(
-                "label_smoothing_factor is not applied by DistillationTrainer (soft targets already smooth the "
-                "labels); set it to 0"
-            )
-        if kwargs.get("compute_loss_func") is not None:
-            raise ValueError(
-                "compute_loss_func is not used by DistillationTrainer; register a loss with register_loss"
-            )
+        args = _checked_args(args, model, kwargs)
         terms = build_losses(args.losses)
         teacher_terms = [term for term, (_, loss) in terms.items() if loss.needs_teacher]
-        cache = check_cache_use(args, teacher_terms, kwargs.get("data_collator"))
-        if teacher_model is None and teacher_terms and cache is None:
+        given = _teacher_mapping(teacher_model, model)
+        caches = check_cache_use(args, teacher_terms, kwargs.get("data_collator"), list(given) or None)
+        names = list(given) or list(caches or {})
+        if teacher_terms and not names:
             raise ValueError(
-                f"the losses {teacher_terms} need a teacher: pass teacher_model=(a model, Hub id or path)"
+                f"the losses {teacher_terms} need a teacher: pass teacher_model=(a model, Hub id or path, or a "
+                "mapping {name: model} of several)"
                 + (f", which builds the teacher cache {args.teacher_cache}" if args.teacher_cache else "")
             )
-        teacher_source = teacher_model if isinstance(teacher_model, str) else None
-        if isinstance(teacher_model, str):
-            teacher_model = load_teacher(
-                teacher_model,
-                model,
-                attn_implementation="eager" if needs_attention_maps(terms) else None,
-                trust_remote_code=args.teacher_trust_remote_code,
-            )
-        if teacher_model is not None and teacher_model is model:
-            raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
+        self.term_teachers = route_terms(terms, names)
+        self._override_takes_teacher(len(names))
+        attention = "eager" if needs_attention_maps(terms) else None
+        models = {name: _loaded(source, model, attention, args) for name, source in given.items()}
         check_decoder_start(model)
-        teacher_facts = model_facts(teacher_model) if isinstance(teacher_model, nn.Module) else None
+        self.teacher_facts = {name: model_facts(teacher) for name, teacher in models.items()}
         check_data(
             terms, model, args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), kwargs.get("data_collator")
         )
         if teacher_terms:
-            known_teacher = teacher_model if cache is None else ConfigOnly(cache.teacher_config())
-            check_same_inputs(model, known_teacher, kwargs.get("processing_class"), teacher_source)
+            for name in names:
+                finished = None if caches is None else caches[name]
+                known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
+                source = given[name] if isinstance(given.get(name), str) else None
+                with _naming(name, len(names)):
+                    check_same_inputs(model, known, kwargs.get("processing_class"), source)
 
         super().__init__(model=model, args=args, **kwargs)
 
-        self.teacher_model = None
-        if teacher_model is not None and teacher_terms:
-            self.teacher_model = self._prepare_teacher(teacher_model)
         student = self.accelerator.unwrap_model(self.model)
-        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
         self.seq2seq = describe(student).seq2seq
-        self._teacher_flags = teacher_call_flags(teacher)
-        if teacher is None and cache is not None:
-            teacher = ConfigOnly(cache.teacher_config(), cache.record["teacher"]["class"])  # what setup reads
-        for _, loss in terms.values():
-            loss.setup(student, teacher)
-        student_dtype = next(student.parameters()).dtype
+        self.teachers: dict[str, TeacherSource] = {}
+        if teacher_terms:
+            self.teachers = {
+                name: self._frozen_teacher(name, teacher, _reading(terms, self.term_teachers, name), len(names) > 1)
+                for name, teacher in models.items()
+            }
+        references = {name: source.reference for name, source in self.teachers.items()}
+        if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
+            references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
+        for term, (_, loss) in terms.items():
+            for name in self.term_teachers[term] or [None]:
+                with _naming(name, len(names)):
+                    loss.setup(student, None if name is None else references[name])
         self.loss_weights = {term: weight for term, (weight, _) in terms.items()}
-        self.distillation_losses = nn.ModuleDict({term: loss for term, (_, loss) in terms.items()}).to(
-            device=self.args.device, dtype=student_dtype
-        )
-        if self.is_deepspeed_enabled and any(True for _ in self.distillation_losses.parameters()):
-            learnable = [
-                term for term, loss in self.distillation_losses.items() if any(True for _ in loss.parameters())
-            ]
-            raise ValueError(
-                f"the losses {learnable} learn projectors, which DistillationTrainer does not train under DeepSpeed yet: "
-                "give the student the teacher's widths (hidden_state with 'projection': false), use relation or "
-                "attention 'heads': 'relations' (no projector), or train with DDP"
-            )
+        self.distillation_losses = self._placed_losses(terms, student)
+        self.teacher_weights = normalized_weights(names, args.teacher_weights) if names else {}
         self.student_output_flags = _output_flags(loss.student_outputs for _, loss in terms.values())
-        self.teacher_output_flags = _output_flags(loss.teacher_outputs for _, loss in terms.values())
         self._window_counts: dict[str, torch.Tensor] | None = None
-        self._train_terms: dict[str, torch.Tensor] = {}
-        self._eval_terms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._term_steps = 0  # optimizer steps whose terms _train_terms holds
+        self.term_log = TermLog()
         self.finite_guard = NonFiniteGuard() if args.check_finite else None
-        # A hook per step and data-dependent shapes would defeat compilation.
-        compact = args.compact_token_logits and not args.torch_compile
-        # A finished cache replaces the teacher before it runs: no need to probe it.
-        running_teacher = teacher if cache is None else None
-        self.logit_rows = logit_rows_plan(student, running_teacher, [loss for _, loss in terms.values()], compact)
-        # What the model card says of the teacher (create_model_card): as given, else as its cache records it.
-        self._teacher_facts = teacher_facts or (None if cache is None else cached_teacher_facts(cache.record))
-        if args.teacher_cache is not None:
-            self.teacher_cache = self._use_teacher_cache(cache, teacher)
-            # From here on the cache stands in for the teacher, which leaves memory.
-            self.teacher_model = teacher = teacher_model = None
+        finished = {name for name, cache in (caches or {}).items() if cache is not None}
+        self.logit_rows = self._plan_logit_rows(student, terms, skip=finished)
+        if caches is not None:
+            # What the model card says of a teacher known only from its cache.
+            for name, cache in caches.items():
+                if cache is not None and name not in models:
+                    self.teacher_facts[name] = cached_teacher_facts(cache.record)
+            self.teacher_cache = self._use_teacher_caches(caches, references)
+            # From here on the caches stand in for the teachers, which leave memory.
+            del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The teacher in memory when there is exactly one (as prepared by accelerate); None for a cache or several
+        (see `teachers`)."""
+        models = [source.model for source in self.teachers.values()]
+        return models[0] if len(models) == 1 else None
+
+    def _override_takes_teacher(self, count: int) -> None:
+        """With several teachers `teacher_forward` is called with `teacher=name`: an override must take it."""
+        if count < 2 or type(self).teacher_forward is DistillationTrainer.teacher_forward:
+            return
+        parameters = inspect.signature(self.teacher_forward).parameters
+        if "teacher" not in parameters and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+            raise TypeError(
+                f"{type(self).__name__}.teacher_forward takes no `teacher` argument, but this run has {count} "
+                "teachers and says which one to run with teacher=name: add `teacher=None` to the override and pass "
+                "it on to super().teacher_forward"
+            )
+
+    def _frozen_teacher(self, name: str, teacher: nn.Module, losses: list[DistillationLoss], several: bool):
+        """The teacher `name`, prepared and run through `teacher_forward` (with `teacher=name` when `several`),
+        asked for the outputs its `losses` read."""
+        prepared = self._prepare_teacher(teacher)
+        unwrapped = self.accelerator.unwrap_model(prepared)
+
+        def forward(inputs: Mapping[str, Any], **flags: bool) -> Any:
+            return self.teacher_forward(inputs, **flags, **({"teacher": name} if several else {}))
+
+        return FrozenTeacher(
+            name,
+            prepared,
+            unwrapped,
+            self.teacher_facts.get(name),
+            teacher_call_flags(unwrapped),
+            _output_flags(loss.teacher_outputs for loss in losses),
+            self._label_keys,
+            forward,
+        )
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.requires_grad_(False)
@@ -179,26 +204,65 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
+    def _placed_losses(self, terms: dict[str, tuple[float, DistillationLoss]], student: nn.Module) -> nn.ModuleDict:
+        """The losses as one module on the student's device and dtype (their projectors train with the student)."""
+        losses = nn.ModuleDict({term: loss for term, (_, loss) in terms.items()})
+        losses.to(device=self.args.device, dtype=next(student.parameters()).dtype)
+        if self.is_deepspeed_enabled and any(True for _ in losses.parameters()):
+            learnable = [term for term, loss in losses.items() if any(True for _ in loss.parameters())]
+            raise ValueError(
+                f"the losses {learnable} learn projectors, which DistillationTrainer does not train under DeepSpeed yet: "
+                "give the student the teacher's widths (hidden_state with 'projection': false), use relation or "
+                "attention 'heads': 'relations' (no projector), or train with DDP"
+            )
+        return losses
+
+    def _plan_logit_rows(
+        self, student: nn.Module, terms: dict[str, tuple[float, DistillationLoss]], skip: set[str]
+    ) -> LogitRowsPlan:
+        """Where each model projects onto the vocabulary in training (`logit_rows`); each frozen teacher gets its own
+        plan, reading the losses that read it. Returns the student's (with the first teacher's fields). The teachers
+        in `skip` (a finished cache replaces them before they run) are not probed."""
+        # A hook per step and data-dependent shapes would defeat compilation.
+        compact = self.args.compact_token_logits and not self.args.torch_compile
+        losses = [loss for _, loss in terms.values()]
+        sources = [source for name, source in self.teachers.items() if name not in skip]
+        for source in sources:
+            own = logit_rows_plan(student, source.reference, losses, compact)
+            reading = _reading(terms, self.term_teachers, source.name)
+            source.rows_plan = replace(
+                own, teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading)
+            )
+        return sources[0].rows_plan if sources else logit_rows_plan(student, None, losses, compact)
+
     # ---- override points -------------------------------------------------------------------------
 
     def teacher_forward(
-        self, inputs: Mapping[str, Any], output_hidden_states: bool = False, output_attentions: bool = False
+        self,
+        inputs: Mapping[str, Any],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        teacher: str | None = None,
     ) -> Any:
-        """Run the teacher on a batch, without gradients. Override to feed the teacher other inputs.
+        """Run a teacher on a batch, without gradients. Override to feed the teacher other inputs.
 
         Receives the student's batch; the labels (`labels`, or the student's `label_names` such as `start_positions`)
         are removed so the teacher computes no loss of its own (an encoder-decoder gets the student's
         `decoder_input_ids` instead). Only the outputs the configured losses need are requested, and no
-        generation cache (`use_cache=False`, where the teacher takes it).
+        generation cache (`use_cache=False`, where the teacher takes it). With several teachers it is called once
+        per teacher with `teacher=name` (an override must take and pass on that argument); `self.teachers[name]
+        .model` is that teacher.
         """
-        teacher_inputs = {key: value for key, value in inputs.items() if key not in self._label_keys}
-        teacher_inputs.update(self._teacher_flags)
-        if output_hidden_states:
-            teacher_inputs["output_hidden_states"] = True
-        if output_attentions:
-            teacher_inputs["output_attentions"] = True
-        with torch.no_grad():
-            return self.teacher_model(**teacher_inputs)
+        if teacher is None:
+            if len(self.teachers) != 1:
+                raise ValueError(
+                    f"this run has the teachers {list(self.teachers)}: say which to run with teacher=name"
+                )
+            teacher = next(iter(self.teachers))
+        source = self.teachers[teacher]
+        if not isinstance(source, FrozenTeacher):
+            raise ValueError(f"the teacher {teacher!r} is read from a teacher cache: there is no model to run")
+        return source.run(inputs, output_hidden_states, output_attentions)
 
     def compute_distillation_loss(
         self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]
@@ -208,8 +272,9 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         Each built-in term is its loss's sum over items divided by `normalizer(term, inputs)`: during
         training the item count of the whole accumulated batch, otherwise of this batch. A term you add
         should follow the same rule (a per-batch mean is exact without gradient accumulation).
-        `teacher_outputs` is None when the teacher's outputs are unknown (evaluating on data outside a teacher
-        cache): the terms that need them are left out, as are, in evaluation, the terms that need labels on a
+        `teacher_outputs` is the teacher's outputs, or with several teachers a mapping `{name: outputs}`
+        (`term_teacher_outputs` gives each term what it reads). It is None (or holds None) where they are unknown
+        (evaluating on data outside a teacher cache): the terms that need them are left out, as are, in evaluation, the terms that need labels on a
         batch without them. In training, a language model's `logits` may be the `[rows, vocab]` of its labeled
         positions, or `[0, vocab]` when no loss reads them (see `compact_token_logits`); an override that needs
         every position's logits sets `compact_token_logits=False`.
@@ -217,9 +282,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         loss = torch.zeros((), device=self.args.device)
         terms = {}
         for term, loss_module in self.distillation_losses.items():
-            if not self._computable(loss_module, teacher_outputs is not None, inputs):
+            outputs = self.term_teacher_outputs(term, teacher_outputs)
+            if not self.term_computable(loss_module, outputs is not None, inputs):
                 continue
-            total = loss_module(student_outputs, teacher_outputs, inputs)
+            total = loss_module(student_outputs, outputs, inputs)
             terms[term] = total / self.normalizer(term, inputs).to(total.device)
             loss = loss + self.loss_weights[term] * terms[term]
         return loss, terms
@@ -227,7 +293,21 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     # With this combination, eval_loss is recomputed as the weighted sum of the terms' means (evaluation_loop).
     _builtin_combination = compute_distillation_loss
 
-    def _computable(self, loss: DistillationLoss, has_teacher: bool, inputs: Mapping[str, Any]) -> bool:
+    def term_teacher_outputs(self, term: str, teacher_outputs: Any) -> Any:
+        """What term `term` reads of `teacher_outputs`: the only teacher's outputs, the one it names, or all of them
+        as a `TeacherEnsemble` (None when some of those are unknown)."""
+        if teacher_outputs is None or len(self.teachers) < 2:
+            return teacher_outputs
+        names = self.term_teachers.get(term) or []
+        outputs = [teacher_outputs.get(name) for name in names]
+        if not names or any(value is None for value in outputs):
+            return None
+        if len(names) == 1:
+            return outputs[0]
+        weights = [self.teacher_weights[name] for name in names]
+        return TeacherEnsemble(tuple(names), tuple(outputs), tuple(weight / sum(weights) for weight in weights))
+
+    def term_computable(self, loss: DistillationLoss, has_teacher: bool, inputs: Mapping[str, Any]) -> bool:
         """Whether a term can be computed on this batch (in training, every term must be: it is never skipped)."""
         if loss.needs_teacher and not has_teacher:
             return False
@@ -258,21 +338,20 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         examples = inputs.pop(INDEX_KEY, None)
         if self.seq2seq:  # decoder inputs built once, from the student, for both models (the teacher gets no labels)
             inputs = with_decoder_inputs(self.accelerator.unwrap_model(model), inputs)
-        rows = self._projected_rows(inputs) if model.training else None
+        rows = training_rows(self.logit_rows, "student", inputs) if model.training else None
         # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
         student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}
         with project_rows(self.accelerator.unwrap_model(model), rows):
             student_outputs = model(**student_inputs, **self.student_output_flags)
-        teacher_outputs = None
-        if self.teacher_cache is not None and examples is not None:
-            teacher_outputs = self.teacher_cache.outputs_for(examples.tolist(), inputs, self.args.device)
-        elif self.teacher_model is not None:
-            teacher_outputs = self._teacher_outputs(inputs, training=model.training)
+        teacher_outputs = self.teacher_outputs(inputs, examples, training=model.training)
         loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
         self._record_terms(terms, inputs, training=model.training)
         if self.finite_guard is not None and model.training:
-            if self.teacher_model is not None and teacher_outputs is not None:
-                self.finite_guard.watch_teacher(teacher_outputs)
+            several = len(self.teachers) > 1
+            for name, source in self.teachers.items():  # a cache was checked when it was built
+                outputs = teacher_outputs[name] if several else teacher_outputs
+                if isinstance(source, FrozenTeacher) and outputs is not None:
+                    self.finite_guard.watch_teacher(outputs, name if several else None)
             for term, value in terms.items():
                 self.finite_guard.watch(f"the {term} term", value)
             self.finite_guard.watch("the total loss", loss)
@@ -285,22 +364,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         kept = {key: value for key, value in student_outputs.items() if key not in _INTERNAL_OUTPUTS}
         return loss, type(student_outputs)(**kept)
 
-    def _teacher_outputs(self, inputs: Mapping[str, Any], training: bool = True) -> Any:
-        """`teacher_forward` with the outputs the losses need; in training, its logits only where they are read."""
-        rows = self._projected_rows(inputs, "teacher") if training else None
-        with project_rows(self.accelerator.unwrap_model(self.teacher_model), rows):
-            return self.teacher_forward(inputs, **self.teacher_output_flags)
-
-    def _projected_rows(self, inputs: Mapping[str, Any], model: str = "student") -> torch.Tensor | None:
-        """The `[batch, length]` positions at which `model` ("student" or "teacher") projects onto the vocabulary
-        in training (see `logit_rows`): the labeled ones, or none when no loss reads its logits. None: all."""
-        if not self.logit_rows.compacts(model):
+    def teacher_outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool) -> Any:
+        """Every teacher's outputs for this batch: the only teacher's, or `{name: outputs}` with several (None where a
+        source has none, as a cache in evaluation); None without a teacher."""
+        if not self.teachers:
             return None
-        if not self.logit_rows.reads(model):
-            input_ids = inputs.get("input_ids")
-            return None if input_ids is None else torch.zeros_like(input_ids, dtype=torch.bool)
-        labels = inputs.get("labels")
-        return None if labels is None else label_positions(labels, shift=self.logit_rows.shift)
+        outputs = {name: source.outputs(inputs, examples, training) for name, source in self.teachers.items()}
+        return outputs if len(outputs) > 1 else next(iter(outputs.values()))
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
@@ -308,7 +378,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' would pile up.
         self.distillation_losses.zero_grad(set_to_none=True)
         if batch_samples:
-            self._term_steps += 1  # an empty fetch (end of data) is followed by no optimizer step
+            self.term_log.steps += 1  # an empty fetch (end of data) is followed by no optimizer step
             counts = torch.stack(
                 [
                     sum(loss.count_items(batch).to(device) for batch in batch_samples)
@@ -402,3 +472,97 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
+
+
+def _checked_args(
+    args: DistillationConfig | None, model: nn.Module | None, kwargs: dict[str, Any]
+) -> DistillationConfig:
+    """The config, after refusing what `DistillationTrainer` does not apply."""
+    args = DistillationConfig() if args is None else args
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(
+            f"DistillationTrainer takes a DistillationConfig as args, not {type(args).__name__}: build "
+            "hf_distill.DistillationConfig(**your_training_arguments, losses={...})"
+        )
+    if model is None:
+        raise ValueError("pass the student as model=...; DistillationTrainer does not support model_init")
+    if args.label_smoothing_factor:
+        raise ValueError(
+            "label_smoothing_factor is not applied by DistillationTrainer (soft targets already smooth the "
+            "labels); set it to 0"
+        )
+    if kwargs.get("compute_loss_func") is not None:
+        raise ValueError("compute_loss_func is not used by DistillationTrainer; register a loss with register_loss")
+    return args
+
+
+def _teacher_mapping(teacher_model: Any, student: nn.Module) -> dict[str, nn.Module | str]:
+    """`teacher_model` as `{name: model or Hub id / path}`: one teacher is called "teacher"."""
+    if teacher_model is None:
+        return {}
+    given = dict(teacher_model) if isinstance(teacher_model, Mapping) else {DEFAULT_TEACHER: teacher_model}
+    if not given:
+        raise ValueError("teacher_model is an empty mapping: give at least one {name: model}, or None")
+    for name, teacher in given.items():
+        if not (isinstance(name, str) and name):
+            raise ValueError(f"teacher_model's keys name the teachers and must be non-empty strings, got {name!r}")
+        if not isinstance(teacher, (nn.Module, str)):
+            raise TypeError(
+                f"teacher {name!r} is a {type(teacher).__name__}: give a model, or a Hub id or local folder (str)"
+            )
+        if teacher is student:
+            raise ValueError("the teacher and the student are the same object: pass a separate teacher model")
+    return given
+
+
+def _loaded(
+    teacher: nn.Module | str, student: nn.Module, attention: str | None, args: DistillationConfig
+) -> nn.Module:
+    """A teacher given as a Hub id or path, loaded with the student's task head; a model as it is."""
+    if not isinstance(teacher, str):
+        return teacher
+    return load_teacher(
+        teacher, student, attn_implementation=attention, trust_remote_code=args.teacher_trust_remote_code
+    )
+
+
+def route_terms(terms: dict[str, tuple[float, DistillationLoss]], names: list[str]) -> dict[str, list[str]]:
+    """Which teachers each term reads: the one its `"teacher"` entry names, the only one, or all of them for a
+    loss that mixes teachers; `[]` for a term that reads none. Errors name the fix."""
+    routes = {}
+    for term, (_, loss) in terms.items():
+        if not loss.needs_teacher or not names:
+            routes[term] = []
+        elif loss.teacher_name is not None:
+            if loss.teacher_name not in names:
+                raise ValueError(
+                    f"losses[{term!r}] reads the teacher {loss.teacher_name!r}, but the teachers are {names}: name "
+                    "one of them (the keys of teacher_model; a single teacher is called 'teacher')"
+                )
+            routes[term] = [loss.teacher_name]
+        elif len(names) == 1 or loss.mixes_teachers:
+            routes[term] = list(names)
+        else:
+            raise ValueError(
+                f"losses[{term!r}] reads one teacher, and there are {len(names)} ({', '.join(names)}): say which with "
+                f"'teacher': {names[0]!r} in its entry (a term per teacher, under two names, follows both)"
+            )
+    return routes
+
+
+def _reading(
+    terms: dict[str, tuple[float, DistillationLoss]], routes: dict[str, list[str]], name: str
+) -> list[DistillationLoss]:
+    """The losses that read teacher `name`."""
+    return [loss for term, (_, loss) in terms.items() if name in routes[term]]
+
+
+@contextmanager
+def _naming(name: str | None, count: int) -> Iterator[None]:
+    """With several teachers, a check's `ValueError` says which teacher it is about."""
+    try:
+        yield
+    except ValueError as error:
+        if count < 2 or name is None:
+            raise
+        raise ValueError(f"teacher {name!r}: {error}") from error

@@ -10,17 +10,28 @@ from safetensors.torch import save_file
 from hf_distill import DistillationTrainer
 
 LOSSES = {"soft_target": {"weight": 1.0}, "hard_label": {"weight": 1.0}, "hidden_state": {"weight": 1.0}}
+# Two teachers: the mixture of their distributions, and one hidden-state match (and projector) per teacher.
+SEVERAL_LOSSES = {
+    "soft_target": {"weight": 1.0},
+    "hard_label": {"weight": 1.0},
+    "hidden_a": {"type": "hidden_state", "weight": 1.0, "teacher": "a"},
+    "hidden_b": {"type": "hidden_state", "weight": 1.0, "teacher": "b", "layer_map": [[2, 2]]},
+}
 
 
-def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None) -> DistillationTrainer:
-    """Two steps; with `teacher_cache`, from a cache that keeps every logit (so the same loss as online)."""
+def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, several: bool = False):
+    """Two steps; with `teacher_cache`, from a cache that keeps every logit (so the same loss as online); with
+    `several`, from two teachers."""
+    teacher = bert_masked_lm(seed=1)
+    if several:
+        teacher = {"a": teacher, "b": bert_masked_lm(seed=3, layers=2, width=24, heads=4)}
     trainer = DistillationTrainer(
         model=bert_masked_lm(seed=2, layers=2, width=8, heads=2),
-        teacher_model=bert_masked_lm(seed=1),
+        teacher_model=teacher,
         # Plain SGD without clipping: Adam and clipping would hide a wrongly scaled loss or gradient.
         args=config(
             output_dir,
-            LOSSES,
+            SEVERAL_LOSSES if several else LOSSES,
             max_steps=2,
             per_device_train_batch_size=batch_size,
             optim="sgd",
@@ -36,7 +47,9 @@ def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None) -> 
 
 if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
-    trainer = run(output_dir, batch_size=4, teacher_cache=str(output_dir / "cache") if sys.argv[2:] else None)
+    mode = sys.argv[2] if sys.argv[2:] else "online"
+    cache = str(output_dir / "cache") if mode == "cache" else None
+    trainer = run(output_dir, batch_size=4, teacher_cache=cache, several=mode == "several")
     if trainer.args.process_index == 0:
         state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
         state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})

@@ -212,3 +212,48 @@ def test_teacher_cache_flag_builds_once_then_reuses_with_fixed_masks(tmp_path, m
     for metric in ("accuracy", "perplexity"):
         assert second["results"]["student"][metric] == pytest.approx(first["results"]["student"][metric], rel=1e-6)
     check_report(str(tmp_path / "second"), with_baseline=True)
+
+
+def test_two_teachers_from_a_recipe_one_student_and_a_report_of_both(tmp_path):
+    deep = write_masked_lm_teacher(str(tmp_path / "deep"), layers=4)
+    shallow = write_masked_lm_teacher(str(tmp_path / "shallow"), layers=2)
+    files = write_text_files(str(tmp_path / "text"))
+    recipe = tmp_path / "two-teachers.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "task": "masked-lm", "dataset": files, "teacher": {"deep": deep, "shallow": shallow},
+        "teacher_weights": {"deep": 2.0, "shallow": 1.0}, "student_layers": [0, 3], "max_length": 16,
+        "losses": {"soft_target": {"weight": 5.0, "temperature": 2.0}, "hard_label": {"weight": 2.0},
+                   "hidden_state": {"weight": 1.0, "distance": "cosine", "teacher": "deep"},
+                   "hidden_shallow": {"type": "hidden_state", "weight": 1.0, "teacher": "shallow",
+                                      "layer_map": [[2, 2]]}},
+    }))  # fmt: skip
+    output = str(tmp_path / "run")
+    result, config = run(["--recipe", str(recipe), "--output_dir", output, "--baseline", "true", *FAST])
+    assert config.teacher_weights == {"deep": 2.0, "shallow": 1.0}
+    assert list(result["results"]) == ["teacher deep", "teacher shallow", "student", "baseline"]
+    assert result["teachers"] == {
+        "deep": {"given": deep, "used": deep},
+        "shallow": {"given": shallow, "used": shallow},
+    }
+    # The student is built from the first teacher, whose layer map its own hidden-state term gets.
+    assert result["losses"]["hidden_state"]["layer_map"] == [[0, 0], [1, 1], [2, 4]]
+    assert result["losses"]["hidden_shallow"]["layer_map"] == [[2, 2]]
+    rows = result["results"]
+    best = max(rows["teacher deep"]["accuracy"], rows["teacher shallow"]["accuracy"])
+    if best:
+        assert result["summary"]["retention"] == pytest.approx(rows["student"]["accuracy"] / best)
+    markdown = open(os.path.join(output, "report.md")).read()
+    assert "| teacher deep |" in markdown and "| teacher shallow |" in markdown
+    front_matter, text = read_card(os.path.join(output, "student"))
+    assert [t["name"] for t in front_matter["hf_distill"]["teachers"]] == ["deep", "shallow"]
+    assert f"{rows['teacher shallow']['parameters']:,} parameters" in text and "2 teachers" in text
+
+
+def test_several_teachers_on_the_command_line_are_name_path_pairs():
+    args, _, _ = parse_args(["--task", "masked-lm", "--dataset", "d", "--teacher", "a=path/one", "b=org/two",
+                             "--output_dir", "out"])  # fmt: skip
+    assert args.teachers == {"a": "path/one", "b": "org/two"} and args.teacher == "path/one"
+    single, _, _ = parse_args(["--task", "masked-lm", "--dataset", "d", "--teacher", "org/model", "--output_dir", "o"])
+    assert single.teacher == "org/model" and single.teachers is None
+    with pytest.raises(ValueError, match="name=path pairs"):
+        parse_args(["--task", "masked-lm", "--dataset", "d", "--teacher", "a=one", "two", "--output_dir", "o"])

@@ -366,7 +366,7 @@ def test_models_are_asked_only_for_the_outputs_the_losses_need(tmp_path, losses,
         train_dataset=text_dataset(),
     )
     assert trainer.student_output_flags == student_flags
-    assert trainer.teacher_output_flags == teacher_flags
+    assert trainer.teachers["teacher"].output_flags == teacher_flags
 
 
 def test_a_causal_teacher_keeps_no_generation_cache(tmp_path):

@@ -1,12 +1,15 @@
 """The trainer's side of a teacher-output cache: open or build it, check it serves the run, feed it the indices.
 
 `TeacherCacheMixin` is mixed into [`~hf_distill.DistillationTrainer`]; it reads the trainer's losses, datasets and
-collator, and builds a missing cache with the trainer's own `_teacher_outputs`, so a subclass that overrides
-`teacher_forward` builds its cache the way it distils online.
+collator, and builds a missing cache with the teacher's own source (`FrozenTeacher.outputs`, which runs the
+trainer's `teacher_forward`), so a subclass that overrides `teacher_forward` builds its cache the way it distils
+online. With several teachers each has its own cache (record and fingerprint) in a subfolder named after it, and
+`teachers.json` lists them, so a later run needs none of the teachers.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,8 +21,13 @@ from ..losses.base import batch_size
 from ..model_kind import describe
 from ..seq2seq import with_decoder_inputs
 from ..teacher import zero_stage
+from ..teacher_sources import DEFAULT_TEACHER, CachedTeacher
 from .contents import OutputExtractor, cache_contents
+from .store import BUILDING_NAME, read_json, write_json_atomically
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
+
+#: In a cache folder of several teachers: their names, one subfolder (a whole cache) each.
+TEACHERS_INDEX = "teachers.json"
 
 
 class ConfigOnly:
@@ -29,8 +37,14 @@ class ConfigOnly:
         self.config, self.class_name = config, class_name
 
 
-def check_cache_use(args: Any, teacher_terms: list[str], collator: Any) -> TeacherCache | None:
-    """Refuse a teacher cache that cannot serve this run, before anything is built; open a finished one."""
+def check_cache_use(
+    args: Any, teacher_terms: list[str], collator: Any, names: list[str] | None
+) -> dict[str, TeacherCache | None] | None:
+    """Refuse a teacher cache that cannot serve this run, before anything is built; open the finished ones.
+
+    Returns `{teacher name: its finished cache, or None when it is still to be built}` (None without a cache).
+    `names` are the teachers given; None when none is, and then the cache must say which it holds, all finished.
+    """
     if args.teacher_cache is None:
         return None
     if not teacher_terms:
@@ -43,20 +57,100 @@ def check_cache_use(args: Any, teacher_terms: list[str], collator: Any) -> Teach
             "so the student would see masks the teacher never saw. Mask the training set once with a fixed seed "
             "(hf_distill.pipeline.mask_once) and pad with DataCollatorForTokenClassification, or distil online"
         )
-    return TeacherCache(args.teacher_cache) if TeacherCache.is_finished(args.teacher_cache) else None
+    stored = cached_teacher_names(args.teacher_cache)
+    if names is not None and stored is not None and len(names) > 1 and stored != names:
+        raise ValueError(
+            f"the teacher cache {args.teacher_cache} holds the teachers {stored}, this run has {names}: give the "
+            "same teachers, or choose another teacher_cache"
+        )
+    given = names is not None
+    names = names or stored or []
+    directories = cache_directories(args.teacher_cache, names)
+    caches = {
+        name: TeacherCache(path) if TeacherCache.is_finished(path) else None for name, path in directories.items()
+    }
+    unfinished = [name for name, cache in caches.items() if cache is None]
+    if not given and unfinished:
+        raise ValueError(
+            f"the teacher cache {args.teacher_cache} is not finished for the teachers {unfinished}: pass them in "
+            "teacher_model to build (or finish) it"
+        )
+    return caches
+
+
+def cached_teacher_names(directory: str) -> list[str] | None:
+    """The teachers a cache folder holds: one (its own `cache.json`), the names in its `teachers.json`, or None."""
+    if TeacherCache.is_finished(directory) or os.path.isfile(os.path.join(directory, BUILDING_NAME)):
+        return [DEFAULT_TEACHER]
+    index = read_json(os.path.join(directory, TEACHERS_INDEX))
+    return None if index is None else list(index["teachers"])
+
+
+def cache_directories(directory: str, names: list[str]) -> dict[str, str]:
+    """Where each teacher's cache lives: the folder itself for one teacher, a subfolder per teacher for several."""
+    if len(names) == 1:
+        return {names[0]: directory}
+    return {name: os.path.join(directory, name) for name in names}
+
+
+def cached_reference(cache: TeacherCache | None) -> ConfigOnly | None:
+    """A teacher known only from its finished cache, as the losses' `setup` reads it (None: not built yet)."""
+    return None if cache is None else ConfigOnly(cache.teacher_config(), cache.record["teacher"]["class"])
 
 
 class TeacherCacheMixin:
-    """Opens `args.teacher_cache` for a `DistillationTrainer`, building (or finishing) it first when needed."""
+    """Opens `args.teacher_cache` for a `DistillationTrainer`, building (or finishing) it first when needed.
 
-    #: The teacher cache in use (None when distilling online).
+    It reads the trainer's public parts: `teachers` (run to build a cache), `teacher_facts`,
+    `distillation_losses` and `term_teachers`, and the Trainer's own datasets, collator and accelerator.
+    """
+
+    #: The teacher cache in use (None when distilling online); with several teachers, `teacher_caches` holds each.
     teacher_cache: TeacherCache | None = None
+    teacher_caches: dict[str, TeacherCache] = {}
     #: Examples per shard of a cache built here: at most this much teacher work is lost to an interruption.
     teacher_cache_shard_size: int = 1024
 
-    def _use_teacher_cache(self, cache: TeacherCache | None, teacher: Any) -> TeacherCache:
-        """Open `args.teacher_cache`, building (or finishing) it first if needed, and check it serves this run."""
-        directory = self.args.teacher_cache
+    def _use_teacher_caches(self, caches: dict[str, TeacherCache | None], references: dict[str, Any]) -> TeacherCache:
+        """Open every teacher's cache, building (or finishing) it first if needed; the teachers are then read from
+        their caches (`CachedTeacher`). Returns the first."""
+        names = list(caches)
+        directories = cache_directories(self.args.teacher_cache, names)
+        if len(names) > 1 and self.args.should_save:
+            os.makedirs(self.args.teacher_cache, exist_ok=True)
+            write_json_atomically(os.path.join(self.args.teacher_cache, TEACHERS_INDEX), {"teachers": names})
+        opened = {}
+        for name in names:
+            losses = [loss for term, loss in self.distillation_losses.items() if name in self.term_teachers[term]]
+            if len(names) > 1:
+                top_k_mix = [
+                    loss.term for loss in losses
+                    if isinstance(loss, SoftTargetLoss) and loss.token_level and loss.teacher_name is None
+                ]  # fmt: skip
+                if top_k_mix and self.args.teacher_cache_top_k > 0:
+                    raise ValueError(
+                        f"the losses {top_k_mix} mix the teachers' token distributions, which top-k caches cannot "
+                        f"give (teacher_cache_top_k={self.args.teacher_cache_top_k}): set teacher_cache_top_k=0 (every "
+                        "logit, exact), or give each teacher its own soft_target term ('teacher': name)"
+                    )
+            source = self.teachers.get(name)
+            if caches[name] is None and source is None:
+                raise ValueError(
+                    f"the teacher cache {directories[name]} of teacher {name!r} is not finished, and that teacher was "
+                    "not given: pass it in teacher_model to build (or finish) its cache"
+                )
+            opened[name] = self._use_teacher_cache(directories[name], caches[name], source, references[name], losses)
+            self.teachers[name] = CachedTeacher(
+                name, opened[name], references[name], self.teacher_facts.get(name), self.args.device
+            )
+        self.teacher_caches = opened
+        return opened[names[0]]
+
+    def _use_teacher_cache(
+        self, directory: str, cache: TeacherCache | None, source: Any, reference: Any, losses: list[Any]
+    ) -> TeacherCache:
+        """Open one teacher's cache in `directory`, building (or finishing) it first with `source` (a
+        `FrozenTeacher`) if needed, and check it serves this run."""
         # ZeRO-3 leaves each process a shard of the teacher's weights: nothing to hash, or to build a cache from.
         split_teacher = zero_stage(self.accelerator) == 3
         if split_teacher and cache is None and not TeacherCache.is_finished(directory):
@@ -65,11 +159,10 @@ class TeacherCacheMixin:
                 "weights across processes (so they cannot be hashed for the cache's record): build it once without "
                 "ZeRO-3 (one process, DDP or ZeRO-2), then train from it under ZeRO-3 with no teacher at all"
             )
-        losses = list(self.distillation_losses.values())
-        contents = cache_contents(losses, teacher, self.args.teacher_cache_top_k)
-        in_memory = None if isinstance(teacher, ConfigOnly) or split_teacher else teacher
+        contents = cache_contents(losses, reference, self.args.teacher_cache_top_k)
+        in_memory = None if source is None or split_teacher else source.reference
         # The teacher's size as given (a GPU run may have cast it to half precision since).
-        facts = getattr(self, "_teacher_facts", None)
+        facts = None if source is None else source.facts
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts)
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
@@ -78,7 +171,7 @@ class TeacherCacheMixin:
                     directory,
                     record,
                     self._cache_batches,
-                    self._teacher_outputs,
+                    lambda inputs: source.outputs(inputs, None, training=True),
                     OutputExtractor(contents, soft_target),
                     shard_size=self.teacher_cache_shard_size,
                 )

@@ -27,7 +27,7 @@ from ..seq2seq import decoder_positions, stack_size
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 # Keys of a loss entry in the config that are not options of the loss itself.
-RESERVED_KEYS = ("weight", "type")
+RESERVED_KEYS = ("weight", "type", "teacher")
 # Names the trainer's own logs use: a term named like one would overwrite it.
 _LOG_KEYS = {"loss", "grad_norm", "learning_rate", "epoch"}
 
@@ -47,6 +47,10 @@ class DistillationLoss(nn.Module):
     by default, so a loss of yours sees full logits unless it says otherwise. A loss that sets it must list
     `"logits"` in `student_outputs` / `teacher_outputs` when it reads them: when no loss lists them for a model,
     that model's vocabulary projection is skipped in training (its logits come out `[0, vocab]`).
+
+    With several teachers, a loss reads the one its `"teacher"` entry names (`teacher_name`); a loss with
+    `mixes_teachers` True that names none reads them all, as a [`~hf_distill.teacher_sources.TeacherEnsemble`]
+    (its `setup` is then called once per teacher).
     """
 
     student_outputs: frozenset[str] = frozenset()
@@ -55,8 +59,11 @@ class DistillationLoss(nn.Module):
     needs_labels: bool = False
     cacheable: bool = True
     accepts_row_logits: bool = False
+    mixes_teachers: bool = False
     #: The name of the term in the config and in the logs; `build_loss` sets it.
     term: str = ""
+    #: The teacher this term reads (its `"teacher"` entry), None for the only one or, if it mixes them, all.
+    teacher_name: str | None = None
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Check that the two models suit this loss and build learnable parts; called once, before training.
@@ -126,18 +133,25 @@ def build_loss(term: str, spec: Mapping[str, Any]) -> tuple[float, DistillationL
     weight = spec.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
         raise ValueError(f"losses[{term!r}]['weight'] must be a number >= 0, got {weight!r}")
+    teacher = spec.get("teacher")
+    if teacher is not None and not (isinstance(teacher, str) and teacher):
+        raise ValueError(f"losses[{term!r}]['teacher'] must name one of the teachers (a string), got {teacher!r}")
     cls = _REGISTRY[loss_type]
+    if teacher is not None and not cls.needs_teacher:
+        raise ValueError(f"losses[{term!r}] ({loss_type}) reads no teacher, so it takes no 'teacher' entry; drop it")
     options = {key: value for key, value in spec.items() if key not in RESERVED_KEYS}
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(set(options) - set(accepted) - {"self"})
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
         valid = [p for p in accepted if p not in ("self",)]
+        # "teacher" last: it names one of several teachers, for the losses that read one.
+        valid = ["weight", "type", *valid, *(["teacher"] if cls.needs_teacher else [])]
         raise ValueError(
             f"losses[{term!r}] ({loss_type}) has no option {', '.join(map(repr, unknown))}; "
-            f"valid options: {', '.join(list(RESERVED_KEYS) + valid)}"
+            f"valid options: {', '.join(valid)}"
         )
     loss = cls(**options)
-    loss.term = term
+    loss.term, loss.teacher_name = term, teacher
     return float(weight), loss
 
 

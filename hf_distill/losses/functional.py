@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TEACHER_MIXTURES = ("probabilities", "logits")
 HIDDEN_DISTANCES = ("mse", "cosine")
 ATTENTION_DISTANCES = ("kl", "mse")
 REDUCTIONS = ("sum", "mean", "none")
@@ -76,6 +77,35 @@ def soft_target_loss(
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_item = divergence_from_log_probs(student_log_probs, teacher_log_probs, divergence)
     return reduce_items(per_item * temperature**2, mask, reduction)
+
+
+def mix_teacher_logits(
+    logits: list[torch.Tensor], weights: list[float], temperature: float, mixture: str = "probabilities"
+) -> torch.Tensor:
+    """One teacher's worth of logits standing for several: their weighted mixture.
+
+    `"probabilities"` (the default) returns `T · log Σ_k w_k softmax(z_k / T)`, whose softmax at temperature `T`
+    is exactly the mixture of the teachers' distributions at `T` (Hinton et al.'s ensemble: the arithmetic mean
+    of the members' predictions). `"logits"` returns `Σ_k w_k z_k`, whose softmax is the normalised geometric
+    mixture of the distributions: sharper where the teachers agree, and a class one teacher rules out keeps little
+    mass. Weights must sum to 1; a teacher of weight 0 is left out. Computed in float32.
+    """
+    if mixture not in TEACHER_MIXTURES:
+        raise ValueError(f"teacher_mixture must be one of {TEACHER_MIXTURES}, got {mixture!r}")
+    kept = [(weight, member) for weight, member in zip(weights, logits, strict=True) if weight > 0]
+    shape = kept[0][1].shape
+    for _, member in kept:
+        if member.shape != shape:
+            raise ValueError(
+                f"the teachers' logits have shapes {[tuple(m.shape) for _, m in kept]}: mixing needs one shape (the "
+                "same classes, or the same vocabulary at the same positions)"
+            )
+    if mixture == "logits":
+        return sum(weight * member.float() for weight, member in kept)
+    log_probs = torch.stack(
+        [math.log(weight) + F.log_softmax(member.float() / temperature, dim=-1) for weight, member in kept]
+    )
+    return temperature * torch.logsumexp(log_probs, dim=0)
 
 
 def divergence_from_log_probs(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -12,9 +14,10 @@ from ..logit_rows import label_rows
 from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
+from ..teacher_sources import TeacherEnsemble
 from .base import DistillationLoss, batch_size, register_loss
 from .chunked import chunked_rows_loss, chunked_soft_target_loss
-from .functional import DIVERGENCES, soft_target_loss, topk_soft_target_loss
+from .functional import DIVERGENCES, TEACHER_MIXTURES, mix_teacher_logits, soft_target_loss, topk_soft_target_loss
 
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
@@ -108,13 +111,29 @@ class SoftTargetLoss(DistillationLoss):
 
     A language model's logits may also arrive as `[rows, vocab]`, the counted positions only, in row-major
     order ([`hf_distill.logit_rows`]): the same loss on the same rows.
+
+    With several teachers and no `"teacher"` entry, the target is their weighted mixture
+    (`DistillationConfig.teacher_weights`), `teacher_mixture` (`str`, defaults to `"probabilities"`) saying how:
+    `"probabilities"` mixes the distributions at temperature T (an ensemble's prediction), `"logits"` averages
+    the logits ([`~hf_distill.losses.functional.mix_teacher_logits`]). A top-k teacher cache cannot be mixed
+    (`teacher_cache_top_k=0` can).
     """
 
     student_outputs = teacher_outputs = frozenset({"logits"})
     accepts_row_logits = True
+    mixes_teachers = True
 
-    def __init__(self, temperature: float = 2.0, divergence: str = "forward_kl", chunk_size: int = 256):
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        divergence: str = "forward_kl",
+        chunk_size: int = 256,
+        teacher_mixture: str = "probabilities",
+    ):
         super().__init__()
+        if teacher_mixture not in TEACHER_MIXTURES:
+            raise ValueError(f"soft_target teacher_mixture must be one of {TEACHER_MIXTURES}, got {teacher_mixture!r}")
+        self.teacher_mixture = teacher_mixture
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"soft_target chunk_size must be an integer >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -131,7 +150,9 @@ class SoftTargetLoss(DistillationLoss):
         self.seq2seq = False
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, divergence={self.divergence!r}"
+        return (
+            f"temperature={self.temperature}, divergence={self.divergence!r}, teacher_mixture={self.teacher_mixture!r}"
+        )
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
@@ -150,6 +171,8 @@ class SoftTargetLoss(DistillationLoss):
         return logit_positions(self.kind, inputs)
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if isinstance(teacher_outputs, TeacherEnsemble):
+            teacher_outputs = self.mixed_teacher(teacher_outputs, inputs)
         if self.span:
             return self._span_loss(student_outputs, teacher_outputs, inputs)
         student_logits = student_outputs.logits
@@ -188,6 +211,36 @@ class SoftTargetLoss(DistillationLoss):
             mask=student_mask,
             chunk_size=self.chunk_size,
         )
+
+    def mixed_teacher(self, ensemble: TeacherEnsemble, inputs: Mapping[str, Any]) -> SimpleNamespace:
+        """The teachers' outputs as one teacher's: logits whose distribution at this term's temperature is their
+        mixture. Token-level logits become the `[rows, vocab]` of the counted positions."""
+        weights = list(ensemble.weights)
+        mix = partial(mix_teacher_logits, weights=weights, temperature=self.temperature, mixture=self.teacher_mixture)
+        if self.span:
+            mask = inputs.get("attention_mask")
+            mixed = {}
+            for name in ("start_logits", "end_logits"):
+                members = [getattr(outputs, name).float() for outputs in ensemble.outputs]
+                if mask is not None:  # each teacher's distribution over the real positions only, then the mixture
+                    padding = ~mask.bool().to(members[0].device)
+                    members = [member.masked_fill(padding, _PADDING_LOGIT * self.temperature) for member in members]
+                mixed[name] = mix(members)
+            return SimpleNamespace(**mixed)
+        if not self.token_level:
+            return SimpleNamespace(logits=mix([outputs.logits for outputs in ensemble.outputs]))
+        mask = self.position_mask(inputs)
+        rows = []
+        for name, outputs in zip(ensemble.names, ensemble.outputs, strict=True):
+            cached = getattr(outputs, "token_targets", None)
+            if cached is not None and cached.logits is None:
+                raise ValueError(
+                    f"soft_target mixes the teachers, but the cache of teacher {name!r} keeps only its top-k logits, "
+                    "which cannot be mixed: build the caches with teacher_cache_top_k=0, or name one teacher"
+                )
+            logits = cached.logits if cached is not None else outputs.logits
+            rows.append(logits if logits.dim() == 2 else logits[mask.to(logits.device)])
+        return SimpleNamespace(logits=mix(rows))
 
     def _span_loss(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Question answering: the sum over examples of the mean of the start and the end divergences."""

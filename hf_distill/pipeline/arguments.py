@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -32,11 +33,13 @@ class PipelineArguments:
     task: str = field(
         default="text-classification", metadata={"help": "What the models do: " + ", ".join(TASKS) + "."}
     )
-    teacher: str | None = field(
+    teacher: list[str] | None = field(
         default=None,
         metadata={
-            "help": "The teacher: a Hub id or a local folder (safetensors weights). When its checkpoint has no "
-            "trained head for the task, the teacher is fine-tuned first and kept in <output_dir>/teacher."
+            "help": "The teacher: a Hub id or a local folder (safetensors weights), or several as name=path pairs "
+            "(--teacher bert=PATH mini=PATH; a mapping in a recipe), whose distributions soft_target mixes "
+            "(--teacher_weights). A checkpoint with no trained head for the task is fine-tuned first and kept in "
+            "<output_dir>/teacher (several: <output_dir>/teachers/<name>). The student is built from the first."
         },
     )
     teacher_config: dict | str | None = field(
@@ -136,6 +139,9 @@ class PipelineArguments:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        #: With several teachers, `{name: Hub id or folder}` in order; `teacher` is then the first one's.
+        self.teachers: dict[str, str] | None = None
+        self.teacher = self._read_teachers(self.teacher)
         for name in ("teacher_config", "student_config"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
@@ -152,6 +158,36 @@ class PipelineArguments:
             raise ValueError(f"mlm_probability must lie in (0, 1), got {self.mlm_probability}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
+
+    def _read_teachers(self, value: Any) -> str | None:
+        """`teacher` as given (a string, a list of one, name=path pairs, or a mapping): the first teacher's path,
+        with `teachers` set when there are several."""
+        if isinstance(value, (list, tuple)) and len(value) == 1 and not _PAIR.match(str(value[0])):
+            value = value[0]
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)):
+            pairs = [_PAIR.match(str(item)) for item in value]
+            if not all(pairs):
+                raise ValueError(
+                    f"--teacher {' '.join(map(str, value))}: several teachers are given as name=path pairs, e.g. "
+                    "--teacher bert=path/to/bert mini=path/to/minilm"
+                )
+            value = {pair["name"]: pair["path"] for pair in pairs}
+            if len(value) < len(pairs):
+                raise ValueError(f"--teacher names a teacher twice: {[pair['name'] for pair in pairs]}")
+        if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError(f"teacher must be a Hub id or folder, or a mapping of name to one, got {value!r}")
+        if len(value) == 1:
+            return next(iter(value.values()))
+        if self.teacher_config is not None:
+            raise ValueError("teacher_config builds one teacher: give several teachers as name=path pairs without it")
+        self.teachers = dict(value)
+        return next(iter(value.values()))
+
+
+#: One of several teachers on the command line: `name=path`.
+_PAIR = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]*)=(?P<path>.+)$")
 
 
 def available_recipes(recipes_dir: Traversable = RECIPES_DIR) -> dict[str, str]:

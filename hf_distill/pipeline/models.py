@@ -89,7 +89,11 @@ def _teacher_record(args: PipelineArguments, config: DistillationConfig, data: P
 
 
 def prepare_teacher(
-    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+    args: PipelineArguments,
+    config: DistillationConfig,
+    data: PreparedData,
+    attn_implementation: str | None = None,
+    trained_dir: str | None = None,
 ) -> tuple[PreTrainedModel, str]:
     """Load the teacher, or train it first when it has no trained head for the task.
 
@@ -98,8 +102,9 @@ def prepare_teacher(
     record of its settings; a later run with the same settings loads it from there instead of training again.
 
     Returns the teacher (in eval mode) and where it came from (a Hub id or folder, for the model card).
+    `trained_dir` is where a teacher trained here is kept (default `<output_dir>/teacher`).
     """
-    trained_dir = os.path.join(config.output_dir, "teacher")
+    trained_dir = trained_dir or os.path.join(config.output_dir, "teacher")
     record = _teacher_record(args, config, data)
     record_path = os.path.join(trained_dir, TEACHER_RECORD)
     if os.path.isfile(record_path):
@@ -148,6 +153,22 @@ def prepare_teacher(
     # The record goes in last: a record in the folder means a whole teacher beside it.
     save_atomically(trained_dir, lambda folder: _save_teacher(teacher, data, record, folder), last=(TEACHER_RECORD,))
     return teacher.eval(), trained_dir
+
+
+def prepare_teachers(
+    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+) -> dict[str, tuple[PreTrainedModel, str]]:
+    """`prepare_teacher` for each of several teachers (`args.teachers`), in order: `{name: (teacher, source)}`,
+    each trained one kept in `<output_dir>/teachers/<name>`. One teacher is called "teacher"."""
+    if not args.teachers:
+        return {"teacher": prepare_teacher(args, config, data, attn_implementation)}
+    prepared = {}
+    for name, path in args.teachers.items():
+        logger.info("Teacher %r: %s", name, path)
+        one = dataclasses.replace(args, teacher=path)
+        trained_dir = os.path.join(config.output_dir, "teachers", name)
+        prepared[name] = prepare_teacher(one, config, data, attn_implementation, trained_dir)
+    return prepared
 
 
 def load_initial_teacher(

@@ -26,13 +26,33 @@ from .sources import hub_id  # noqa: E402
 MODEL_ORDER = ("teacher", "student", "baseline")
 
 
+def teacher_row(name: str, several: dict | None) -> str:
+    """The row of a teacher in the results: "teacher", or "teacher <name>" when there are several."""
+    return f"teacher {name}" if several else "teacher"
+
+
+def teacher_rows(results: dict[str, Any]) -> list[str]:
+    """The results' teacher rows, in order."""
+    return [name for name in results if name == "teacher" or name.startswith("teacher ")]
+
+
+def reference_teacher(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> dict[str, Any]:
+    """The teacher the student is measured against: the only one, or of several the most accurate."""
+    return max((results[name] for name in teacher_rows(results)), key=lambda row: row[metric])
+
+
+def _ordered(results: dict[str, Any]) -> list[str]:
+    return [*teacher_rows(results), *(name for name in MODEL_ORDER[1:] if name in results)]
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
 
 
 def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> dict[str, float]:
-    """Retention, gap closure, speed-ups and compression of the student, from per-model results."""
-    teacher, student = results["teacher"], results["student"]
+    """Retention, gap closure, speed-ups and compression of the student, from per-model results (against the most
+    accurate teacher when there are several)."""
+    teacher, student = reference_teacher(results, metric), results["student"]
     summary = {
         "retention": _ratio(student[metric], teacher[metric]),
         "parameter_ratio": student["parameters"] / teacher["parameters"],
@@ -52,7 +72,7 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
 
 def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: dict[str, str]) -> list[str]:
     latencies = sorted(
-        (key for key in results["teacher"] if key.startswith("latency_ms_batch_")),
+        (key for key in results["student"] if key.startswith("latency_ms_batch_")),
         key=lambda k: int(k.rsplit("_", 1)[1]),
     )
     header = [
@@ -66,9 +86,7 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: di
         ],
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in MODEL_ORDER:
-        if name not in results:
-            continue
+    for name in _ordered(results):
         row = results[name]
         cells = [
             name,
@@ -82,13 +100,13 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: di
 
 
 def _plot(results: dict[str, dict[str, Any]], metric: str, path: str) -> None:
-    latencies = [key for key in results["teacher"] if key.startswith("latency_ms_batch_")]
+    latencies = [key for key in results["student"] if key.startswith("latency_ms_batch_")]
     axes_keys = [("parameters", "parameters (millions)", 1e-6)] + [
         (key, f"CPU latency, batch {key.rsplit('_', 1)[1]} (ms)", 1.0) for key in latencies
     ]
     figure, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
     for axis, (key, label, scale) in zip(axes[0], axes_keys, strict=True):
-        for name in MODEL_ORDER:
+        for name in _ordered(results):
             if name in results:
                 axis.scatter(results[name][key] * scale, results[name][metric], s=60, label=name)
                 axis.annotate(
@@ -126,7 +144,7 @@ def write_report(output_dir: str, report: dict[str, Any]) -> None:
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
-    metrics = [key for key in ("accuracy", "perplexity") if key in results["teacher"]]
+    metrics = [key for key in ("accuracy", "perplexity") if key in results["student"]]
     untrusted = summary.get("latency_untrusted", {})
     lines = [
         f"# Distillation report: {report.get('recipe') or 'custom run'}",
@@ -134,8 +152,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         *_table(results, metrics, untrusted),
         "",
     ]
-    lines.append(f"- retention (student / teacher accuracy): {summary['retention']:.2%}")
-    lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of the teacher's")
+    several = len(teacher_rows(results)) > 1
+    whose = "the most accurate teacher" if several else "teacher"
+    lines.append(f"- retention (student / {whose} accuracy): {summary['retention']:.2%}")
+    lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of {'its' if several else 'the teacher'}'s")
     for key, value in summary.items():
         if key.startswith("speedup_batch_"):
             batch = key.rsplit("_", 1)[1]
@@ -174,6 +194,7 @@ def model_card(
     or the Hub copy of an offline model, and is left out for local folders. A card may be pushed: local folders
     and files are named by their last path component, never by their path on this machine."""
     results, summary = report["results"], report["summary"]
+    reference = reference_teacher(results)
     base_model, hub_dataset = hub_id(teacher), hub_id(dataset)
     trained_here = report.get("teacher_used") != teacher
     teacher, dataset = public_name(teacher), public_name(dataset)
@@ -192,7 +213,20 @@ def model_card(
             "summary": summary,
         },
     )
-    if teacher is None:
+    several = report.get("teachers") or {}
+    if several:
+        data.hf_distill["teachers"] = [
+            {"name": name, "teacher": public_name(given["given"]),
+             "parameters": results[teacher_row(name, several)]["parameters"]}
+            for name, given in several.items()
+        ]  # fmt: skip
+    if several:
+        teacher_words = f"{len(several)} teachers, " + "; ".join(
+            f"`{name}`: `{public_name(given['given'])}` ({results[teacher_row(name, several)]['parameters']:,} "
+            "parameters" + (", task head trained here first)" if given["used"] != given["given"] else ")")
+            for name, given in several.items()
+        )
+    elif teacher is None:
         teacher_words = "a teacher trained here from a config"
     elif trained_here:
         teacher_words = f"the teacher `{teacher}`, whose task head was trained here first"
@@ -215,10 +249,10 @@ def model_card(
         "",
         "## Compression",
         "",
-        f"- parameters: {results['student']['parameters']:,} vs {results['teacher']['parameters']:,} "
+        f"- parameters: {results['student']['parameters']:,} vs {reference['parameters']:,} "
         f"({summary['parameter_ratio']:.1%})",
         f"- size of the weights: {results['student']['size_bytes'] / 1e6:.1f} MB vs "
-        f"{results['teacher']['size_bytes'] / 1e6:.1f} MB",
+        f"{reference['size_bytes'] / 1e6:.1f} MB",
         *[
             f"- CPU speed-up at batch {k.rsplit('_', 1)[1]}: {v:.2f}x"
             for k, v in summary.items()

@@ -23,18 +23,23 @@ from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
-from .models import build_student, fresh_student, load_initial_teacher, prepare_teacher, stage_args
-from .report import build_report, model_card, push_student, save_student, write_report
+from .models import build_student, fresh_student, load_initial_teacher, prepare_teachers, stage_args
+from .report import build_report, model_card, push_student, save_student, teacher_row, write_report
 
 logger = logging.getLogger(__name__)
 
 
-def losses_with_layer_map(losses: dict[str, Any], layer_map: list[list[int]] | None) -> dict[str, Any]:
-    """Give `hidden_state` and `attention` terms without a `layer_map` the one the student was built with."""
+def losses_with_layer_map(
+    losses: dict[str, Any], layer_map: list[list[int]] | None, teacher: str | None = None
+) -> dict[str, Any]:
+    """Give `hidden_state` and `attention` terms without a `layer_map` the one the student was built with (from the
+    teacher `teacher`, with several: terms that follow another teacher keep their own)."""
     if layer_map is None:
         return losses
     filled = copy.deepcopy(losses)
     for term, spec in filled.items():
+        if teacher is not None and spec.get("teacher", teacher) != teacher:
+            continue
         kind = spec.get("type", term)
         if kind == "hidden_state" and "layer_map" not in spec:
             spec["layer_map"] = layer_map
@@ -52,7 +57,7 @@ def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int
 
 def distill(
     student,
-    teacher,
+    teacher,  # a model, or {name: model} for several
     data: PreparedData,
     config: DistillationConfig,
     output_dir: str,
@@ -90,22 +95,27 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     clock = lap("data", clock)
 
     attention = "eager" if needs_attention_maps(build_losses(config.losses)) else None
-    teacher, teacher_source = prepare_teacher(args, config, data, attn_implementation=attention)
+    prepared = prepare_teachers(args, config, data, attn_implementation=attention)
+    teachers = {name: teacher for name, (teacher, _) in prepared.items()}
+    # The first teacher is the one the student is built from (and the only one, usually).
+    teacher, teacher_source = next(iter(prepared.values()))
     clock = lap("teacher", clock)
 
     set_seed(config.seed)
     student, layer_map = make_student(args, teacher, data, config.seed)
-    losses = losses_with_layer_map(config.losses, layer_map)
+    losses = losses_with_layer_map(config.losses, layer_map, next(iter(args.teachers)) if args.teachers else None)
     distill_config = stage_args(config, config.output_dir, losses=losses)
     clock = lap("student", clock)
 
     checkpoints = os.path.join(config.output_dir, "checkpoints", "distill")
     # A teacher cache holds the teacher's outputs for one masking of each example: fix it (same seed every run).
     distill_data = data if config.teacher_cache is None else fix_training_masks(data, config.seed)
-    trainer = distill(student, teacher, distill_data, distill_config, checkpoints, config.resume_from_checkpoint)
+    given = teachers if args.teachers else teacher
+    trainer = distill(student, given, distill_data, distill_config, checkpoints, config.resume_from_checkpoint)
     clock = lap("distill", clock)
 
-    models = {"teacher": teacher, "student": trainer.model}
+    models = {teacher_row(name, args.teachers): model for name, model in teachers.items()}
+    models["student"] = trainer.model
     if args.baseline:
         # Without the teacher means without what it learnt here too: a student built from teacher layers starts
         # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
@@ -137,6 +147,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         teacher=args.teacher,
         teacher_config=args.teacher_config,
         teacher_used=teacher_source,
+        teachers=None
+        if not args.teachers
+        else {name: {"given": args.teachers[name], "used": source} for name, (_, source) in prepared.items()},
         dataset=args.dataset,
         train_examples=len(data.train),
         eval_examples=len(data.eval),

@@ -1,0 +1,165 @@
+"""Where a `DistillationTrainer`'s teacher outputs come from: one object per teacher, each with `outputs(batch)`.
+
+    trainer.teachers                   # {name: TeacherSource}, in the order the teachers were given
+    trainer.teachers["teacher"].outputs(inputs, examples, training=True)
+
+- [`FrozenTeacher`]: a model in memory, frozen and in eval mode, run on every batch (through the trainer's
+  `teacher_forward`, so an override applies), projecting onto the vocabulary only where the losses read.
+- [`CachedTeacher`]: a teacher-output cache ([`hf_distill.cache`]) standing in for a teacher that is not loaded;
+  it serves the training examples it was built on, found by their index.
+
+A run with one teacher calls it `"teacher"`; several teachers are given as a mapping `{name: model}`
+([`TeacherEnsemble`] is what a loss that mixes them receives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .logit_rows import LogitRowsPlan, project_rows
+from .positions import label_positions
+
+#: The name of the teacher of a run that has only one.
+DEFAULT_TEACHER = "teacher"
+
+
+class TeacherSource:
+    """One teacher as the trainer reads it.
+
+    Attributes:
+        name (`str`): its name in `DistillationConfig.teacher_weights`, in a loss's `"teacher"` option and on the
+            model card.
+        reference: what the losses' `setup` and a cache's contents read of it: the model, or a `ConfigOnly`.
+        facts (`dict`, *optional*): `card.model_facts` of the teacher as given (name, class, parameters, bytes).
+        model (`nn.Module`, *optional*): the model in memory (as prepared by accelerate), None for a cache.
+        serves_evaluation (`bool`): whether it has outputs for batches outside the training set.
+    """
+
+    name: str
+    reference: Any
+    facts: dict[str, Any] | None = None
+    model: nn.Module | None = None
+    serves_evaluation: bool = True
+
+    def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool) -> Any | None:
+        """The teacher's outputs for this batch (`examples`: the training-set indices of its rows, when known);
+        None when this source has none for it (a cache, in evaluation)."""
+        raise NotImplementedError
+
+
+class FrozenTeacher(TeacherSource):
+    """A frozen model run on every batch.
+
+    Args:
+        name (`str`): the teacher's name.
+        model (`nn.Module`): the model as prepared (wrapped by accelerate or DeepSpeed).
+        unwrapped (`nn.Module`): the same model unwrapped: what the losses and the logit rows read.
+        facts (`dict`, *optional*): its size as given, before any half-precision cast.
+        call_flags (`dict`): keyword arguments every call gets (`use_cache=False` where it applies).
+        output_flags (`dict`): the outputs the losses need (`output_hidden_states`, `output_attentions`).
+        label_keys (`Sequence[str]`): batch keys the teacher must not see (it computes no loss of its own).
+        forward (`Callable`, *optional*): how a batch is run (`forward(inputs, **output_flags)`); defaults to
+            [`FrozenTeacher.run`]. The trainer passes its `teacher_forward`, so that overrides apply.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        unwrapped: nn.Module,
+        facts: dict[str, Any] | None,
+        call_flags: Mapping[str, Any],
+        output_flags: Mapping[str, bool],
+        label_keys: Sequence[str],
+        forward: Callable[..., Any] | None = None,
+    ):
+        self.name, self.model, self.reference, self.facts = name, model, unwrapped, facts
+        self.call_flags, self.output_flags, self.label_keys = dict(call_flags), dict(output_flags), tuple(label_keys)
+        self.forward = forward or self.run
+        self.rows_plan = LogitRowsPlan()
+
+    def run(
+        self, inputs: Mapping[str, Any], output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> Any:
+        """Run the model on a batch without gradients, its labels removed and only the requested outputs on."""
+        teacher_inputs = {key: value for key, value in inputs.items() if key not in self.label_keys}
+        teacher_inputs.update(self.call_flags)
+        if output_hidden_states:
+            teacher_inputs["output_hidden_states"] = True
+        if output_attentions:
+            teacher_inputs["output_attentions"] = True
+        with torch.no_grad():
+            return self.model(**teacher_inputs)
+
+    def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None = None, training: bool = True) -> Any:
+        rows = training_rows(self.rows_plan, "teacher", inputs) if training else None
+        with project_rows(self.reference, rows):
+            return self.forward(inputs, **self.output_flags)
+
+
+class CachedTeacher(TeacherSource):
+    """A teacher-output cache in place of the teacher: the stored outputs of the training examples of a batch."""
+
+    serves_evaluation = False
+
+    def __init__(self, name: str, cache: Any, reference: Any, facts: dict[str, Any] | None, device: torch.device):
+        self.name, self.cache, self.reference, self.facts, self.device = name, cache, reference, facts, device
+
+    def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool = True) -> Any | None:
+        if examples is None:
+            return None
+        return self.cache.outputs_for(examples.tolist(), inputs, self.device)
+
+
+@dataclass(frozen=True)
+class TeacherEnsemble:
+    """What a loss that mixes several teachers receives as `teacher_outputs`: each teacher's outputs and weight.
+
+    Attributes:
+        names (`tuple[str, ...]`): the teachers, in order.
+        outputs (`tuple`): their outputs for the batch, in the same order.
+        weights (`tuple[float, ...]`): their weights, summing to 1.
+    """
+
+    names: tuple[str, ...]
+    outputs: tuple[Any, ...]
+    weights: tuple[float, ...]
+
+
+def training_rows(plan: LogitRowsPlan, model: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The `[batch, length]` positions at which `model` ("student" or "teacher") projects onto the vocabulary in
+    training (see [`hf_distill.logit_rows`]): the labeled ones, or none when no loss reads its logits. None: all."""
+    if not plan.compacts(model):
+        return None
+    if not plan.reads(model):
+        input_ids = inputs.get("input_ids")
+        return None if input_ids is None else torch.zeros_like(input_ids, dtype=torch.bool)
+    labels = inputs.get("labels")
+    return None if labels is None else label_positions(labels, shift=plan.shift)
+
+
+def normalized_weights(names: Sequence[str], weights: Mapping[str, float] | None) -> dict[str, float]:
+    """Each teacher's weight, summing to 1 (equal by default); errors name the fix."""
+    if weights is None:
+        return {name: 1.0 / len(names) for name in names}
+    unknown = sorted(set(weights) - set(names))
+    missing = [name for name in names if name not in weights]
+    if unknown or missing:
+        raise ValueError(
+            f"teacher_weights names {sorted(weights)} but the teachers are {list(names)}"
+            + (f" ({', '.join(map(repr, unknown))} unknown)" if unknown else "")
+            + (f" ({', '.join(map(repr, missing))} missing)" if missing else "")
+            + ": give one weight per teacher, or leave teacher_weights unset for equal weights"
+        )
+    for name, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"teacher_weights[{name!r}] must be a number >= 0, got {weight!r}")
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise ValueError("teacher_weights are all 0: give at least one teacher a positive weight")
+    return {name: float(weights[name]) / total for name in names}
