@@ -218,7 +218,7 @@ def cache_build(student, teacher, data, losses, shape, scratch, attempts: int = 
         start = time.perf_counter()
         with torch.inference_mode():
             for inputs in plain._cache_batches(0):  # the same batches the build ran, in the same order
-                plain.teacher_forward(inputs, **plain.teacher_output_flags)
+                plain.teacher_forward(inputs, **plain.teachers["teacher"].output_flags)
         synchronize()
         times["inference"].append(time.perf_counter() - start)
     return {
