@@ -37,6 +37,20 @@ class DistillationConfig(TrainingArguments):
         teacher_weights (`dict[str, float]`, *optional*):
             With several teachers (`teacher_model={name: model, ...}`), each one's weight in the mixture that
             `soft_target` distils toward (normalised to sum to 1). Defaults to equal weights.
+        trainable_teachers (`list[str]`, *optional*):
+            The teachers that learn alongside the student (online distillation, deep mutual learning): by name,
+            `["teacher"]` for a single one. Each gets its own task loss and the divergence toward the other models'
+            detached predictions, with the weights and temperature of the configured `hard_label` and
+            `soft_target` terms, logged as `<name>_<term>`. Frozen by default.
+        teacher_learning_rate (`float`, *optional*):
+            The learning rate of the trainable teachers (their own parameter groups, under the student's schedule).
+            Defaults to `learning_rate`.
+        save_trained_teachers (`bool`, *optional*, defaults to `False`):
+            `save_model` also writes each trainable teacher to `<output_dir>/teachers/<name>`, loadable with
+            `AutoModel*.from_pretrained`.
+        ema_momentum (`float`, *optional*, defaults to 0.999):
+            For `teacher_model="ema"` (a teacher that is an exponential moving average of the student), the share of
+            the teacher's weights kept at each optimizer step: `θ_t ← m · θ_t + (1 − m) · θ_student`.
         teacher_trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow a teacher given as a Hub id or path to run modelling code from its repository. Only turn
             this on for a repository you trust.
@@ -79,6 +93,29 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Several teachers: a JSON mapping of teacher name to weight in soft_target's mixture of their "
             'distributions (normalised to sum to 1). Default: equal weights. Example: \'{"bert": 2, "roberta": 1}\'.'
+        },
+    )
+    trainable_teachers: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Teachers that learn alongside the student (online, deep mutual learning), by name ('teacher' "
+            "for a single one): each gets its own hard_label and a soft_target toward the other models' detached "
+            "predictions, with the configured weights and temperature. Default: every teacher is frozen."
+        },
+    )
+    teacher_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the trainable teachers (their own parameter groups). Default: learning_rate."},
+    )
+    save_trained_teachers: bool = field(
+        default=False,
+        metadata={"help": "save_model also writes each trainable teacher to <output_dir>/teachers/<name>."},
+    )
+    ema_momentum: float = field(
+        default=0.999,
+        metadata={
+            "help": "teacher_model='ema' (a moving average of the student): the share of the teacher's weights kept "
+            "at each optimizer step."
         },
     )
     teacher_trust_remote_code: bool = field(
@@ -143,6 +180,16 @@ class DistillationConfig(TrainingArguments):
                     f"teacher_weights must map each teacher's name to its weight, got {self.teacher_weights!r}"
                 )
             normalized_weights(list(self.teacher_weights), self.teacher_weights)  # numbers >= 0, not all 0
+        if isinstance(self.trainable_teachers, str):
+            self.trainable_teachers = [self.trainable_teachers]
+        if self.trainable_teachers is not None and not all(
+            isinstance(name, str) and name for name in self.trainable_teachers
+        ):
+            raise ValueError(f"trainable_teachers must be a list of teacher names, got {self.trainable_teachers!r}")
+        if not 0.0 <= self.ema_momentum < 1.0 or isinstance(self.ema_momentum, bool):
+            raise ValueError(f"ema_momentum must lie in [0, 1), got {self.ema_momentum!r}")
+        if self.teacher_learning_rate is not None and not self.teacher_learning_rate > 0:
+            raise ValueError(f"teacher_learning_rate must be > 0, got {self.teacher_learning_rate!r}")
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
         if (

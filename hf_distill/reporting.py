@@ -125,7 +125,7 @@ class TermReportingMixin:
                 self.term_log.add_train(term, value)
                 continue
             # A term added by an override has no item count: it weighs as one item per batch.
-            if term in self.distillation_losses:
+            if term in self.distillation_losses or term in self.peer_terms:
                 count = self.normalizer(term, inputs).float().to(value.device)
             else:
                 count = torch.ones_like(value)

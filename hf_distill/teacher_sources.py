@@ -7,6 +7,10 @@
   `teacher_forward`, so an override applies), projecting onto the vocabulary only where the losses read.
 - [`CachedTeacher`]: a teacher-output cache ([`hf_distill.cache`]) standing in for a teacher that is not loaded;
   it serves the training examples it was built on, found by their index.
+- [`TrainableTeacher`]: a model that learns alongside the student (online, mutual learning): run with gradients, in
+  training mode while the student trains, in the optimizer with its own learning rate.
+- [`EMATeacher`]: an exponential moving average of the student's own weights (mean teacher), updated after every
+  optimizer step.
 
 A run with one teacher calls it `"teacher"`; several teachers are given as a mapping `{name: model}`
 ([`TeacherEnsemble`] is what a loss that mixes them receives).
@@ -26,6 +30,8 @@ from .positions import label_positions
 
 #: The name of the teacher of a run that has only one.
 DEFAULT_TEACHER = "teacher"
+#: `teacher_model="ema"`: a teacher that is an exponential moving average of the student.
+EMA_TEACHER = "ema"
 
 
 class TeacherSource:
@@ -45,6 +51,8 @@ class TeacherSource:
     facts: dict[str, Any] | None = None
     model: nn.Module | None = None
     serves_evaluation: bool = True
+    #: Whether it learns with the student (in the optimizer, its outputs detached for the student's terms).
+    trainable: bool = False
 
     def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool) -> Any | None:
         """The teacher's outputs for this batch (`examples`: the training-set indices of its rows, when known);
@@ -102,6 +110,50 @@ class FrozenTeacher(TeacherSource):
             return self.forward(inputs, **self.output_flags)
 
 
+class TrainableTeacher(FrozenTeacher):
+    """A teacher that learns with the student: run with gradients and its labels (it computes its own task loss),
+    in training mode while the student trains, projecting onto the vocabulary everywhere. The student's terms read
+    its outputs detached; its own terms (`DistillationTrainer.peer_terms`) read the student's detached."""
+
+    trainable = True
+
+    def run(
+        self, inputs: Mapping[str, Any], output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> Any:
+        teacher_inputs = dict(inputs)
+        teacher_inputs.update(self.call_flags)
+        if output_hidden_states:
+            teacher_inputs["output_hidden_states"] = True
+        if output_attentions:
+            teacher_inputs["output_attentions"] = True
+        return self.model(**teacher_inputs)
+
+    def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None = None, training: bool = True) -> Any:
+        self.model.train(training)
+        return self.forward(inputs, **self.output_flags)
+
+
+class EMATeacher(FrozenTeacher):
+    """A frozen copy of the student whose weights follow the student's as an exponential moving average,
+    `θ_teacher ← m · θ_teacher + (1 − m) · θ_student` after every optimizer step (`update`), buffers copied."""
+
+    def __init__(self, *args: Any, momentum: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.momentum = momentum
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """One moving-average step toward `student`'s current weights."""
+        own = dict(self.reference.named_parameters())
+        pairs = [(own[name], parameter) for name, parameter in student.named_parameters()]
+        averaged = [teacher for teacher, _ in pairs]
+        torch._foreach_mul_(averaged, self.momentum)
+        torch._foreach_add_(averaged, [p.detach().to(t.dtype) for t, p in pairs], alpha=1.0 - self.momentum)
+        buffers = dict(self.reference.named_buffers())
+        for name, buffer in student.named_buffers():
+            buffers[name].copy_(buffer)
+
+
 class CachedTeacher(TeacherSource):
     """A teacher-output cache in place of the teacher: the stored outputs of the training examples of a batch."""
 
@@ -129,6 +181,22 @@ class TeacherEnsemble:
     names: tuple[str, ...]
     outputs: tuple[Any, ...]
     weights: tuple[float, ...]
+
+
+def detached(outputs: Any) -> Any:
+    """A model's outputs with every tensor (and tuple of tensors) detached: what one model's terms read of another
+    that also learns."""
+    if outputs is None:
+        return None
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+        if isinstance(value, tuple):
+            return tuple(cut(item) for item in value)
+        return value
+
+    return type(outputs)(**{key: cut(value) for key, value in outputs.items()})
 
 
 def training_rows(plan: LogitRowsPlan, model: str, inputs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -15,13 +15,15 @@ import inspect
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model as safetensors_load_model
+from safetensors.torch import save_model as safetensors_save_model
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, cached_reference, check_cache_use
@@ -30,7 +32,7 @@ from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
 from .logit_rows import LogitRowsPlan, logit_rows_plan, project_rows
-from .losses import DistillationLoss, build_losses, needs_attention_maps
+from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
 from .model_kind import describe
 from .reporting import TermLog, TermReportingMixin
 from .saving import checkpoint_to_resume, staged_folder
@@ -38,15 +40,23 @@ from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 from .teacher_sources import (
     DEFAULT_TEACHER,
+    EMA_TEACHER,
+    EMATeacher,
     FrozenTeacher,
     TeacherEnsemble,
     TeacherSource,
+    TrainableTeacher,
+    detached,
     normalized_weights,
     training_rows,
 )
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
+#: File in each checkpoint holding the weights of a teacher that learns or follows the student.
+TEACHER_STATE_NAME = "teacher-{name}.safetensors"
+#: Where `save_model` writes the teachers that learnt, with `save_trained_teachers`.
+TRAINED_TEACHERS_DIR = "teachers"
 # What the losses asked the models for (encoder-decoders return each per stack); not predictions.
 _INTERNAL_OUTPUTS = {
     f"{stack}{kind}" for stack in ("", "encoder_", "decoder_") for kind in ("hidden_states", "attentions")
@@ -55,20 +65,24 @@ _INTERNAL_OUTPUTS.add("cross_attentions")
 
 
 class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
-    """A [`~transformers.Trainer`] whose loss is a weighted sum of distillation terms from a frozen teacher.
+    """A [`~transformers.Trainer`] whose loss is a weighted sum of distillation terms from one or several teachers.
 
     Args:
-        model (`PreTrainedModel`): the student; the only model that trains and is saved.
+        model (`PreTrainedModel`): the student; the model that is saved.
         teacher_model (`nn.Module`, `str` or `Mapping[str, nn.Module | str]`, *optional*): the teacher, or a Hub id /
-            local folder loaded with the student's task head (safetensors only), or several as `{name: teacher}`
-            (`soft_target` mixes them with `args.teacher_weights`; other terms name theirs, `"teacher": name`).
-            Optional when no configured loss needs a teacher, or when a finished teacher cache stands in for it.
+            local folder loaded with the student's task head (safetensors only), `"ema"` for a moving average of the
+            student, or several as `{name: teacher}` (`soft_target` mixes them with `args.teacher_weights`; other
+            terms name theirs, `"teacher": name`). Optional when no configured loss needs a teacher, or when a
+            finished teacher cache stands in for it. The trainer holds each as a source in `teachers`
+            ([`hf_distill.teacher_sources`]).
         args ([`DistillationConfig`]): training arguments and the `losses` to combine.
         **kwargs: every other [`~transformers.Trainer`] argument (datasets, collator, processing_class,
             compute_metrics, callbacks, optimizers...).
 
-    The teacher is frozen, in eval mode, prepared by accelerate in evaluation mode (under DeepSpeed ZeRO-3,
-    partitioned by an inference engine), never in the optimizer and never saved. The losses' projectors train with
+    A teacher is frozen by default: in eval mode, prepared by accelerate in evaluation mode (under DeepSpeed ZeRO-3,
+    partitioned by an inference engine), never in the optimizer and never saved. `args.trainable_teachers` makes
+    teachers learn alongside the student (deep mutual learning, each with its own terms `<teacher>_<term>`, its own
+    learning rate and clipping, in checkpoints); `"ema"` follows the student after each optimizer step. The losses' projectors train with
     the student, are checkpointed (`distillation_losses.safetensors`) and restored by `resume_from_checkpoint`, and
     stay out of the saved student. Each term is normalised over the whole accumulated (and global) batch, logged
     under its name and as `eval_<name>`; a NaN or infinity stops training before its step (`check_finite`,
@@ -104,6 +118,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             )
         self.term_teachers = route_terms(terms, names)
         self._override_takes_teacher(len(names))
+        self.learning_teachers = check_learning_teachers(args, given, caches is not None)
         attention = "eager" if needs_attention_maps(terms) else None
         models = {name: _loaded(source, model, attention, args) for name, source in given.items()}
         check_decoder_start(model)
@@ -115,7 +130,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             for name in names:
                 finished = None if caches is None else caches[name]
                 known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
-                source = given[name] if isinstance(given.get(name), str) else None
+                source = given[name] if isinstance(given.get(name), str) and given[name] != EMA_TEACHER else None
                 with _naming(name, len(names)):
                     check_same_inputs(model, known, kwargs.get("processing_class"), source)
 
@@ -126,7 +141,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         self.teachers: dict[str, TeacherSource] = {}
         if teacher_terms:
             self.teachers = {
-                name: self._frozen_teacher(name, teacher, _reading(terms, self.term_teachers, name), len(names) > 1)
+                name: self._teacher_source(name, teacher, _reading(terms, self.term_teachers, name), len(names) > 1)
                 for name, teacher in models.items()
             }
         references = {name: source.reference for name, source in self.teachers.items()}
@@ -138,6 +153,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
                     loss.setup(student, None if name is None else references[name])
         self.loss_weights = {term: weight for term, (weight, _) in terms.items()}
         self.distillation_losses = self._placed_losses(terms, student)
+        # A teacher that learns gets its own terms (mutual learning): `<teacher>_<term>`.
+        self.peer_terms = peer_terms(terms, self.teachers, student)
+        self.peer_losses = nn.ModuleDict({term: peer.loss for term, peer in self.peer_terms.items()})
+        self.peer_losses.to(self.args.device)
+        self.loss_weights.update({term: peer.weight for term, peer in self.peer_terms.items()})
+        if any(isinstance(source, EMATeacher) for source in self.teachers.values()):
+            self.add_callback(_MovingAverage(self))
         self.teacher_weights = normalized_weights(names, args.teacher_weights) if names else {}
         self.student_output_flags = _output_flags(loss.student_outputs for _, loss in terms.values())
         self._window_counts: dict[str, torch.Tensor] | None = None
@@ -174,25 +196,31 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
                 "it on to super().teacher_forward"
             )
 
-    def _frozen_teacher(self, name: str, teacher: nn.Module, losses: list[DistillationLoss], several: bool):
+    def _teacher_source(self, name: str, teacher: nn.Module, losses: list[DistillationLoss], several: bool):
         """The teacher `name`, prepared and run through `teacher_forward` (with `teacher=name` when `several`),
-        asked for the outputs its `losses` read."""
-        prepared = self._prepare_teacher(teacher)
+        asked for the outputs its `losses` read: frozen, trainable or a moving average of the student."""
+        kind = self.learning_teachers.get(name)
+        if kind is None:
+            prepared = self._prepare_teacher(teacher)
+        else:  # it learns, or follows the student: full precision, on the student's device, never wrapped
+            prepared = teacher.to(self.args.device)
+            prepared.requires_grad_(kind == "trainable")
+            prepared.train(kind == "trainable")
         unwrapped = self.accelerator.unwrap_model(prepared)
 
         def forward(inputs: Mapping[str, Any], **flags: bool) -> Any:
             return self.teacher_forward(inputs, **flags, **({"teacher": name} if several else {}))
 
-        return FrozenTeacher(
-            name,
-            prepared,
-            unwrapped,
-            self.teacher_facts.get(name),
-            teacher_call_flags(unwrapped),
-            _output_flags(loss.teacher_outputs for loss in losses),
-            self._label_keys,
-            forward,
-        )
+        wanted = [loss.teacher_outputs for loss in losses]
+        if kind == "trainable":
+            wanted.append({"logits"})  # its own terms read its predictions
+        arguments = (name, prepared, unwrapped, self.teacher_facts.get(name), teacher_call_flags(unwrapped),
+                     _output_flags(wanted), self._label_keys, forward)  # fmt: skip
+        if kind == "trainable":
+            return TrainableTeacher(*arguments)
+        if kind == "ema":
+            return EMATeacher(*arguments, momentum=self.args.ema_momentum)
+        return FrozenTeacher(*arguments)
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         teacher.requires_grad_(False)
@@ -228,7 +256,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         losses = [loss for _, loss in terms.values()]
         sources = [source for name, source in self.teachers.items() if name not in skip]
         for source in sources:
-            own = logit_rows_plan(student, source.reference, losses, compact)
+            # A learning teacher computes its task loss from its labels: logits at every position.
+            own = logit_rows_plan(student, None if source.trainable else source.reference, losses, compact)
             reading = _reading(terms, self.term_teachers, source.name)
             source.rows_plan = replace(
                 own, teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading)
@@ -320,7 +349,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         return ("labels", *self.label_names)
 
     def normalizer(self, term: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """How many items a term's sum is divided by (see `compute_distillation_loss`)."""
+        """How many items a term's sum is divided by (see `compute_distillation_loss`); a learning teacher's term
+        counts the items of the configured term it mirrors."""
+        if term in self.peer_terms:
+            term = self.peer_terms[term].source
         if self.model.training and self._window_counts is not None:
             return self._window_counts[term]
         return self.distillation_losses[term].count_items(inputs).clamp_min(1)
@@ -344,7 +376,11 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         with project_rows(self.accelerator.unwrap_model(model), rows):
             student_outputs = model(**student_inputs, **self.student_output_flags)
         teacher_outputs = self.teacher_outputs(inputs, examples, training=model.training)
-        loss, terms = self.compute_distillation_loss(student_outputs, teacher_outputs, inputs)
+        # The student's terms read a learning teacher's predictions detached, as that teacher's terms read its own.
+        loss, terms = self.compute_distillation_loss(student_outputs, self._detached(teacher_outputs), inputs)
+        if self.peer_terms:
+            peer_loss, peer_values = self.compute_peer_loss(student_outputs, teacher_outputs, inputs)
+            loss, terms = loss + peer_loss, {**terms, **peer_values}
         self._record_terms(terms, inputs, training=model.training)
         if self.finite_guard is not None and model.training:
             several = len(self.teachers) > 1
@@ -364,6 +400,42 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         kept = {key: value for key, value in student_outputs.items() if key not in _INTERNAL_OUTPUTS}
         return loss, type(student_outputs)(**kept)
 
+    def compute_peer_loss(
+        self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The terms of the teachers that learn (deep mutual learning, Zhang et al. 2018): for each, its own task loss
+        and the mean divergence from every other model's detached predictions, with the weight, temperature and
+        divergence of the configured `hard_label` / `soft_target` term and its item count."""
+        several = len(self.teachers) > 1
+        predictions = {"student": detached(student_outputs)}
+        for name in self.teachers:
+            predictions[name] = detached(teacher_outputs[name] if several else teacher_outputs)
+        loss = torch.zeros((), device=self.args.device)
+        terms = {}
+        for term, peer in self.peer_terms.items():
+            own = teacher_outputs[peer.teacher] if several else teacher_outputs
+            if not self.term_computable(peer.loss, True, inputs):
+                continue
+            if peer.loss.needs_teacher:
+                others = [outputs for name, outputs in predictions.items() if name != peer.teacher]
+                total = sum(peer.loss(own, other, inputs) for other in others) / len(others)
+            else:
+                total = peer.loss(own, None, inputs)
+            terms[term] = total / self.normalizer(term, inputs).to(total.device)
+            loss = loss + peer.weight * terms[term]
+        return loss, terms
+
+    def _detached(self, teacher_outputs: Any) -> Any:
+        """`teacher_outputs` with the predictions of the teachers that learn detached."""
+        if not any(source.trainable for source in self.teachers.values()):
+            return teacher_outputs
+        if len(self.teachers) == 1:
+            return detached(teacher_outputs)
+        return {
+            name: detached(outputs) if self.teachers[name].trainable else outputs
+            for name, outputs in teacher_outputs.items()
+        }
+
     def teacher_outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool) -> Any:
         """Every teacher's outputs for this batch: the only teacher's, or `{name: outputs}` with several (None where a
         source has none, as a cache in evaluation); None without a teacher."""
@@ -375,8 +447,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' would pile up.
-        self.distillation_losses.zero_grad(set_to_none=True)
+        # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' and the learning
+        # teachers' would pile up.
+        for part in self.extra_trained_modules().values():
+            part.zero_grad(set_to_none=True)
         if batch_samples:
             self.term_log.steps += 1  # an empty fetch (end of data) is followed by no optimizer step
             counts = torch.stack(
@@ -390,14 +464,24 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self._window_counts = dict(zip(self.distillation_losses, counts.clamp_min(1), strict=True))
         return batch_samples, num_items_in_batch
 
+    def extra_trained_modules(self) -> dict[str, nn.Module]:
+        """What trains besides the student, by prefix: the losses' projectors (`losses`) and each teacher that
+        learns (`teacher:<name>`). Gradients, clipping, the optimizer and checkpoints cover them all."""
+        parts: dict[str, nn.Module] = {"losses": self.distillation_losses}
+        for name, source in self.teachers.items():
+            if source.trainable:
+                parts[f"teacher:{name}"] = source.reference
+        return parts
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.num_processes > 1:
-            # Projectors live outside the DDP-wrapped student, so average their gradients here. Averaging at
-            # every micro-step is exact: the part already averaged is the same on every process.
-            for parameter in self.distillation_losses.parameters():
-                if parameter.grad is not None:
-                    torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
+            # Projectors and learning teachers live outside the DDP-wrapped student, so average their gradients
+            # here. Averaging at every micro-step is exact: the part already averaged is the same on every process.
+            for part in self.extra_trained_modules().values():
+                for parameter in part.parameters():
+                    if parameter.grad is not None:
+                        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.AVG)
         # The step's gradients are complete after its last micro-batch: check them before the Trainer measures or
         # clips them (a norm of inf turns every gradient into NaN) and before the optimizer applies them.
         if self.finite_guard is not None and self.accelerator.sync_gradients:
@@ -411,15 +495,27 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         own_gradients = self.accelerator.scaler is None and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
         parameters = None
         if own_gradients:
-            student = self.accelerator.unwrap_model(self.model).named_parameters()
-            projectors = (("losses." + name, p) for name, p in self.distillation_losses.named_parameters())
-            parameters = [*student, *projectors]
+            parameters = list(self.accelerator.unwrap_model(self.model).named_parameters())
+            for prefix, part in self.extra_trained_modules().items():
+                parameters += [(f"{prefix}.{name}", p) for name, p in part.named_parameters()]
         self.finite_guard.check(self.state.global_step + 1, parameters, self.accelerator.num_processes)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The Trainer's `save_model`, refused (`FloatingPointError`) for a student whose weights are not finite."""
-        check_finite_weights(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)
+        """The Trainer's `save_model`, refused (`FloatingPointError`) for a student whose weights are not finite;
+        with `save_trained_teachers`, each teacher that learnt goes to `<output_dir>/teachers/<name>` beside it."""
+        output_dir = output_dir or self.args.output_dir
+        check_finite_weights(self.accelerator.unwrap_model(self.model), output_dir)
         super().save_model(output_dir, _internal_call)
+        if _internal_call or not self.args.save_trained_teachers or not self.args.should_save:
+            return
+        for name, source in self.teachers.items():
+            if source.trainable:
+                folder = os.path.join(output_dir, TRAINED_TEACHERS_DIR, name)
+                check_finite_weights(source.reference, folder)
+                with staged_folder(folder) as staging:
+                    source.reference.save_pretrained(staging)
+                    if self.processing_class is not None:
+                        self.processing_class.save_pretrained(staging)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Written aside, then moved into place: a crash or a full disk never leaves a half-written student.
@@ -433,28 +529,51 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         return super().train(checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
 
     def _clip_grad_norm(self, model: nn.Module):
-        """Clip the student's and the projectors' gradients together, as one model's would be."""
-        parameters = list(self.distillation_losses.parameters())
-        if not parameters or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        """Clip the student's and the projectors' gradients together, as one model's would be, and each learning
+        teacher's on its own (its own clipping group); the student's norm is the one logged."""
+        projectors = list(self.distillation_losses.parameters())
+        teachers = [part for prefix, part in self.extra_trained_modules().items() if prefix != "losses"]
+        if (not projectors and not teachers) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_([*model.parameters(), *parameters], self.args.max_grad_norm)
+        for teacher in teachers:
+            self.accelerator.clip_grad_norm_(teacher.parameters(), self.args.max_grad_norm)
+        if not projectors:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *projectors], self.args.max_grad_norm)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, plus a parameter group for the losses' projectors (also added to one you pass)."""
+        """The Trainer's optimizer, plus a parameter group for the losses' projectors (also added to one you pass)
+        and two for each learning teacher (with and without weight decay, as the Trainer splits the student's), at
+        `teacher_learning_rate`. The scheduler then scales every group's own learning rate alike."""
         optimizer = super().create_optimizer(model)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for p in self.distillation_losses.parameters() if p.requires_grad and id(p) not in known]
         if missing:
             optimizer.add_param_group({"params": missing, "weight_decay": self.args.weight_decay})
+        learning_rate = self.args.teacher_learning_rate or self.args.learning_rate
+        for prefix, part in self.extra_trained_modules().items():
+            if prefix == "losses":
+                continue
+            decay = set(self.get_decay_parameter_names(part))
+            for decayed in (True, False):
+                group = [p for n, p in part.named_parameters() if p.requires_grad and (n in decay) == decayed
+                         and id(p) not in known]  # fmt: skip
+                if group:
+                    optimizer.add_param_group({"params": group, "lr": learning_rate,
+                                               "weight_decay": self.args.weight_decay if decayed else 0.0})  # fmt: skip
         return optimizer
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        if not self.args.should_save:
+            return
         state = self.distillation_losses.state_dict()
-        if state and self.args.should_save:
-            path = os.path.join(output_dir, LOSS_STATE_NAME)
-            # Write then rename, so an interrupted save never leaves a truncated file that looks complete.
-            save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, path + ".tmp")
+        if state:
+            _save_state(state, os.path.join(output_dir, LOSS_STATE_NAME))
+        for name, module in self._teachers_with_state().items():
+            # save_model keeps one copy of tied weights (a language model's embeddings and output projection).
+            path = os.path.join(output_dir, TEACHER_STATE_NAME.format(name=name))
+            safetensors_save_model(module, path + ".tmp")
             os.replace(path + ".tmp", path)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
@@ -466,8 +585,23 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
                     "from a checkpoint written by DistillationTrainer with the same losses"
                 )
             self.distillation_losses.load_state_dict(load_file(path, device=str(self.args.device)))
+        for name, module in self._teachers_with_state().items() if checkpoint is not None else ():
+            path = os.path.join(checkpoint, TEACHER_STATE_NAME.format(name=name))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {os.path.basename(path)}, so the weights teacher {name!r} learnt cannot be "
+                    "restored; resume from a checkpoint written by DistillationTrainer with the same teachers"
+                )
+            safetensors_load_model(module, path, device=str(self.args.device))
         super()._load_optimizer_and_scheduler(checkpoint)
 
+    def _teachers_with_state(self) -> dict[str, nn.Module]:
+        """The teachers whose weights change in training (trainable, moving average): part of every checkpoint."""
+        return {
+            name: source.reference
+            for name, source in self.teachers.items()
+            if source.trainable or isinstance(source, EMATeacher)
+        }
 
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
@@ -566,3 +700,92 @@ def _naming(name: str | None, count: int) -> Iterator[None]:
         if count < 2 or name is None:
             raise
         raise ValueError(f"teacher {name!r}: {error}") from error
+
+
+def _save_state(state: dict[str, torch.Tensor], path: str) -> None:
+    """Write a state dict as safetensors, then rename: an interrupted save never leaves a truncated file."""
+    save_file({key: value.detach().contiguous().cpu() for key, value in state.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def check_learning_teachers(args: DistillationConfig, given: Mapping[str, Any], cached: bool) -> dict[str, str]:
+    """`{name: "trainable" or "ema"}` for the teachers that change in training; what cannot serve is refused."""
+    learning = {name: "ema" for name, teacher in given.items() if teacher == EMA_TEACHER}
+    trainable = list(args.trainable_teachers or [])
+    unknown = [name for name in trainable if name not in given]
+    if unknown:
+        raise ValueError(
+            f"trainable_teachers names {unknown}, but the teachers are {list(given) or 'none'}: name teachers given in "
+            "teacher_model (a single teacher is called 'teacher')"
+        )
+    both = [name for name in trainable if name in learning]
+    if both:
+        raise ValueError(f"the teachers {both} are moving averages of the student; they cannot also be trainable")
+    learning.update({name: "trainable" for name in trainable})
+    if learning and cached:
+        kinds = ", ".join(f"{name} ({kind})" for name, kind in learning.items())
+        raise ValueError(
+            f"a teacher cache stores fixed outputs, but the teachers {kinds} change at every step, so their outputs "
+            "cannot be computed ahead: unset teacher_cache, or keep those teachers frozen"
+        )
+    if learning and (args.deepspeed or args.fsdp):
+        raise ValueError(
+            f"teachers that learn or follow the student ({', '.join(learning)}) are not supported under DeepSpeed or "
+            "FSDP yet: train with one process or DDP"
+        )
+    return learning
+
+
+@dataclass(frozen=True)
+class PeerTerm:
+    """A term of a teacher that learns: `loss` on that `teacher`, mirroring the configured term `source`."""
+
+    teacher: str
+    source: str
+    weight: float
+    loss: DistillationLoss
+
+
+def peer_terms(
+    terms: dict[str, tuple[float, DistillationLoss]], teachers: Mapping[str, TeacherSource], student: nn.Module
+) -> dict[str, PeerTerm]:
+    """For each trainable teacher, its mirror of every configured `hard_label` (its task loss) and `soft_target`
+    (toward the other models' predictions) term, under `<teacher>_<term>`; the same weight and options."""
+    peers = {}
+    for name, source in teachers.items():
+        if not source.trainable:
+            continue
+        for term, (weight, loss) in terms.items():
+            if isinstance(loss, HardLabelLoss):
+                mirror = HardLabelLoss()
+            elif isinstance(loss, SoftTargetLoss) and loss.teacher_name in (None, name):
+                mirror = SoftTargetLoss(loss.temperature, loss.divergence, loss.chunk_size)
+            else:
+                continue
+            key = f"{name}_{term}"
+            if key in terms:
+                raise ValueError(
+                    f"losses[{key!r}] has the name of teacher {name!r}'s own {term} term: rename the loss term"
+                )
+            mirror.term = key
+            mirror.setup(source.reference, student)  # the teacher learns as a student would, from the others
+            peers[key] = PeerTerm(name, term, weight, mirror)
+    if any(source.trainable for source in teachers.values()) and not peers:
+        raise ValueError(
+            "a teacher is trainable, but no hard_label or soft_target term is configured for it to learn from: add "
+            "them to losses (mutual learning uses both)"
+        )
+    return peers
+
+
+class _MovingAverage(TrainerCallback):
+    """Moves each moving-average teacher toward the student after every optimizer step."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        student = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        for source in self.trainer.teachers.values():
+            if isinstance(source, EMATeacher):
+                source.update(student)

@@ -19,9 +19,10 @@ SEVERAL_LOSSES = {
 }
 
 
-def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, several: bool = False):
+def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, several: bool = False,
+        mutual: bool = False):  # fmt: skip
     """Two steps; with `teacher_cache`, from a cache that keeps every logit (so the same loss as online); with
-    `several`, from two teachers."""
+    `several`, from two teachers; with `mutual`, the teacher learns too (deep mutual learning)."""
     teacher = bert_masked_lm(seed=1)
     if several:
         teacher = {"a": teacher, "b": bert_masked_lm(seed=3, layers=2, width=24, heads=4)}
@@ -38,6 +39,8 @@ def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, sev
             max_grad_norm=0.0,
             teacher_cache=teacher_cache,
             teacher_cache_top_k=0,
+            trainable_teachers=["teacher"] if mutual else None,
+            teacher_learning_rate=5e-4 if mutual else None,
         ),  # fmt: skip
         train_dataset=masked_lm_dataset(16),
     )
@@ -49,9 +52,11 @@ if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
     mode = sys.argv[2] if sys.argv[2:] else "online"
     cache = str(output_dir / "cache") if mode == "cache" else None
-    trainer = run(output_dir, batch_size=4, teacher_cache=cache, several=mode == "several")
+    trainer = run(output_dir, batch_size=4, teacher_cache=cache, several=mode == "several", mutual=mode == "mutual")
     if trainer.args.process_index == 0:
         state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
         state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})
+        for name, teacher in trainer._teachers_with_state().items():
+            state.update({f"teacher.{name}.{k}": v for k, v in teacher.state_dict().items()})
         save_file({k: v.clone().contiguous() for k, v in state.items()}, str(output_dir / "final.safetensors"))
     torch.distributed.barrier()

@@ -3,6 +3,7 @@
 python fault_run.py OUTPUT MODE [KILL_AT]
   MODE train    : train 6 steps with checkpoints every 2, killed after step KILL_AT (0: never); final.safetensors
   MODE resume   : resume from the last complete checkpoint and finish; final.safetensors
+  (train-mutual, resume-mutual: the teacher learns too; train-ema, resume-ema: it is the student's moving average)
   MODE ckpt     : train, killed while checkpoint KILL_AT is half written (its model saved, nothing after)
   MODE cache    : build a teacher cache in OUTPUT/cache, killed at teacher batch KILL_AT (0: never)
   MODE save     : save the student to OUTPUT/student twice (second time trained), killed mid-write of the weights
@@ -54,11 +55,19 @@ class KilledWhileCheckpointing(DistillationTrainer):
         super()._save_optimizer_and_scheduler(output_dir)
 
 
-def trainer(output: Path, trainer_class=DistillationTrainer) -> DistillationTrainer:
-    arguments = config(output / "run", LOSSES, max_steps=6, save_strategy="steps", save_steps=2)
+def trainer(output: Path, trainer_class=DistillationTrainer, teacher: str = "frozen") -> DistillationTrainer:
+    """The run; `teacher` "mutual" makes the teacher learn too, "ema" makes it the student's moving average."""
+    options = {"trainable_teachers": ["teacher"], "teacher_learning_rate": 5e-4} if teacher == "mutual" else {}
+    if teacher == "ema":
+        options["ema_momentum"] = 0.5
+    losses = LOSSES
+    if teacher == "ema":  # a moving average of the student has its depth
+        losses = {**LOSSES, "hidden_state": {"weight": 1.0, "layer_map": [[1, 2]]}}
+    arguments = config(output / "run", losses, max_steps=6, save_strategy="steps", save_steps=2, **options)
+    student = bert_classifier(1, layers=2, width=8, heads=2)
     return trainer_class(
-        model=bert_classifier(1, layers=2, width=8, heads=2),
-        teacher_model=bert_classifier(0),
+        model=student,
+        teacher_model="ema" if teacher == "ema" else bert_classifier(0),
         args=arguments,
         train_dataset=text_dataset(),
     )
@@ -67,6 +76,8 @@ def trainer(output: Path, trainer_class=DistillationTrainer) -> DistillationTrai
 def save_final(trained: DistillationTrainer, output: Path) -> None:
     state = {f"student.{k}": v.contiguous() for k, v in trained.model.state_dict().items()}
     state.update({f"losses.{k}": v.contiguous() for k, v in trained.distillation_losses.state_dict().items()})
+    for name, teacher in trained._teachers_with_state().items():
+        state.update({f"teacher.{name}.{k}": v.clone().contiguous() for k, v in teacher.state_dict().items()})
     save_file(state, str(output / "final.safetensors"))
 
 
@@ -89,8 +100,9 @@ def main() -> None:
     output, mode = Path(sys.argv[1]), sys.argv[2]
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     output.mkdir(parents=True, exist_ok=True)
+    mode, _, teacher = mode.partition("-")
     if mode in ("train", "resume"):
-        run = trainer(output)
+        run = trainer(output, teacher=teacher or "frozen")
         if kill_at:
             run.add_callback(KillAfterStep(kill_at))
         run.train(resume_from_checkpoint=True if mode == "resume" else None)

@@ -52,6 +52,18 @@ def test_killed_in_training_then_resumed_gives_the_uninterrupted_student_and_pro
     assert_same(load_file(tmp_path / "final.safetensors"), uninterrupted)
 
 
+@pytest.mark.parametrize("teacher", ["mutual", "ema"])
+def test_a_teacher_that_learns_resumes_after_a_kill_to_the_uninterrupted_run(tmp_path, teacher):
+    """A trainable teacher (its weights and its optimizer groups) and a moving-average teacher come back exactly."""
+    launch(tmp_path / "whole", f"train-{teacher}")
+    launch(tmp_path / "killed", f"train-{teacher}", kill_at=3, killed=True)  # the last checkpoint is step 2
+    launch(tmp_path / "killed", f"resume-{teacher}")
+    whole, resumed = (load_file(tmp_path / name / "final.safetensors") for name in ("whole", "killed"))
+    assert any(key.startswith("teacher.teacher.") for key in whole) and resumed.keys() == whole.keys()
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
     launch(tmp_path, "ckpt", kill_at=4, killed=True)
     half_written = tmp_path / "run" / "checkpoint-4"

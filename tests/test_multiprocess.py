@@ -15,7 +15,7 @@ TESTS = Path(__file__).parent
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-@pytest.mark.parametrize("teacher", ["online", "cache", "several"])
+@pytest.mark.parametrize("teacher", ["online", "cache", "several", "mutual"])
 def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teacher):
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [
@@ -27,7 +27,8 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
         str(TESTS / "ddp_run.py"),
         str(tmp_path / "ddp"),
         # With a cache: process 0 builds it while process 1 waits, then each reads its share of every batch.
-        # "several": two teachers, mixed in soft_target, each followed by its own hidden-state term.
+        # "several": two teachers, mixed in soft_target, each followed by its own hidden-state term; "mutual": the
+        # teacher learns too.
         *([teacher] if teacher != "online" else []),
     ]
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
@@ -36,9 +37,13 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
 
     # One process, batch 8 = two processes of 4 (the distributed sampler interleaves, the update is the same
     # only when every term is normalised by the global item count and projector gradients are averaged).
-    single = run(tmp_path / "single", batch_size=8, several=teacher == "several")
+    single = run(tmp_path / "single", batch_size=8, several=teacher == "several", mutual=teacher == "mutual")
     assert any(key.startswith("losses.") for key in two_processes)
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(two_processes[f"student.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
     for key, value in single.distillation_losses.state_dict().items():
         torch.testing.assert_close(two_processes[f"losses.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
+    for name, model in single._teachers_with_state().items():
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(two_processes[f"teacher.{name}.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
+    assert (teacher == "mutual") == any(key.startswith("teacher.") for key in two_processes)

@@ -257,3 +257,32 @@ def test_several_teachers_on_the_command_line_are_name_path_pairs():
     assert single.teacher == "org/model" and single.teachers is None
     with pytest.raises(ValueError, match="name=path pairs"):
         parse_args(["--task", "masked-lm", "--dataset", "d", "--teacher", "a=one", "two", "--output_dir", "o"])
+
+
+def test_born_again_generations_each_learn_from_the_one_before(tmp_path):
+    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    data = write_sentiment_dataset(str(tmp_path / "data"))
+    output = str(tmp_path / "run")
+    result, _ = run(["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data,
+                     "--output_dir", output, "--student_num_layers", "2", "--max_train_samples", "24",
+                     "--teacher_max_train_samples", "24", "--generations", "2", "--baseline", "false", *FAST])  # fmt: skip
+    assert list(result["results"]) == ["teacher", "generation 1", "student"]
+    assert result["generations"] == 2 and "generation 2" in result["timings_s"]
+    assert os.path.isdir(os.path.join(output, "checkpoints", "generation-2"))
+    first, last = result["results"]["generation 1"], result["results"]["student"]
+    assert first["parameters"] == last["parameters"]  # the same architecture
+    markdown = open(os.path.join(output, "report.md")).read()
+    assert "| generation 1 |" in markdown and "born-again generations: 2" in markdown
+    assert AutoModelForSequenceClassification.from_pretrained(os.path.join(output, "student")).config.num_hidden_layers == 2
+
+
+def test_the_pipeline_distils_a_student_from_its_own_moving_average(tmp_path):
+    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    data = write_sentiment_dataset(str(tmp_path / "data"))
+    output = str(tmp_path / "run")
+    result, _ = run(["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data,
+                     "--output_dir", output, "--student_num_layers", "2", "--max_train_samples", "24",
+                     "--teacher_max_train_samples", "24", "--ema_teacher", "true", "--ema_momentum", "0.9",
+                     "--baseline", "false", *FAST])  # fmt: skip
+    assert result["ema_teacher"] is True and "layer_map" not in result["losses"]["hidden_state"]
+    assert "moving average of its own weights" in open(os.path.join(output, "report.md")).read()

@@ -1,7 +1,7 @@
 """The loss library: one registry, each loss a pure tensor function (`functional`) plus a small module.
 
 Importing this package registers the built-in losses: `soft_target`, `hard_label`, `hidden_state`,
-`attention`, `relation` and `feature_map`.
+`attention`, `relation`, `feature_map` and `deep_to_shallow` (self-distillation).
 """
 
 from . import functional
@@ -10,9 +10,11 @@ from .chunked import chunked_soft_target_loss
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
 from .logits import HardLabelLoss, SoftTargetLoss
+from .self_distillation import DeepToShallowLoss
 
 __all__ = [
     "AttentionLoss",
+    "DeepToShallowLoss",
     "DistillationLoss",
     "FeatureMapLoss",
     "HardLabelLoss",

@@ -327,3 +327,30 @@ def feature_map_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, reduc
     teacher_map = F.adaptive_avg_pool2d(teacher_map.float(), grid)
     per_item = (student_map - teacher_map).pow(2).flatten(1).mean(1)
     return reduce_items(per_item, None, reduction)
+
+
+def deep_to_shallow_loss(
+    exit_logits: torch.Tensor,
+    final_logits: torch.Tensor,
+    exit_features: torch.Tensor,
+    final_features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    feature_weight: float,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """One shallow exit of Be Your Own Teacher (Zhang et al., 2019), per example:
+
+        (1 − α) · CE(q_i, y) + α · T² · KL(q_C^T ‖ q_i^T) + λ · ‖F_i − F_C‖²
+
+    where `q_i` is the exit's distribution, `q_C` the deepest classifier's (detached: the deepest exit teaches) and
+    `F_i`, `F_C` their features (`F_C` detached). `λ` is `feature_weight`; the squared distance is summed over the
+    feature's components, as in the paper."""
+    final_logits, final_features = final_logits.detach().float(), final_features.detach().float()
+    exit_logits = exit_logits.float()
+    cross_entropy = F.cross_entropy(exit_logits, labels.to(exit_logits.device), reduction="none")
+    target = F.log_softmax(final_logits / temperature, dim=-1)
+    kl = _row_kl(target, F.log_softmax(exit_logits / temperature, dim=-1)) * temperature**2
+    features = (exit_features.float() - final_features).pow(2).sum(-1)
+    return reduce_items((1 - alpha) * cross_entropy + alpha * kl + feature_weight * features, reduction=reduction)

@@ -123,6 +123,22 @@ class PipelineArguments:
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Share of tokens masked for masked LM (80%% [MASK], 10%% random, 10%% kept)."}
     )
+    ema_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "Self-distillation: the student learns from an exponential moving average of itself (mean "
+            "teacher, --ema_momentum) instead of from --teacher, which still gives the student's layers and the "
+            "report's reference."
+        },
+    )
+    generations: int = field(
+        default=1,
+        metadata={
+            "help": "Born-again generations: after the student learns from the teacher (generation 1), each next one, "
+            "of the same architecture and start, learns from the one before (frozen). The report shows every "
+            "generation; the last is the saved student."
+        },
+    )
     baseline: bool = field(
         default=False,
         metadata={"help": "Also train the same student without the teacher (hard labels only) and compare."},
@@ -156,6 +172,8 @@ class PipelineArguments:
             raise ValueError("name the data: --dataset <Hub id, folder, text files or offline:<source>>")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+        if isinstance(self.generations, bool) or not isinstance(self.generations, int) or self.generations < 1:
+            raise ValueError(f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
 

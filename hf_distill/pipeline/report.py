@@ -42,7 +42,9 @@ def reference_teacher(results: dict[str, dict[str, Any]], metric: str = "accurac
 
 
 def _ordered(results: dict[str, Any]) -> list[str]:
-    return [*teacher_rows(results), *(name for name in MODEL_ORDER[1:] if name in results)]
+    """Teachers first, then the born-again generations before the last, the student and the baseline."""
+    generations = [name for name in results if name.startswith("generation ")]
+    return [*teacher_rows(results), *generations, *(name for name in MODEL_ORDER[1:] if name in results)]
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -165,6 +167,14 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
+        )
+    if report.get("ema_teacher"):
+        lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")
+    generations = report.get("generations") or 1
+    if generations > 1:
+        lines.append(
+            f"- born-again generations: {generations}; each learnt from the one before, the student is the last "
+            f"(generation {generations})"
         )
     if "perplexity" in metrics:
         lines.append(

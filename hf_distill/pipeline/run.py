@@ -19,6 +19,7 @@ from transformers import set_seed
 
 from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
+from ..teacher_sources import EMA_TEACHER
 from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
@@ -46,6 +47,18 @@ def losses_with_layer_map(
         elif kind == "attention" and "layer_map" not in spec:
             spec["layer_map"] = [pair for pair in layer_map if pair[0] > 0]  # blocks only, numbered from 1
     return filled
+
+
+def born_again_losses(losses: dict[str, Any]) -> dict[str, Any]:
+    """The losses of a born-again generation: the same terms, reading the one teacher (the generation before, of the
+    student's own depth), so without `teacher` names; a hidden-state or attention term keeps a layer map only when it
+    pairs the last layers ([[-1, -1]]), which holds between equal depths, and otherwise pairs layer by layer."""
+    again = copy.deepcopy(losses)
+    for spec in again.values():
+        spec.pop("teacher", None)
+        if spec.get("layer_map") not in (None, [[-1, -1]]):
+            spec.pop("layer_map")
+    return again
 
 
 def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int):
@@ -111,10 +124,23 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     # A teacher cache holds the teacher's outputs for one masking of each example: fix it (same seed every run).
     distill_data = data if config.teacher_cache is None else fix_training_masks(data, config.seed)
     given = teachers if args.teachers else teacher
+    if args.ema_teacher:  # the student's own moving average, of its depth: layer maps as between equal depths
+        given, losses = EMA_TEACHER, born_again_losses(config.losses)
+        distill_config = stage_args(config, config.output_dir, losses=losses)
     trainer = distill(student, given, distill_data, distill_config, checkpoints, config.resume_from_checkpoint)
     clock = lap("distill", clock)
 
     models = {teacher_row(name, args.teachers): model for name, model in teachers.items()}
+    # Born-again generations (Furlanello et al., 2018): each next student, of the same architecture, learns from the
+    # one before, frozen; "student" is the last, earlier ones are reported as "generation k".
+    for generation in range(2, args.generations + 1):
+        models[f"generation {generation - 1}"] = trainer.model
+        set_seed(config.seed)
+        fresh, _ = make_student(args, teacher, data, config.seed)
+        born_again = stage_args(config, config.output_dir, losses=born_again_losses(config.losses), teacher_cache=None)
+        folder = os.path.join(config.output_dir, "checkpoints", f"generation-{generation}")
+        trainer = distill(fresh, trainer.model, data, born_again, folder)
+        clock = lap(f"generation {generation}", clock)
     models["student"] = trainer.model
     if args.baseline:
         # Without the teacher means without what it learnt here too: a student built from teacher layers starts
@@ -156,6 +182,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         losses=losses,
         teacher_cache=config.teacher_cache,
         seed=config.seed,
+        generations=args.generations,
+        ema_teacher=args.ema_teacher,
         machine={
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
