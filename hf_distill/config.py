@@ -42,7 +42,7 @@ class DistillationConfig(TrainingArguments):
             `["teacher"]` for a single one. Each gets its own task loss and the divergence toward the other models'
             detached predictions, with the weights and temperature of the configured `hard_label` and
             `soft_target` terms, logged as `<name>_<term>`. Frozen by default.
-        teacher_learning_rate (`float`, *optional*):
+        trainable_teacher_learning_rate (`float`, *optional*):
             The learning rate of the trainable teachers (their own parameter groups, under the student's schedule).
             Defaults to `learning_rate`.
         save_trained_teachers (`bool`, *optional*, defaults to `False`):
@@ -103,9 +103,11 @@ class DistillationConfig(TrainingArguments):
             "predictions, with the configured weights and temperature. Default: every teacher is frozen."
         },
     )
-    teacher_learning_rate: float | None = field(
+    trainable_teacher_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the trainable teachers (their own parameter groups). Default: learning_rate."},
+        metadata={
+            "help": "Learning rate of the trainable teachers (their own parameter groups). Default: learning_rate."
+        },
     )
     save_trained_teachers: bool = field(
         default=False,
@@ -188,8 +190,10 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"trainable_teachers must be a list of teacher names, got {self.trainable_teachers!r}")
         if not 0.0 <= self.ema_momentum < 1.0 or isinstance(self.ema_momentum, bool):
             raise ValueError(f"ema_momentum must lie in [0, 1), got {self.ema_momentum!r}")
-        if self.teacher_learning_rate is not None and not self.teacher_learning_rate > 0:
-            raise ValueError(f"teacher_learning_rate must be > 0, got {self.teacher_learning_rate!r}")
+        if self.trainable_teacher_learning_rate is not None and not self.trainable_teacher_learning_rate > 0:
+            raise ValueError(
+                f"trainable_teacher_learning_rate must be > 0, got {self.trainable_teacher_learning_rate!r}"
+            )
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
         if (

@@ -11,6 +11,7 @@ Override points for subclasses (the rest is the Trainer's own):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from collections.abc import Iterator, Mapping
@@ -544,13 +545,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus a parameter group for the losses' projectors (also added to one you pass)
         and two for each learning teacher (with and without weight decay, as the Trainer splits the student's), at
-        `teacher_learning_rate`. The scheduler then scales every group's own learning rate alike."""
+        `trainable_teacher_learning_rate`. The scheduler then scales every group's own learning rate alike."""
         optimizer = super().create_optimizer(model)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for p in self.distillation_losses.parameters() if p.requires_grad and id(p) not in known]
         if missing:
             optimizer.add_param_group({"params": missing, "weight_decay": self.args.weight_decay})
-        learning_rate = self.args.teacher_learning_rate or self.args.learning_rate
+        learning_rate = self.args.trainable_teacher_learning_rate or self.args.learning_rate
         for prefix, part in self.extra_trained_modules().items():
             if prefix == "losses":
                 continue
@@ -603,6 +604,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             if source.trainable or isinstance(source, EMATeacher)
         }
 
+
 def _output_flags(needs: Any) -> dict[str, bool]:
     wanted = set().union(*needs)
     return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
@@ -652,7 +654,10 @@ def _teacher_mapping(teacher_model: Any, student: nn.Module) -> dict[str, nn.Mod
 def _loaded(
     teacher: nn.Module | str, student: nn.Module, attention: str | None, args: DistillationConfig
 ) -> nn.Module:
-    """A teacher given as a Hub id or path, loaded with the student's task head; a model as it is."""
+    """A teacher given as a Hub id or path, loaded with the student's task head; `"ema"`, a copy of the student (the
+    start of its moving average); a model as it is."""
+    if teacher == EMA_TEACHER:
+        return copy.deepcopy(student)
     if not isinstance(teacher, str):
         return teacher
     return load_teacher(

@@ -40,7 +40,7 @@ def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, sev
             teacher_cache=teacher_cache,
             teacher_cache_top_k=0,
             trainable_teachers=["teacher"] if mutual else None,
-            teacher_learning_rate=5e-4 if mutual else None,
+            trainable_teacher_learning_rate=5e-4 if mutual else None,
         ),  # fmt: skip
         train_dataset=masked_lm_dataset(16),
     )

@@ -3,7 +3,7 @@
 python fault_run.py OUTPUT MODE [KILL_AT]
   MODE train    : train 6 steps with checkpoints every 2, killed after step KILL_AT (0: never); final.safetensors
   MODE resume   : resume from the last complete checkpoint and finish; final.safetensors
-  (train-mutual, resume-mutual: the teacher learns too; train-ema, resume-ema: it is the student's moving average)
+  (train-learning, resume-learning: with a teacher that learns and one that is the student's moving average)
   MODE ckpt     : train, killed while checkpoint KILL_AT is half written (its model saved, nothing after)
   MODE cache    : build a teacher cache in OUTPUT/cache, killed at teacher batch KILL_AT (0: never)
   MODE save     : save the student to OUTPUT/student twice (second time trained), killed mid-write of the weights
@@ -56,29 +56,33 @@ class KilledWhileCheckpointing(DistillationTrainer):
 
 
 def trainer(output: Path, trainer_class=DistillationTrainer, teacher: str = "frozen") -> DistillationTrainer:
-    """The run; `teacher` "mutual" makes the teacher learn too, "ema" makes it the student's moving average."""
-    options = {"trainable_teachers": ["teacher"], "teacher_learning_rate": 5e-4} if teacher == "mutual" else {}
-    if teacher == "ema":
-        options["ema_momentum"] = 0.5
-    losses = LOSSES
-    if teacher == "ema":  # a moving average of the student has its depth
-        losses = {**LOSSES, "hidden_state": {"weight": 1.0, "layer_map": [[1, 2]]}}
+    """The run; with `teacher` "learning", two teachers that change in training: "peer" learns with the student
+    (mutual learning) and "ema" is the student's moving average."""
+    teachers, losses, options = bert_classifier(0), LOSSES, {}
+    if teacher == "learning":
+        teachers = {"peer": bert_classifier(0), "ema": "ema"}
+        losses = {**LOSSES, "hidden_state": {**LOSSES["hidden_state"], "teacher": "peer"}}
+        options = {"trainable_teachers": ["peer"], "trainable_teacher_learning_rate": 5e-4, "ema_momentum": 0.5}
     arguments = config(output / "run", losses, max_steps=6, save_strategy="steps", save_steps=2, **options)
-    student = bert_classifier(1, layers=2, width=8, heads=2)
     return trainer_class(
-        model=student,
-        teacher_model="ema" if teacher == "ema" else bert_classifier(0),
+        model=bert_classifier(1, layers=2, width=8, heads=2),
+        teacher_model=teachers,
         args=arguments,
         train_dataset=text_dataset(),
     )
 
 
-def save_final(trained: DistillationTrainer, output: Path) -> None:
+def final_state(trained: DistillationTrainer) -> dict[str, torch.Tensor]:
+    """The student, the projectors and the teachers that changed in training, as one flat state."""
     state = {f"student.{k}": v.contiguous() for k, v in trained.model.state_dict().items()}
     state.update({f"losses.{k}": v.contiguous() for k, v in trained.distillation_losses.state_dict().items()})
     for name, teacher in trained._teachers_with_state().items():
         state.update({f"teacher.{name}.{k}": v.clone().contiguous() for k, v in teacher.state_dict().items()})
-    save_file(state, str(output / "final.safetensors"))
+    return state
+
+
+def save_final(trained: DistillationTrainer, output: Path) -> None:
+    save_file(final_state(trained), str(output / "final.safetensors"))
 
 
 def kill_during_weights_write() -> None:

@@ -26,7 +26,9 @@ def mutual(tmp_path, student, teacher, losses=DML, dataset=None, **overrides):
 def test_one_step_of_two_peers_is_the_deep_mutual_learning_update(tmp_path):
     student, teacher = bert_classifier(2, layers=2), bert_classifier(1)
     by_hand = {"student": copy.deepcopy(student), "teacher": copy.deepcopy(teacher)}
-    trainer = mutual(tmp_path, student, teacher, max_steps=1, per_device_train_batch_size=8, teacher_learning_rate=0.05)
+    trainer = mutual(
+        tmp_path, student, teacher, max_steps=1, per_device_train_batch_size=8, trainable_teacher_learning_rate=0.05
+    )
     trainer.train()
 
     data = text_dataset(8)
@@ -50,7 +52,9 @@ def test_one_step_of_two_peers_is_the_deep_mutual_learning_update(tmp_path):
                     parameter -= learning_rate * gradient
     trained = {"student": trainer.model, "teacher": trainer.teachers["teacher"].reference}
     for name, model in by_hand.items():
-        for (key, expected), actual in zip(model.state_dict().items(), trained[name].state_dict().values(), strict=True):
+        for (key, expected), actual in zip(
+            model.state_dict().items(), trained[name].state_dict().values(), strict=True
+        ):
             torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5, msg=f"{name}.{key}")
     logged = trainer.state.log_history[0]
     assert {"hard_label", "soft_target", "teacher_hard_label", "teacher_soft_target"} <= set(logged)

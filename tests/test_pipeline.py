@@ -273,7 +273,10 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path):
     assert first["parameters"] == last["parameters"]  # the same architecture
     markdown = open(os.path.join(output, "report.md")).read()
     assert "| generation 1 |" in markdown and "born-again generations: 2" in markdown
-    assert AutoModelForSequenceClassification.from_pretrained(os.path.join(output, "student")).config.num_hidden_layers == 2
+    assert (
+        AutoModelForSequenceClassification.from_pretrained(os.path.join(output, "student")).config.num_hidden_layers
+        == 2
+    )
 
 
 def test_the_pipeline_distils_a_student_from_its_own_moving_average(tmp_path):
@@ -286,3 +289,13 @@ def test_the_pipeline_distils_a_student_from_its_own_moving_average(tmp_path):
                      "--baseline", "false", *FAST])  # fmt: skip
     assert result["ema_teacher"] is True and "layer_map" not in result["losses"]["hidden_state"]
     assert "moving average of its own weights" in open(os.path.join(output, "report.md")).read()
+
+
+def test_help_lists_the_strategies_options(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    usage = capsys.readouterr().out
+    for option in ("--teacher_weights", "--trainable_teachers", "--trainable_teacher_learning_rate",
+                   "--save_trained_teachers", "--ema_teacher", "--ema_momentum", "--generations"):  # fmt: skip
+        assert option in usage, option
+    assert "name=path pairs" in usage

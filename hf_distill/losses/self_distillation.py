@@ -73,18 +73,25 @@ class DeepToShallowLoss(DistillationLoss):
         feature_weight: float = 0.03,
     ):
         super().__init__()
-        if not isinstance(layers, (list, tuple)) or not layers or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        if (
+            not isinstance(layers, (list, tuple))
+            or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
         ):
             raise ValueError(
                 "deep_to_shallow needs 'layers', a non-empty list of the student's hidden-state indices that get an "
                 "exit, e.g. [2, 4] (0 is the embeddings)"
             )
         for name, value, low in (("temperature", temperature, 0.0), ("feature_weight", feature_weight, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low or (
-                name == "temperature" and value == 0
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < low
+                or (name == "temperature" and value == 0)
             ):
-                raise ValueError(f"deep_to_shallow {name} must be a number {'> 0' if name == 'temperature' else '>= 0'}")
+                raise ValueError(
+                    f"deep_to_shallow {name} must be a number {'> 0' if name == 'temperature' else '>= 0'}"
+                )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"deep_to_shallow alpha must lie in [0, 1], got {alpha!r}")
         self.layers = list(layers)

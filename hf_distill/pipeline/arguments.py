@@ -173,7 +173,9 @@ class PipelineArguments:
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must lie in (0, 1), got {self.mlm_probability}")
         if isinstance(self.generations, bool) or not isinstance(self.generations, int) or self.generations < 1:
-            raise ValueError(f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}")
+            raise ValueError(
+                f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}"
+            )
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
 
