@@ -51,10 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, about a minute (not a result)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--train", type=int, default=2000, help="labelled snippets the students learn from")
+    parser.add_argument("--train", type=int, default=1000, help="labelled snippets the students learn from")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--output_dir", default=os.path.join(tempfile.gettempdir(), "hf_distill_strategies"))
+    parser.add_argument("--rewrite", action="store_true", help="rewrite STRATEGIES.md from strategies.json, no runs")
     options = parser.parse_args()
+    if options.rewrite:
+        saved = json.load(open(os.path.join(HERE, "strategies.json"), encoding="utf-8"))
+        options.train, options.epochs = saved.get("train", options.train), saved.get("epochs", options.epochs)
+        options.seeds = saved.get("seeds", options.seeds)
+        write_markdown(saved["summary"], options, saved["timings_s"], saved.get("test_size", 1922))
+        return
     if options.quick:
         options.seeds, options.train, options.epochs = [1, 2], 64, 1.0
     teacher_samples = 128 if options.quick else 4000
@@ -86,11 +93,16 @@ def main() -> None:
 
 
 def train_teacher(args, config, data, snippets):
-    """Teacher B: the pretrained checkpoint fine-tuned like teacher A, on other snippets."""
+    """Teacher B: the pretrained checkpoint fine-tuned like teacher A, on other snippets (kept for a rerun with the
+    same output folder, as teacher A is)."""
+    folder = os.path.join(config.output_dir, "teacher-b")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return type(load_initial_teacher(args, config, data)[0]).from_pretrained(folder).eval()
     teacher, _ = load_initial_teacher(args, config, data)
-    teacher_args = stage_args(config, os.path.join(config.output_dir, "teacher-b"), num_train_epochs=1,
+    teacher_args = stage_args(config, os.path.join(config.output_dir, "checkpoints-b"), num_train_epochs=1,
                               learning_rate=args.teacher_learning_rate, max_steps=-1, save_strategy="no")  # fmt: skip
     Trainer(model=teacher, args=teacher_args, train_dataset=snippets, data_collator=data.train_collator).train()
+    teacher.save_pretrained(folder)
     return teacher.eval()
 
 
@@ -145,6 +157,21 @@ def run_seed(seed, initial, teacher_a, teacher_b, data, config, options, timings
     return scores
 
 
+#: Each strategy against what it must beat, by seed (the same seed: the same head, dropout and batch order).
+COMPARISONS = {
+    "mutual learning": ["labels alone"],
+    "moving-average teacher": ["labels alone"],
+    "born-again generation 2": ["labels alone"],
+    "teacher A alone": ["labels alone"],
+    "teachers A + B": ["teacher A alone", "teacher B alone"],
+}
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:+.2%} ± {statistics.stdev(values):.2%}" if len(values) > 1 else f"{mean:+.2%}"
+
+
 def write_markdown(summary, options, timings, test_size: int) -> None:
     runs = len(options.seeds)
     lines = [
@@ -154,21 +181,32 @@ def write_markdown(summary, options, timings, test_size: int) -> None:
         f"snippets, {options.epochs:g} epochs per student; test split: {test_size:,} snippets), "
         f"{timings['total'] / 60:.0f} min in all on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}),"
         f" torch {torch.__version__}, transformers {transformers.__version__}. Accuracy on the held-out test split, "
-        f"mean ± standard deviation over the {runs} seeds (teachers: one run, seed 42). See the script's docstring "
-        "for the exact setup.",
+        f"mean ± standard deviation over the {runs} seeds; the teachers are trained once (seed 42) before the "
+        "students. See the script's docstring for the exact setup.",
         "",
-        "| model | accuracy (mean ± std) | per seed | training time, all seeds |",
-        "|---|---|---|---|",
+        "| model | accuracy (mean ± std) | per seed | difference, seed by seed (mean ± std) | training time, all seeds |",
+        "|---|---|---|---|---|",
     ]
     for name, value in summary.items():
         per_seed = ", ".join(f"{score:.2%}" for score in value["runs"])
-        seconds = timings.get(name if not name.startswith("teacher ") or "alone" in name else "teachers")
+        spread = f"{value['mean']:.2%} ± {value['std']:.2%}" if len(value["runs"]) > 1 else f"{value['mean']:.2%}"
+        differences = "; ".join(
+            f"{_spread([a - b for a, b in zip(value['runs'], summary[other]['runs'], strict=True)])} vs {other}"
+            for other in COMPARISONS.get(name, [])
+        )
+        seconds = timings.get(name)
         time_cell = f"{seconds:.0f} s" if seconds is not None else "-"
-        lines.append(f"| {name} | {value['mean']:.2%} ± {value['std']:.2%} | {per_seed} | {time_cell} |")
+        lines.append(f"| {name} | {spread} | {per_seed} | {differences or '-'} | {time_cell} |")
+    lines += [
+        "",
+        f"Teachers: {timings['teachers']:.0f} s in this run to prepare both (a teacher already trained in the output "
+        "folder with the same settings is reused rather than trained again).",
+    ]
     with open(os.path.join(HERE, "STRATEGIES.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     with open(os.path.join(HERE, "strategies.json"), "w", encoding="utf-8") as handle:
-        json.dump({"summary": summary, "timings_s": timings, "argv": sys.argv[1:]}, handle, indent=2)
+        json.dump({"summary": summary, "timings_s": timings, "argv": sys.argv[1:], "train": options.train,
+                   "epochs": options.epochs, "seeds": options.seeds, "test_size": test_size}, handle, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     ):
         args = _checked_args(args, model, kwargs)
         terms = build_losses(args.losses)
+        # 1. Which teachers there are, where their outputs come from, and which terms read which.
         teacher_terms = [term for term, (_, loss) in terms.items() if loss.needs_teacher]
         given = _teacher_mapping(teacher_model, model)
         caches = check_cache_use(args, teacher_terms, kwargs.get("data_collator"), list(given) or None)
@@ -120,23 +121,20 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         self.term_teachers = route_terms(terms, names)
         self._override_takes_teacher(len(names))
         self.learning_teachers = check_learning_teachers(args, given, caches is not None)
+        # 2. The teachers loaded, and every input checked before anything is built.
         attention = "eager" if needs_attention_maps(terms) else None
         models = {name: _loaded(source, model, attention, args) for name, source in given.items()}
-        check_decoder_start(model)
         self.teacher_facts = {name: model_facts(teacher) for name, teacher in models.items()}
+        check_decoder_start(model)
         check_data(
             terms, model, args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), kwargs.get("data_collator")
         )
         if teacher_terms:
-            for name in names:
-                finished = None if caches is None else caches[name]
-                known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
-                source = given[name] if isinstance(given.get(name), str) and given[name] != EMA_TEACHER else None
-                with _naming(name, len(names)):
-                    check_same_inputs(model, known, kwargs.get("processing_class"), source)
+            self._check_teacher_inputs(model, given, models, caches, kwargs.get("processing_class"))
 
         super().__init__(model=model, args=args, **kwargs)
 
+        # 3. One source per teacher, the losses set up against them, and the mirrored terms of teachers that learn.
         student = self.accelerator.unwrap_model(self.model)
         self.seq2seq = describe(student).seq2seq
         self.teachers: dict[str, TeacherSource] = {}
@@ -148,35 +146,53 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         references = {name: source.reference for name, source in self.teachers.items()}
         if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
             references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
-        for term, (_, loss) in terms.items():
-            for name in self.term_teachers[term] or [None]:
-                with _naming(name, len(names)):
-                    loss.setup(student, None if name is None else references[name])
-        self.loss_weights = {term: weight for term, (weight, _) in terms.items()}
-        self.distillation_losses = self._placed_losses(terms, student)
-        # A teacher that learns gets its own terms (mutual learning): `<teacher>_<term>`.
-        self.peer_terms = peer_terms(terms, self.teachers, student)
-        self.peer_losses = nn.ModuleDict({term: peer.loss for term, peer in self.peer_terms.items()})
-        self.peer_losses.to(self.args.device)
-        self.loss_weights.update({term: peer.weight for term, peer in self.peer_terms.items()})
+        self._set_up_losses(terms, student, references)
         if any(isinstance(source, EMATeacher) for source in self.teachers.values()):
             self.add_callback(_MovingAverage(self))
         self.teacher_weights = normalized_weights(names, args.teacher_weights) if names else {}
+        # 4. What each step needs: the outputs asked of the student, item counts, logs, the finite check, logit rows.
         self.student_output_flags = _output_flags(loss.student_outputs for _, loss in terms.values())
         self._window_counts: dict[str, torch.Tensor] | None = None
         self.term_log = TermLog()
         self.finite_guard = NonFiniteGuard() if args.check_finite else None
         finished = {name for name, cache in (caches or {}).items() if cache is not None}
         self.logit_rows = self._plan_logit_rows(student, terms, skip=finished)
+        # 5. A teacher cache opened (built first if needed): from here on it stands in for the teachers.
         if caches is not None:
-            # What the model card says of a teacher known only from its cache.
-            for name, cache in caches.items():
+            for name, cache in caches.items():  # what the model card says of a teacher known only from its cache
                 if cache is not None and name not in models:
                     self.teacher_facts[name] = cached_teacher_facts(cache.record)
             self.teacher_cache = self._use_teacher_caches(caches, references)
-            # From here on the caches stand in for the teachers, which leave memory.
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+
+    def _check_teacher_inputs(
+        self, student: nn.Module, given: Mapping[str, Any], models: dict[str, nn.Module], caches: Any, processor: Any
+    ) -> None:
+        """Each teacher reads the student's inputs alike (vocabulary, tokenizer), a cache's teacher by its config."""
+        names = list(given) or list(caches)
+        for name in names:
+            finished = None if caches is None else caches[name]
+            known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
+            source = given[name] if isinstance(given.get(name), str) and given[name] != EMA_TEACHER else None
+            with _naming(name, len(names)):
+                check_same_inputs(student, known, processor, source)
+
+    def _set_up_losses(
+        self, terms: dict[str, tuple[float, DistillationLoss]], student: nn.Module, references: dict[str, Any]
+    ) -> None:
+        """Set each loss up against the student and every teacher it reads, place them, and add the terms of the
+        teachers that learn (`<teacher>_<term>`)."""
+        for term, (_, loss) in terms.items():
+            for name in self.term_teachers[term] or [None]:
+                with _naming(name, len(references)):
+                    loss.setup(student, None if name is None else references[name])
+        self.loss_weights = {term: weight for term, (weight, _) in terms.items()}
+        self.distillation_losses = self._placed_losses(terms, student)
+        self.peer_terms = peer_terms(terms, self.teachers, student)
+        self.peer_losses = nn.ModuleDict({term: peer.loss for term, peer in self.peer_terms.items()})
+        self.peer_losses.to(self.args.device)
+        self.loss_weights.update({term: peer.weight for term, peer in self.peer_terms.items()})
 
     @property
     def teacher_model(self) -> nn.Module | None:

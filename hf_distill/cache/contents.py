@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from ..losses import DistillationLoss, SoftTargetLoss
-from ..losses.base import position_mask, token_mask
 from ..losses.functional import teacher_top_k
 from ..model_kind import describe
+from ..positions import position_mask, token_mask
 from ..seq2seq import stack_size
 
 #: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.

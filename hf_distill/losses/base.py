@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..seq2seq import decoder_positions, stack_size
+from ..positions import position_mask, token_mask  # noqa: F401 - also where losses of users import them from
+from ..seq2seq import stack_size
 
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -178,12 +179,6 @@ def batch_size(inputs: Mapping[str, Any]) -> int:
     raise ValueError(f"cannot tell the batch size: no tensor among the inputs {list(inputs)}")
 
 
-def token_mask(inputs: Mapping[str, Any]) -> torch.Tensor | None:
-    """The real (non-padding) positions of a text batch, or None when the batch has no attention mask."""
-    mask = inputs.get("attention_mask")
-    return None if mask is None else mask.bool()
-
-
 def check_layer_map(term: str, layer_map: Any) -> list[tuple[int, int]] | None:
     """Validate the shape of a user's `layer_map` (ranges are checked against the models in `setup`)."""
     if layer_map is None:
@@ -257,20 +252,6 @@ def config_value(model: nn.Module, attribute: str, term: str, stack: str | None 
             "for convolutional models use the feature_map or relation loss"
         )
     return value
-
-
-def position_mask(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor | None:
-    """The positions that count for a loss on hidden states: real tokens (`token_mask`), or for the decoder of an
-    encoder-decoder model the labeled positions (`seq2seq.decoder_positions`); None when every position counts.
-
-    An encoder that reads no tokens (Whisper's audio frames, an image encoder's patches) has every position
-    count: a frame `attention_mask` there does not line up with the encoder's (downsampled) positions.
-    """
-    if stack == "decoder":
-        return decoder_positions(inputs)
-    if stack == "encoder" and inputs.get("input_ids") is None and inputs.get("inputs_embeds") is None:
-        return None
-    return token_mask(inputs)
 
 
 def count_positions(inputs: Mapping[str, Any], stack: str | None = None) -> torch.Tensor:
