@@ -160,22 +160,8 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        if isinstance(self.losses, str):
-            try:
-                self.losses = json.loads(self.losses)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f'losses must be a JSON mapping such as \'{{"soft_target": {{"weight": 1.0}}}}\'; '
-                    f"could not parse {self.losses!r}: {error}"
-                ) from None
-        if isinstance(self.teacher_weights, str):
-            try:
-                self.teacher_weights = json.loads(self.teacher_weights)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f'teacher_weights must be a JSON mapping such as \'{{"a": 2, "b": 1}}\'; could not parse '
-                    f"{self.teacher_weights!r}: {error}"
-                ) from None
+        self.losses = _json_mapping("losses", self.losses, '{"soft_target": {"weight": 1.0}}')
+        self.teacher_weights = _json_mapping("teacher_weights", self.teacher_weights, '{"a": 2, "b": 1}')
         if self.teacher_weights is not None:
             if not isinstance(self.teacher_weights, dict) or not self.teacher_weights:
                 raise ValueError(
@@ -208,3 +194,15 @@ class DistillationConfig(TrainingArguments):
         if self.dataloader_pin_memory and not torch.accelerator.is_available():
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+
+def _json_mapping(name: str, value: Any, example: str) -> Any:
+    """A field given as a JSON string (on the command line), parsed; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{name} must be a JSON mapping such as '{example}'; could not parse {value!r}: {error}"
+        ) from None

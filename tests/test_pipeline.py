@@ -259,13 +259,19 @@ def test_several_teachers_on_the_command_line_are_name_path_pairs():
         parse_args(["--task", "masked-lm", "--dataset", "d", "--teacher", "a=one", "two", "--output_dir", "o"])
 
 
-def test_born_again_generations_each_learn_from_the_one_before(tmp_path):
+def tiny_sentiment_run(tmp_path, *flags):
+    """The quick-start recipe on a tiny headless encoder and 24 snippets, with `flags` added; (report, output)."""
     teacher = write_encoder_teacher(str(tmp_path / "encoder"))
     data = write_sentiment_dataset(str(tmp_path / "data"))
     output = str(tmp_path / "run")
     result, _ = run(["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data,
                      "--output_dir", output, "--student_num_layers", "2", "--max_train_samples", "24",
-                     "--teacher_max_train_samples", "24", "--generations", "2", "--baseline", "false", *FAST])  # fmt: skip
+                     "--teacher_max_train_samples", "24", "--baseline", "false", *flags, *FAST])  # fmt: skip
+    return result, output
+
+
+def test_born_again_generations_each_learn_from_the_one_before(tmp_path):
+    result, output = tiny_sentiment_run(tmp_path, "--generations", "2")
     assert list(result["results"]) == ["teacher", "generation 1", "student"]
     assert result["generations"] == 2 and "generation 2" in result["timings_s"]
     assert os.path.isdir(os.path.join(output, "checkpoints", "generation-2"))
@@ -280,13 +286,7 @@ def test_born_again_generations_each_learn_from_the_one_before(tmp_path):
 
 
 def test_the_pipeline_distils_a_student_from_its_own_moving_average(tmp_path):
-    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
-    data = write_sentiment_dataset(str(tmp_path / "data"))
-    output = str(tmp_path / "run")
-    result, _ = run(["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data,
-                     "--output_dir", output, "--student_num_layers", "2", "--max_train_samples", "24",
-                     "--teacher_max_train_samples", "24", "--ema_teacher", "true", "--ema_momentum", "0.9",
-                     "--baseline", "false", *FAST])  # fmt: skip
+    result, output = tiny_sentiment_run(tmp_path, "--ema_teacher", "true", "--ema_momentum", "0.9")
     assert result["ema_teacher"] is True and "layer_map" not in result["losses"]["hidden_state"]
     assert "moving average of its own weights" in open(os.path.join(output, "report.md")).read()
 
