@@ -72,7 +72,7 @@ def add_distillation_section(
         student (`dict`): `model_facts` of the student.
         teachers (`dict`): `{name: model_facts}` of every teacher (from `cached_teacher_facts` for a cache). One
             teacher is described as "the teacher"; several each by name, and the parameter ratio is the student's
-            against the largest.
+            against the largest; none (a run whose terms read no teacher) is said so.
         losses (`dict`): the configured losses, as in `DistillationConfig.losses`.
         from_cache (`bool`): whether the teacher's outputs were read from a teacher-output cache.
     """
@@ -81,7 +81,7 @@ def add_distillation_section(
     sizes = [facts.get("parameters") for facts in teachers.values()]
     largest = max(sizes) if sizes and all(sizes) else None
     ratio = None if largest is None else student["parameters"] / largest
-    first = next(iter(teachers.values()))
+    first = next(iter(teachers.values()), {"name_or_path": None, "class": None})
     metadata = {
         "teacher": public_name(first["name_or_path"]),
         "teacher_class": first["class"],
@@ -106,15 +106,14 @@ def add_distillation_section(
         )
         return f"{where}(`{facts['class']}`)"
 
-    source = (
-        f"{len(teachers)} teachers: " + "; ".join(f"{name}, {named(facts)}" for name, facts in teachers.items())
-        if several
-        else named(first)
-    )
+    if several:
+        source = f"from {len(teachers)} teachers: " + "; ".join(f"{n}, {named(f)}" for n, f in teachers.items())
+    else:
+        source = f"from {named(first)}" if teachers else "without a teacher (its loss terms read none)"
     lines = [
         "## Distillation",
         "",
-        f"Distilled with hf_distill from {source}"
+        f"{'Distilled' if teachers else 'Trained'} with hf_distill {source}"
         + (", whose outputs were read from a teacher-output cache." if from_cache else "."),
         "",
         "| model | class | parameters | weights (MB) |",

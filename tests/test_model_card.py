@@ -71,3 +71,13 @@ def test_a_teacher_loaded_from_a_local_folder_is_named_by_the_folder_never_its_p
     card = card_of(trainer)
     assert card.data.hf_distill["teacher"] == "my-teacher"
     assert str(tmp_path) not in str(card)
+
+
+def test_the_card_of_a_run_without_a_teacher_says_so(tmp_path):
+    trainer = DistillationTrainer(model=bert_classifier(1, layers=2), train_dataset=text_dataset(8),
+                                  args=config(tmp_path, {"hard_label": {}}, max_steps=1))  # fmt: skip
+    trainer.train()
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "Trained with hf_distill without a teacher" in card.text
+    assert card.data.hf_distill["teacher"] is None and card.data.hf_distill["parameter_ratio"] is None
