@@ -123,18 +123,23 @@ class LogitRowsPlan:
         return getattr(self, f"{model}_logits_read")
 
 
-def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> LogitRowsPlan:
-    """Which models project only the positions whose logits are read, in training, and whether any of `losses`
-    (already set up) reads each model's logits at all: the `logit_rows` of a `DistillationTrainer`."""
-    kind = describe(student)
-    use = (
+def compaction_applies(student: nn.Module, losses: list[Any], enabled: bool = True) -> bool:
+    """Whether a run's logits may be projected at the read positions only: a masked or causal LM student (not an
+    encoder-decoder, which builds its decoder inputs from the labels) whose every loss accepts row logits."""
+    return (
         enabled
-        and kind.language_model
-        # Encoder-decoders (BART in the masked-LM mapping) build their decoder inputs from the labels.
+        and describe(student).language_model
         and not getattr(student.config, "is_encoder_decoder", False)
         # Only losses that accept row logits say truthfully whether they read logits (see DistillationLoss).
         and all(loss.accepts_row_logits for loss in losses)
     )
+
+
+def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> LogitRowsPlan:
+    """Which models project only the positions whose logits are read, in training, and whether any of `losses`
+    (already set up) reads each model's logits at all: the `logit_rows` of a `DistillationTrainer`."""
+    kind = describe(student)
+    use = compaction_applies(student, losses, enabled)
     return LogitRowsPlan(
         student=use and supports_rows(student),
         teacher=use and isinstance(teacher, nn.Module) and supports_rows(teacher),

@@ -32,7 +32,7 @@ from .card import cached_teacher_facts, model_facts
 from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
-from .logit_rows import LogitRowsPlan, logit_rows_plan, project_rows
+from .logit_rows import LogitRowsPlan, compaction_applies, logit_rows_plan, project_rows, supports_rows
 from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
 from .model_kind import describe
 from .reporting import TermLog, TermReportingMixin
@@ -271,15 +271,18 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         # A hook per step and data-dependent shapes would defeat compilation.
         compact = self.args.compact_token_logits and not self.args.torch_compile
         losses = [loss for _, loss in terms.values()]
+        plan = logit_rows_plan(student, None, losses, compact)  # the student probed once
+        applies = compaction_applies(student, losses, compact)
         sources = [source for name, source in self.teachers.items() if name not in skip]
         for source in sources:
-            # A learning teacher computes its task loss from its labels: logits at every position.
-            own = logit_rows_plan(student, None if source.trainable else source.reference, losses, compact)
             reading = _reading(terms, self.term_teachers, source.name)
             source.rows_plan = replace(
-                own, teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading)
+                plan,
+                # A learning teacher computes its task loss from its labels: logits at every position.
+                teacher=applies and not source.trainable and supports_rows(source.reference),
+                teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading),
             )
-        return sources[0].rows_plan if sources else logit_rows_plan(student, None, losses, compact)
+        return sources[0].rows_plan if sources else plan
 
     # ---- override points -------------------------------------------------------------------------
 
@@ -614,11 +617,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
 
     def _teachers_with_state(self) -> dict[str, nn.Module]:
         """The teachers whose weights change in training (trainable, moving average): part of every checkpoint."""
-        return {
-            name: source.reference
-            for name, source in self.teachers.items()
-            if source.trainable or isinstance(source, EMATeacher)
-        }
+        return {name: self.teachers[name].reference for name in self.learning_teachers if name in self.teachers}
 
 
 def _output_flags(needs: Any) -> dict[str, bool]:
