@@ -310,7 +310,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             teacher = next(iter(self.teachers))
         source = self.teachers[teacher]
         if not isinstance(source, FrozenTeacher):
-            raise ValueError(f"the teacher {teacher!r} is read from a teacher cache: there is no model to run")
+            raise ValueError(
+                f"the teacher {teacher!r} is read from a teacher cache, so there is no model to run: call "
+                "teacher_forward only when distilling online (teacher_cache unset)"
+            )
         return source.run(inputs, output_hidden_states, output_attentions)
 
     def compute_distillation_loss(
@@ -740,7 +743,10 @@ def check_learning_teachers(args: DistillationConfig, given: Mapping[str, Any], 
         )
     both = [name for name in trainable if name in learning]
     if both:
-        raise ValueError(f"the teachers {both} are moving averages of the student; they cannot also be trainable")
+        raise ValueError(
+            f"the teachers {both} are moving averages of the student (teacher_model 'ema'), which cannot also be "
+            "trainable: drop them from trainable_teachers"
+        )
     learning.update({name: "trainable" for name in trainable})
     if learning and cached:
         kinds = ", ".join(f"{name} ({kind})" for name, kind in learning.items())

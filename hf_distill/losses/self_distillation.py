@@ -22,7 +22,10 @@ def pooled(hidden: torch.Tensor) -> torch.Tensor:
         return hidden.mean(dim=(-2, -1))
     if hidden.dim() == 3:
         return hidden[:, 0]
-    raise ValueError(f"deep_to_shallow cannot pool a hidden state of shape {tuple(hidden.shape)}")
+    raise ValueError(
+        f"deep_to_shallow cannot pool a hidden state of shape {tuple(hidden.shape)}: it needs [batch, tokens, width] "
+        "or [batch, channels, height, width] hidden states (a transformer or CNN classifier); drop the term"
+    )
 
 
 @torch.no_grad()
