@@ -13,7 +13,7 @@ ENVIRONMENT := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys
 DEPENDENCIES := $(shell cat setup.cfg .ci/constraints.txt | sha1sum | cut -c1-10)
 INSTALLED = .make/installed-$(ENVIRONMENT)-$(DEPENDENCIES)
 
-.PHONY: install assets quickstart-assets test test-slow lint format demo benchmark
+.PHONY: install assets quickstart-assets test test-slow lint format demo benchmark peers
 
 # The package with its dev extras, editable; torch pinned to the CPU build first so pip never pulls a CUDA build
 # (`make install TORCH_SPEC=torch`, or a torch of your own installed first, keeps yours).
@@ -58,6 +58,10 @@ test-slow: install assets
 # Writes benchmarks/RESULTS.md and prints the ratios as a JSON line; --quick is a spot check under a minute.
 benchmark: install
 	$(PYTHON) benchmarks/run.py
+
+# hf_distill next to TRL's GKDTrainer and the vision guide's trainer; writes benchmarks/PEERS.md (~25 min).
+peers: install
+	$(PYTHON) benchmarks/peers.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_distill tests scripts benchmarks

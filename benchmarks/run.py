@@ -1,6 +1,7 @@
 """What distillation costs over plain training, measured in one run; writes benchmarks/RESULTS.md.
 
-    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2 (~16 min on 2 CPU cores)
+    python benchmarks/run.py            # BERT-base-shaped -> 6 layers, ViT -> MobileNetV2, GPT-2-small-shaped ->
+                                        # 6 layers (~40 min on 2 CPU cores)
     python benchmarks/run.py --quick    # smaller shapes, under a minute: a spot check, printed, not a result
 
 Step times are medians over repeated training steps after warm-up, each taken by `Trainer.train()` itself (a
@@ -9,7 +10,9 @@ the CUDA allocator's peak on a GPU, the process's peak resident memory (`VmHWM`,
 measured work) on a CPU, in both cases above what the process held when the measured work began. Weights
 are random: timings and memory do not depend on them. The last line printed is a JSON object of the ratios:
 the five of the issue against a plain `transformers.Trainer` step, then three like-for-like ones against
-`DistillationTrainer` with `hard_label` alone.
+`DistillationTrainer` with `hard_label` alone (the worst pair of each). hf_distill trains a convolutional student
+in channels-last (`DistillationConfig.channels_last`), which the plain `Trainer` does not: for the vision pair its
+steps can be faster than the plain step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     Trainer,
@@ -62,6 +67,11 @@ TEXT_LOSSES = {
     "hidden_state": {"weight": 1.0, "distance": "cosine", "layer_map": [[-1, -1]]},
 }
 VISION_LOSSES = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 5.0}}
+# Token-level soft targets of a causal LM with the generalized JSD (beta = 0.5) at T = 1, and the labels.
+CAUSAL_LOSSES = {
+    "soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "jsd"},
+    "hard_label": {"weight": 1.0},
+}
 # The student on its labels alone through DistillationTrainer: like for like with the KD steps (for masked LM,
 # the vocabulary projection runs at the labeled positions only, as in the KD steps).
 PLAIN_LOSSES = {"hard_label": {"weight": 1.0}}
@@ -130,7 +140,37 @@ def vision_pair(shape: dict, quick: bool):
     return teacher, student, data, VISION_LOSSES
 
 
-PAIRS = {"bert-base -> 6 layers": text_pair, "vit -> mobilenet_v2": vision_pair}
+GPT2_VOCAB = 50257
+
+
+def causal_pair(shape: dict, quick: bool):
+    """A GPT-2-small-shaped causal-LM teacher (12 x 768, 50,257 tokens, 124M parameters) and a 6-layer student
+    built from it, on fixed random token sequences (every next token a label); no dropout, so that two trainers
+    given the same start do the same arithmetic."""
+    torch.manual_seed(0)
+    layers, width, vocab = (2, 128, 1000) if quick else (12, 768, GPT2_VOCAB)
+    config = GPT2Config(vocab_size=vocab, n_positions=max(1024, shape["length"]), n_embd=width, n_layer=layers,
+                        n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    teacher = GPT2LMHeadModel(config)
+    student, _ = build_student(teacher)
+    generator = torch.Generator().manual_seed(0)
+    count = shape["batch"] * (shape["steps"] + shape["warmup"])
+    input_ids = torch.randint(0, vocab, (count, shape["length"]), generator=generator)
+    data = Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": torch.ones_like(input_ids).tolist(),
+         "labels": input_ids.tolist()}
+    ).with_format("torch")  # fmt: skip
+    return teacher, student, data, CAUSAL_LOSSES
+
+
+PAIRS = {"bert-base -> 6 layers": text_pair, "vit -> mobilenet_v2": vision_pair, "gpt2 -> 6 layers": causal_pair}
+# Pairs whose steps take long on a CPU time fewer of them per round (the other shape settings stay).
+PAIR_SHAPES = {"gpt2 -> 6 layers": {"full": {"steps": 4, "warmup": 1, "max_rounds": 3}}}
+
+
+def pair_shape(name: str, shape: dict, quick: bool) -> dict:
+    """`shape` with the overrides of pair `name` (`PAIR_SHAPES`)."""
+    return {**shape, **PAIR_SHAPES.get(name, {}).get("quick" if quick else "full", {})}
 
 
 # ---- timing -------------------------------------------------------------------------------------------
@@ -246,6 +286,7 @@ def teacher_forwards(teacher, data, shape, hidden_states: bool) -> list[float]:
 
 
 def time_pair(name: str, shape: dict, quick: bool, peak: float | None) -> dict:
+    shape = pair_shape(name, shape, quick)
     teacher, student, data, losses = PAIRS[name](shape, quick)
     initial = {key: value.clone() for key, value in student.state_dict().items()}
     steps = {"plain": [], "hard_label": [], "online": [], "cached": [], "online_unchecked": []}
@@ -356,6 +397,7 @@ def case_peak(case: str, quick: bool) -> int:
             return peak_bytes(lambda: soft_target_loss(student, teacher, 2.0, reduction="sum").backward())
         return peak_bytes(lambda: chunked_soft_target_loss(student, teacher, 2.0).backward())
     pair, kind = case.rsplit(":", 1)
+    shape = pair_shape(pair, shape, quick)
     teacher, student, data, losses = PAIRS[pair](shape, quick)
     with tempfile.TemporaryDirectory() as scratch:
         if kind in ("plain", "hard_label"):
@@ -385,7 +427,7 @@ def main() -> None:
     peaks = measure_in_children([f"{name}:{kind}" for name in PAIRS for kind in kinds] + list(KL_CASES), options.quick)
     for name, timing in results["pairs"].items():
         plain_peak, hard_label_peak, online_peak = (peaks[f"{name}:{kind}"] for kind in kinds)
-        teacher, *_ = PAIRS[name](shape, options.quick)
+        teacher, *_ = PAIRS[name](pair_shape(name, shape, options.quick), options.quick)
         teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
         timing.update(plain_peak_bytes=plain_peak, hard_label_peak_bytes=hard_label_peak,
                       online_peak_bytes=online_peak, teacher_weight_bytes=teacher_bytes,
@@ -431,9 +473,10 @@ def format_results(results: dict, ratios: dict) -> str:
         "",
         f"Written by `python benchmarks/run.py` on {machine['device']} ({machine['cpu_count']} cores, "
         f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {machine['platform']}) in "
-        f"{machine['seconds']} s. Shapes: {machine['shape']}. Medians over {machine['shape']['steps']} steps after "
-        f"{machine['shape']['warmup']} warm-up steps in each round ({rounds} rounds); peaks measured in a fresh "
-        "process per case.",
+        f"{machine['seconds']} s. Shapes: {machine['shape']}"
+        + (f", with {PAIR_SHAPES} for those pairs" if not machine["quick"] else "")
+        + f". Medians over the timed steps after the warm-up steps of each round ({rounds} rounds); peaks measured in "
+        "a fresh process per case.",
         "",
         "| pair | plain step (s) | hard-label step (s) | teacher forward (s) | online KD step (s) | cached KD step "
         "(s) | cache build (s) | teacher pass (s) | plain peak (GiB) | hard-label peak (GiB) | KD peak (GiB) | teacher "

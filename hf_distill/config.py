@@ -70,6 +70,23 @@ class DistillationConfig(TrainingArguments):
             and far smaller logits. Applies only when every configured loss accepts such logits (all built-in
             ones do, except `relation` on logits); set it to False when an override of yours reads full logits.
             Evaluation always computes full logits.
+        channels_last (`bool`, *optional*):
+            Put the student and the frozen teachers in the channels-last memory format
+            (`model.to(memory_format=torch.channels_last)`), in which oneDNN (CPU) and cuDNN (GPU) run 2-D
+            convolutions fastest: unset (the default) for models with most of their weights in `nn.Conv2d` (a
+            MobileNetV2 student's training step is about 25% faster on a 2-core CPU), True for every model with a
+            convolution, False never. Values are unchanged and the saved student is written in the usual layout.
+            Not under DeepSpeed or FSDP.
+        fused_token_logits (`bool`, *optional*, defaults to `True`):
+            Where `compact_token_logits` applies and every loss reading a model's logits is `soft_target` or
+            `hard_label`: the model's vocabulary projection (a plain `nn.Linear`) does not run in the model; its
+            training logits arrive as [`~hf_distill.logit_rows.ProjectedRows`] and the losses project them
+            `chunk_size` rows at a time ([`~hf_distill.losses.projected_rows_loss`]), so that neither model's
+            `[rows, vocab]` logits nor the student's gradient of them exist. Same losses and gradients. In one
+            process only (not under DDP, whose reducer expects every weight used inside forward, DeepSpeed or
+            FSDP), without a teacher that learns, and unless `compute_distillation_loss` (for the teacher also
+            `teacher_forward`) is overridden, or the model changes its projection's output: those keep projected
+            rows.
         check_finite (`bool`, *optional*, defaults to `True`):
             Stop training with a `FloatingPointError` that names the culprit (a teacher output, a loss term, the
             loss or the gradients), the step and what to try, when a value of a step is NaN or infinite, before the
@@ -149,6 +166,20 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Masked/causal LMs with labels: in training, project onto the vocabulary only at the labeled "
             "positions the losses read (same losses, less time and memory). Off for overrides reading full logits."
+        },
+    )
+    channels_last: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Train convolutional students (and run such frozen teachers) in the channels-last memory format, "
+            "faster for convolutions on CPU and GPU. Unset: models with most weights in Conv2d; True: any Conv2d."
+        },
+    )
+    fused_token_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "With compact_token_logits: leave a language model's vocabulary projection to soft_target and "
+            "hard_label, which project chunk by chunk, so no [rows, vocab] logits (or gradient) are held."
         },
     )
     check_finite: bool = field(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .logit_rows import ProjectedRows
+
 #: What to try, by what went non-finite first (the teacher's outputs explain the terms computed from them).
 _CAUSES = {
     "teacher": (
@@ -42,6 +44,8 @@ class NonFiniteGuard:
 
     def watch(self, name: str, value: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
         """Record whether `value` (a tensor, or a tuple of them such as hidden states) is finite; no host sync."""
+        if isinstance(value, ProjectedRows):  # logits left to the losses: finite hidden states, finite logits
+            value = value.hidden
         tensors = (
             [value] if isinstance(value, torch.Tensor) else [t for t in value or () if isinstance(t, torch.Tensor)]
         )

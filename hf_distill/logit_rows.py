@@ -10,13 +10,18 @@ projection) see only the hidden states at `rows` for the duration of a block, th
 removed on exit. The logits then come out as `[rows.sum(), vocab]`, in the row-major order of `rows`, which
 is the order in which the losses, and a teacher-output cache, take the counted positions. The values are the
 same rows the full projection would give; nothing else in the model changes.
+
+`project_rows(model, rows, defer=True)` goes one step further for a projection that is a plain `nn.Linear`:
+the projection does not run at all; the model's `logits` become a [`ProjectedRows`], the hidden states of those
+rows with the projection's weight and bias, and the token-level losses project them chunk by chunk as they go
+([`hf_distill.losses.projected_rows_loss`]), so no `[rows, vocab]` tensor (or its gradient) exists in the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,17 +49,107 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) else None
 
 
+@dataclass
+class ProjectedRows:
+    """A language model's logits at its counted positions, not yet projected: `hidden @ weight.T + bias` would be
+    the `[rows, vocab]` logits, in the row-major order of the positions (see `project_rows(..., defer=True)`).
+
+    Attributes:
+        hidden (`torch.Tensor`): `[rows, width]`, the hidden states the vocabulary projection receives.
+        weight (`torch.Tensor`): `[vocab, width]`, the projection's weight (tied to the input embeddings in many
+            models); bias (`torch.Tensor`, *optional*): `[vocab]`.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have: `[rows, vocab]`."""
+        return torch.Size((self.hidden.shape[0], self.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def dim(self) -> int:
+        return 2
+
+    def logits(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The logits of rows `start..end-1` (all by default), computed now in the projection's dtype (the hidden
+        states may arrive cast to float32 by mixed precision); differentiable."""
+        return nn.functional.linear(self.hidden[start:end].to(self.weight.dtype), self.weight, self.bias)
+
+    def detach(self) -> ProjectedRows:
+        return ProjectedRows(
+            self.hidden.detach(), self.weight.detach(), None if self.bias is None else self.bias.detach()
+        )
+
+
+@dataclass
+class _Projection:
+    """What `project_rows` yields: with `defer`, `wrap` turns the model's outputs' logits into `ProjectedRows`."""
+
+    head: nn.Module | None = None
+    defer: bool = False
+    produced: list[torch.Tensor] = field(default_factory=list)
+
+    def wrap(self, outputs: Any, strict: bool = False) -> Any:
+        """`outputs` with `logits` replaced by the `ProjectedRows` the deferred projection stood for.
+
+        `supports_deferred` has checked (`strict`) on the model itself that it returns the projection's output
+        unchanged: the very tensor or its exact cast to another dtype (accelerate's mixed precision returns float32
+        outputs). In training the check is structural, one tensor of that shape, since a wrapper may also pass it
+        on as a copy (DDP clones outputs through an autograd function); the copy is what carries its gradient.
+        """
+        if not self.defer:
+            return outputs
+        logits = getattr(outputs, "logits", None)
+        produced = self.produced[0] if len(self.produced) == 1 else None
+        same = (
+            produced is not None
+            and isinstance(logits, torch.Tensor)
+            and logits.is_floating_point()
+            and logits.shape == produced.shape
+        )
+        if same and strict and logits.data_ptr() != produced.data_ptr():
+            same = torch.equal(logits, produced.to(logits.dtype))
+        if not same:
+            raise RuntimeError(
+                "the model did not return its vocabulary projection's output unchanged as `logits` (it transforms or "
+                "recomputes them), so the projection cannot be deferred to the losses: set fused_token_logits=False "
+                "in the DistillationConfig"
+            )
+        outputs["logits"] = ProjectedRows(logits, self.head.weight, self.head.bias)
+        return outputs
+
+
+def deferrable_head(model: nn.Module) -> nn.Module | None:
+    """The model's vocabulary projection when it is a plain `nn.Linear` (its forward not overridden), which
+    `project_rows(..., defer=True)` can leave to the losses; else None."""
+    head = output_head(model)
+    if head is None or not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        return None
+    return head
+
+
 @contextmanager
-def project_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[None]:
+def project_rows(model: nn.Module, rows: torch.Tensor | None, defer: bool = False) -> Iterator[_Projection]:
     """Within the block, `model`'s vocabulary projection runs only at the `[batch, length]` positions `rows`.
 
     With `rows=None` nothing changes. The model must not also compute its own loss from `labels` inside the
-    block: that loss expects logits at every position.
+    block: that loss expects logits at every position. With `defer` (a projection that `deferrable_head`
+    accepts), the projection does not run: it returns the hidden states of the rows, and the yielded object's
+    `wrap(outputs)` makes the model's logits a `ProjectedRows`.
     """
-    head = None if rows is None else output_head(model)
+    head = None if rows is None else (deferrable_head(model) if defer else output_head(model))
     if head is None:
-        yield
+        if rows is not None and defer:
+            raise RuntimeError(f"{type(model).__name__}'s vocabulary projection is not a plain nn.Linear to defer")
+        yield _Projection()
         return
+    projection = _Projection(head, defer)
 
     def select(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden = args[0]
@@ -66,11 +161,19 @@ def project_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[None]:
             )
         return (hidden[rows.to(hidden.device)], *args[1:])
 
+    def deferred(hidden: torch.Tensor) -> torch.Tensor:
+        projection.produced.append(hidden)
+        return hidden
+
     handle = head.register_forward_pre_hook(select)
+    if defer:
+        head.forward = deferred  # the instance attribute shadows nn.Linear.forward; hooks still run around it
     try:
-        yield
+        yield projection
     finally:
         handle.remove()
+        if defer:
+            del head.forward
 
 
 def supports_rows(model: nn.Module) -> bool:
@@ -97,6 +200,29 @@ def supports_rows(model: nn.Module) -> bool:
     return logits.dim() == 2 and logits.shape[0] == 1
 
 
+def supports_deferred(model: nn.Module) -> bool:
+    """Whether `project_rows(..., defer=True)` works on `model`: its projection is a plain `nn.Linear` and a
+    two-position forward returns that projection's output unchanged as its logits (no scaling, capping or cast).
+    One tiny forward without gradients."""
+    if deferrable_head(model) is None:
+        return False
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    rows = torch.tensor([[True, False]], device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), project_rows(model, rows, defer=True) as projection:
+            outputs = model(input_ids=input_ids)
+        projected = projection.wrap(outputs, strict=True).logits
+    except Exception:  # noqa: BLE001 - any failure means: project in the model
+        return False
+    finally:
+        model.train(training)
+    return isinstance(projected, ProjectedRows) and projected.hidden.shape[0] == 1
+
+
 @dataclass(frozen=True)
 class LogitRowsPlan:
     """Which models of a run project onto the vocabulary only at the positions the losses read, in training.
@@ -106,6 +232,7 @@ class LogitRowsPlan:
         shift: the student is a causal LM: position i predicts label i + 1.
         student_logits_read, teacher_logits_read: some configured loss reads that model's logits; a model whose
             logits nothing reads projects no position at all.
+        student_deferred, teacher_deferred: that model's projection is left to the losses (`ProjectedRows`).
     """
 
     student: bool = False
@@ -113,6 +240,8 @@ class LogitRowsPlan:
     shift: bool = False
     student_logits_read: bool = True
     teacher_logits_read: bool = True
+    student_deferred: bool = False
+    teacher_deferred: bool = False
 
     def compacts(self, model: str) -> bool:
         """Whether `model` ("student" or "teacher") projects fewer positions than all in training."""
@@ -121,6 +250,10 @@ class LogitRowsPlan:
     def reads(self, model: str) -> bool:
         """Whether a configured loss reads the logits of `model` ("student" or "teacher")."""
         return getattr(self, f"{model}_logits_read")
+
+    def defers(self, model: str) -> bool:
+        """Whether `model`'s logits in training are `ProjectedRows` (projected by the losses)."""
+        return getattr(self, model) and getattr(self, f"{model}_logits_read") and getattr(self, f"{model}_deferred")
 
 
 def compaction_applies(student: nn.Module, losses: list[Any], enabled: bool = True) -> bool:
@@ -135,15 +268,33 @@ def compaction_applies(student: nn.Module, losses: list[Any], enabled: bool = Tr
     )
 
 
-def logit_rows_plan(student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True) -> LogitRowsPlan:
-    """Which models project only the positions whose logits are read, in training, and whether any of `losses`
-    (already set up) reads each model's logits at all: the `logit_rows` of a `DistillationTrainer`."""
+def deferral_applies(losses: list[Any], side: str, enabled: bool = True) -> bool:
+    """Whether every one of `losses` that reads the logits of `side` ("student" or "teacher") takes them as
+    `ProjectedRows` (the built-in `soft_target` and `hard_label` do)."""
+    reading = [
+        loss
+        for loss in losses
+        if "logits" in getattr(loss, f"{side}_outputs") and (side == "student" or loss.needs_teacher)
+    ]
+    return enabled and bool(reading) and all(loss.accepts_projected_logits for loss in reading)
+
+
+def logit_rows_plan(
+    student: nn.Module, teacher: Any, losses: list[Any], enabled: bool = True, defer: bool = False
+) -> LogitRowsPlan:
+    """Which models project only the positions whose logits are read, in training, whether any of `losses`
+    (already set up) reads each model's logits at all, and (`defer`) whose projection the losses run: the
+    `logit_rows` of a `DistillationTrainer`."""
     kind = describe(student)
     use = compaction_applies(student, losses, enabled)
+    student_rows = use and supports_rows(student)
+    teacher_rows = use and isinstance(teacher, nn.Module) and supports_rows(teacher)
     return LogitRowsPlan(
-        student=use and supports_rows(student),
-        teacher=use and isinstance(teacher, nn.Module) and supports_rows(teacher),
+        student=student_rows,
+        teacher=teacher_rows,
         shift=kind.causal_lm,
         student_logits_read=any("logits" in loss.student_outputs for loss in losses),
         teacher_logits_read=any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
+        student_deferred=student_rows and deferral_applies(losses, "student", defer) and supports_deferred(student),
+        teacher_deferred=teacher_rows and deferral_applies(losses, "teacher", defer) and supports_deferred(teacher),
     )

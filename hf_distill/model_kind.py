@@ -93,3 +93,21 @@ def describe(model: Any) -> ModelKind:
         classifier=name in _CLASSIFICATION,
         dense_prediction=name in _DENSE_PREDICTION,
     )
+
+
+def convolutional(model: Any) -> bool:
+    """Whether most of `model`'s weights sit in 2-D convolutions (a MobileNet, a ResNet; not a ViT, whose only
+    convolution embeds the patches): the models that `DistillationConfig.channels_last` converts by default."""
+    import torch  # noqa: PLC0415 - model_kind is read by config checks that need no torch
+
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return False
+    total = sum(parameter.numel() for parameter in model.parameters())
+    convolution = sum(
+        parameter.numel()
+        for module in model.modules()
+        if isinstance(module, torch.nn.Conv2d)
+        for parameter in module.parameters(recurse=False)
+    )
+    return total > 0 and convolution * 2 >= total

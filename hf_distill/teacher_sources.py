@@ -104,10 +104,20 @@ class FrozenTeacher(TeacherSource):
         with torch.no_grad():
             return self.model(**teacher_inputs)
 
-    def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None = None, training: bool = True) -> Any:
+    def outputs(
+        self,
+        inputs: Mapping[str, Any],
+        examples: torch.Tensor | None = None,
+        training: bool = True,
+        deferred: bool = True,
+    ) -> Any:
+        """The teacher's outputs for a batch; in training its logits at the counted rows only, or (`deferred`, as the
+        plan says) those rows unprojected (`ProjectedRows`). A cache build asks for projected rows, which it stores."""
         rows = training_rows(self.rows_plan, "teacher", inputs) if training else None
-        with project_rows(self.reference, rows):
-            return self.forward(inputs, **self.output_flags)
+        defer = deferred and rows is not None and self.rows_plan.defers("teacher")
+        with project_rows(self.reference, rows, defer) as projection:
+            outputs = self.forward(inputs, **self.output_flags)
+        return projection.wrap(outputs)
 
 
 class TrainableTeacher(FrozenTeacher):

@@ -32,9 +32,17 @@ from .card import cached_teacher_facts, model_facts
 from .checks import check_data, check_same_inputs
 from .config import DistillationConfig
 from .guards import NonFiniteGuard, check_finite_weights
-from .logit_rows import LogitRowsPlan, compaction_applies, logit_rows_plan, project_rows, supports_rows
+from .logit_rows import (
+    LogitRowsPlan,
+    compaction_applies,
+    deferral_applies,
+    logit_rows_plan,
+    project_rows,
+    supports_deferred,
+    supports_rows,
+)
 from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
-from .model_kind import describe
+from .model_kind import convolutional, describe
 from .reporting import TermLog, TermReportingMixin
 from .saving import checkpoint_to_resume, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
@@ -147,6 +155,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
             references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
         self._set_up_losses(terms, student, references)
+        self._use_channels_last(student)
         if any(isinstance(source, EMATeacher) for source in self.teachers.values()):
             self.add_callback(_MovingAverage(self))
         self.teacher_weights = normalized_weights(names, args.teacher_weights) if names else {}
@@ -156,7 +165,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         self.term_log = TermLog()
         self.finite_guard = NonFiniteGuard() if args.check_finite else None
         finished = {name for name, cache in (caches or {}).items() if cache is not None}
-        self.logit_rows = self._plan_logit_rows(student, terms, skip=finished)
+        self.logit_rows = self._plan_logit_rows(student, terms, skip=finished, cached=set(caches or {}))
         # 5. A teacher cache opened (built first if needed): from here on it stands in for the teachers.
         if caches is not None:
             for name, cache in caches.items():  # what the model card says of a teacher known only from its cache
@@ -165,6 +174,18 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.teacher_cache = self._use_teacher_caches(caches, references)
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+
+    def _use_channels_last(self, student: nn.Module) -> None:
+        """Convolutional models (`channels_last` None: those with most weights in 2-D convolutions; True: any with
+        one) in the channels-last memory format, the layout oneDNN and cuDNN convolve fastest: the student and
+        the frozen teachers. The weights keep their values; saved, they are written in the usual layout."""
+        choice = self.args.channels_last
+        if choice is False or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        models = [student] + [source.model for source in self.teachers.values() if type(source) is FrozenTeacher]
+        for model in models:
+            if convolutional(model) or (choice and any(isinstance(module, nn.Conv2d) for module in model.modules())):
+                model.to(memory_format=torch.channels_last)
 
     def _check_teacher_inputs(
         self, student: nn.Module, given: Mapping[str, Any], models: dict[str, nn.Module], caches: Any, processor: Any
@@ -263,24 +284,48 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         return losses
 
     def _plan_logit_rows(
-        self, student: nn.Module, terms: dict[str, tuple[float, DistillationLoss]], skip: set[str]
+        self,
+        student: nn.Module,
+        terms: dict[str, tuple[float, DistillationLoss]],
+        skip: set[str],
+        cached: set[str] = frozenset(),
     ) -> LogitRowsPlan:
         """Where each model projects onto the vocabulary in training (`logit_rows`); each frozen teacher gets its own
         plan, reading the losses that read it. Returns the student's (with the first teacher's fields). The teachers
-        in `skip` (a finished cache replaces them before they run) are not probed."""
+        in `skip` (a finished cache replaces them before they run) are not probed; those in `cached` (a cache to build
+        first, which stores projected rows) are not probed for deferral."""
         # A hook per step and data-dependent shapes would defeat compilation.
         compact = self.args.compact_token_logits and not self.args.torch_compile
         losses = [loss for _, loss in terms.values()]
-        plan = logit_rows_plan(student, None, losses, compact)  # the student probed once
+        # The losses project deferred rows with the weights as one process holds them: not under DDP (which checks
+        # that every weight is used inside forward) or sharded (DeepSpeed, FSDP); and only where nothing else reads
+        # those logits (an override, a teacher that learns from them).
+        defer = (
+            self.args.fused_token_logits
+            and self.accelerator.num_processes == 1  # DDP would see the projection's weights used outside forward
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            and not self.learning_teachers
+        )
+        builtin = type(self).compute_distillation_loss is DistillationTrainer.compute_distillation_loss
+        plan = logit_rows_plan(student, None, losses, compact, defer and builtin)  # the student probed once
         applies = compaction_applies(student, losses, compact)
+        forward_kept = type(self).teacher_forward is DistillationTrainer.teacher_forward
         sources = [source for name, source in self.teachers.items() if name not in skip]
         for source in sources:
             reading = _reading(terms, self.term_teachers, source.name)
+            rows = applies and not source.trainable and supports_rows(source.reference)
             source.rows_plan = replace(
                 plan,
                 # A learning teacher computes its task loss from its labels: logits at every position.
-                teacher=applies and not source.trainable and supports_rows(source.reference),
+                teacher=rows,
                 teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading),
+                teacher_deferred=rows
+                and source.name not in cached
+                and defer
+                and builtin
+                and forward_kept
+                and deferral_applies(reading, "teacher")
+                and supports_deferred(source.reference),
             )
         return sources[0].rows_plan if sources else plan
 
@@ -396,8 +441,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         rows = training_rows(self.logit_rows, "student", inputs) if model.training else None
         # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
         student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}
-        with project_rows(self.accelerator.unwrap_model(model), rows):
+        defer = rows is not None and self.logit_rows.defers("student")
+        with project_rows(self.accelerator.unwrap_model(model), rows, defer) as projection:
             student_outputs = model(**student_inputs, **self.student_output_flags)
+        student_outputs = projection.wrap(student_outputs)
         teacher_outputs = self.teacher_outputs(inputs, examples, training=model.training)
         # The student's terms read a learning teacher's predictions detached, as that teacher's terms read its own.
         loss, terms = self.compute_distillation_loss(student_outputs, self._detached(teacher_outputs), inputs)

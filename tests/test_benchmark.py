@@ -34,7 +34,7 @@ def test_quick_benchmark_prints_every_ratio():
     assert 0 < ratios["token_kl_peak_saving"] < 1
     # Steps/s, FLOPs and, given a peak (a GPU's is looked up by name), the fraction of it reached, per step kind.
     rows = [line.split("|")[1:-1] for line in lines if line.count("|") == 7 and line.split("|")[2].strip() in KINDS]
-    assert len(rows) == 2 * len(KINDS)
+    assert len(rows) == 3 * len(KINDS)  # BERT, ViT and GPT-2 pairs
     for _, _, steps_per_s, tflop, tflops, fraction in rows:
         assert float(steps_per_s) > 0 and float(tflop) > 0
         assert float(fraction.strip().rstrip("%")) == pytest.approx(100 * float(tflops) / 0.5, abs=0.1)

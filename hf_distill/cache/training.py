@@ -171,7 +171,7 @@ class TeacherCacheMixin:
                     directory,
                     record,
                     self._cache_batches,
-                    lambda inputs: source.outputs(inputs, None, training=True),
+                    lambda inputs: source.outputs(inputs, None, training=True, deferred=False),
                     OutputExtractor(contents, soft_target),
                     shard_size=self.teacher_cache_shard_size,
                 )

@@ -6,7 +6,7 @@ Importing this package registers the built-in losses: `soft_target`, `hard_label
 
 from . import functional
 from .base import DistillationLoss, available_losses, build_losses, needs_attention_maps, register_loss
-from .chunked import chunked_soft_target_loss
+from .chunked import chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
 from .logits import HardLabelLoss, SoftTargetLoss
@@ -24,6 +24,8 @@ __all__ = [
     "available_losses",
     "build_losses",
     "chunked_soft_target_loss",
+    "rows_per_chunk",
+    "projected_rows_loss",
     "functional",
     "needs_attention_maps",
     "register_loss",

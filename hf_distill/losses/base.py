@@ -48,6 +48,10 @@ class DistillationLoss(nn.Module):
     by default, so a loss of yours sees full logits unless it says otherwise. A loss that sets it must list
     `"logits"` in `student_outputs` / `teacher_outputs` when it reads them: when no loss lists them for a model,
     that model's vocabulary projection is skipped in training (its logits come out `[0, vocab]`).
+    `accepts_projected_logits` is True for a loss that also takes those rows as a
+    [`~hf_distill.logit_rows.ProjectedRows`] (hidden states and the projection, projected chunk by chunk by the
+    loss itself, as `soft_target` and `hard_label` do); when every loss reading a model's logits does, that
+    model's projection is left to them (`DistillationConfig.fused_token_logits`).
 
     With several teachers, a loss reads the one its `"teacher"` entry names (`teacher_name`); a loss with
     `mixes_teachers` True that names none reads them all, as a [`~hf_distill.teacher_sources.TeacherEnsemble`]
@@ -60,6 +64,7 @@ class DistillationLoss(nn.Module):
     needs_labels: bool = False
     cacheable: bool = True
     accepts_row_logits: bool = False
+    accepts_projected_logits: bool = False
     mixes_teachers: bool = False
     #: The name of the term in the config and in the logs; `build_loss` sets it.
     term: str = ""

@@ -10,13 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..logit_rows import label_rows
+from ..logit_rows import ProjectedRows, label_rows
 from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
 from ..teacher_sources import TeacherEnsemble
 from .base import DistillationLoss, batch_size, register_loss
-from .chunked import chunked_rows_loss, chunked_soft_target_loss
+from .chunked import chunked_rows_loss, chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
 from .functional import DIVERGENCES, TEACHER_MIXTURES, mix_teacher_logits, soft_target_loss, topk_soft_target_loss
 
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
@@ -92,9 +92,11 @@ class SoftTargetLoss(DistillationLoss):
         temperature (`float`, defaults to 2.0): softens both distributions; must be > 0.
         divergence (`str`, defaults to `"forward_kl"`): `"forward_kl"` (KL(teacher || student), the published
             loss), `"reverse_kl"` or `"jsd"`.
-        chunk_size (`int`, defaults to 256): token-level losses run this many positions at a time
+        chunk_size (`int`, *optional*): token-level losses run this many positions at a time
             ([`chunked_soft_target_loss`]), so that a large vocabulary adds one full-vocabulary tensor to peak
-            memory instead of several. Same value and gradients; smaller chunks save more and loop more.
+            memory instead of several. Same value and gradients; smaller chunks save more and loop more. By
+            default as many positions as keep one chunk's float32 logits within 16 MiB (`rows_per_chunk`: 83 for
+            GPT-2's 50,257 tokens, 137 for BERT's 30,522).
 
     For extractive question answering (`*ForQuestionAnswering`, DistilBERT's SQuAD setting) the loss is the
     mean of the divergences of the start and of the end distributions over the positions; padding positions
@@ -110,7 +112,9 @@ class SoftTargetLoss(DistillationLoss):
     approximation.
 
     A language model's logits may also arrive as `[rows, vocab]`, the counted positions only, in row-major
-    order ([`hf_distill.logit_rows`]): the same loss on the same rows.
+    order ([`hf_distill.logit_rows`]): the same loss on the same rows. Either model's rows may also arrive
+    unprojected ([`~hf_distill.logit_rows.ProjectedRows`]): each chunk of `chunk_size` rows is then projected
+    here ([`~hf_distill.losses.projected_rows_loss`]), so that no `[rows, vocab]` tensor is held.
 
     With several teachers and no `"teacher"` entry, the target is their weighted mixture
     (`DistillationConfig.teacher_weights`), `teacher_mixture` (`str`, defaults to `"probabilities"`) saying how:
@@ -121,21 +125,24 @@ class SoftTargetLoss(DistillationLoss):
 
     student_outputs = teacher_outputs = frozenset({"logits"})
     accepts_row_logits = True
+    accepts_projected_logits = True
     mixes_teachers = True
 
     def __init__(
         self,
         temperature: float = 2.0,
         divergence: str = "forward_kl",
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         teacher_mixture: str = "probabilities",
     ):
         super().__init__()
         if teacher_mixture not in TEACHER_MIXTURES:
             raise ValueError(f"soft_target teacher_mixture must be one of {TEACHER_MIXTURES}, got {teacher_mixture!r}")
         self.teacher_mixture = teacher_mixture
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"soft_target chunk_size must be an integer >= 1, got {chunk_size!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"soft_target chunk_size must be an integer >= 1 (or unset), got {chunk_size!r}")
         self.chunk_size = chunk_size
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"soft_target temperature must be a number > 0, got {temperature!r}")
@@ -187,14 +194,22 @@ class SoftTargetLoss(DistillationLoss):
                 student_logits, teacher_outputs.logits, self.temperature, self.divergence, reduction="sum"
             )
         mask = self.position_mask(inputs)
+        if isinstance(student_logits, ProjectedRows):
+            return self._projected_loss(student_logits, teacher_outputs, mask)
         # Logits of the counted positions only ([rows, vocab]) need no mask; full ones are masked.
         student_mask = self._rows_mask(student_logits, mask, "student")
         cached = getattr(teacher_outputs, "token_targets", None)
         if cached is not None:
             return chunked_rows_loss(
-                student_logits, student_mask, self._cached_row_loss(cached, mask), self.chunk_size
+                student_logits,
+                student_mask,
+                self._cached_row_loss(cached, mask),
+                rows_per_chunk(student_logits.shape[-1], self.chunk_size),
             )
         teacher_logits = teacher_outputs.logits
+        if isinstance(teacher_logits, ProjectedRows):
+            self._rows_mask(teacher_logits, mask, "teacher")
+            teacher_logits = teacher_logits.logits()  # the student's logits are materialized: match them
         teacher_mask = self._rows_mask(teacher_logits, mask, "teacher")
         if (student_mask is None) != (teacher_mask is None):
             # One side holds only the counted rows: take the same rows of the other.
@@ -209,8 +224,32 @@ class SoftTargetLoss(DistillationLoss):
             self.temperature,
             self.divergence,
             mask=student_mask,
-            chunk_size=self.chunk_size,
+            chunk_size=rows_per_chunk(student_logits.shape[-1], self.chunk_size),
         )
+
+    def _projected_loss(self, student: ProjectedRows, teacher_outputs: Any, mask: torch.Tensor) -> torch.Tensor:
+        """The token-level loss with the student's rows unprojected: against a cache's rows, the teacher's rows
+        (projected too, chunk by chunk, or already logits), or its full logits (their counted positions)."""
+        self._rows_mask(student, mask, "student")
+        cached = getattr(teacher_outputs, "token_targets", None)
+        if cached is not None:
+            row_loss = self._cached_row_loss(cached, mask)
+        else:
+            teacher = teacher_outputs.logits
+            if not isinstance(teacher, ProjectedRows) and teacher.dim() != 2:
+                teacher = teacher[mask.to(teacher.device)]
+            self._rows_mask(teacher, mask, "teacher")
+            temperature, divergence = self.temperature, self.divergence
+
+            def row_loss(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+                if isinstance(teacher, ProjectedRows):
+                    with torch.no_grad():
+                        targets = teacher.logits(start, end)
+                else:
+                    targets = teacher[start:end]
+                return soft_target_loss(rows, targets.to(rows.device), temperature, divergence, reduction="sum")
+
+        return projected_rows_loss(student, row_loss, rows_per_chunk(student.shape[-1], self.chunk_size))
 
     def mixed_teacher(self, ensemble: TeacherEnsemble, inputs: Mapping[str, Any]) -> SimpleNamespace:
         """The teachers' outputs as one teacher's: logits whose distribution at this term's temperature is their
@@ -239,6 +278,8 @@ class SoftTargetLoss(DistillationLoss):
                     "which cannot be mixed: build the caches with teacher_cache_top_k=0, or name one teacher"
                 )
             logits = cached.logits if cached is not None else outputs.logits
+            if isinstance(logits, ProjectedRows):
+                logits = logits.logits()  # mixing needs every teacher's rows at once
             rows.append(logits if logits.dim() == 2 else logits[mask.to(logits.device)])
         return SimpleNamespace(logits=mix(rows))
 
@@ -314,6 +355,10 @@ class HardLabelLoss(DistillationLoss):
     needs_teacher = False
     needs_labels = True
     accepts_row_logits = True
+    accepts_projected_logits = True
+
+    #: Rows projected at a time when the logits arrive unprojected (`ProjectedRows`); None: `rows_per_chunk`.
+    chunk_size: int | None = None
 
     def __init__(self):
         super().__init__()
@@ -343,6 +388,17 @@ class HardLabelLoss(DistillationLoss):
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         logits = getattr(student_outputs, "logits", None)
+        if self.language_model and isinstance(logits, ProjectedRows):
+            # Unprojected rows (hf_distill.logit_rows): the same cross-entropy, projected chunk by chunk.
+            _, targets = label_rows(inputs["labels"], self.shift)
+            targets = targets.to(logits.device)
+            return projected_rows_loss(
+                logits,
+                lambda rows, start, end: nn.functional.cross_entropy(
+                    rows.float(), targets[start:end], reduction="sum"
+                ),
+                rows_per_chunk(logits.shape[-1], self.chunk_size),
+            )
         if self.language_model and logits is not None and logits.dim() == 2:
             # Logits of the labeled positions only (hf_distill.logit_rows): the model's own cross-entropy, summed.
             _, targets = label_rows(inputs["labels"], self.shift)
