@@ -31,3 +31,22 @@ def test_quick_peers_prints_every_ratio_and_the_contenders_agree():
     # hf_distill and TRL trained the causal LM to the same loss; the vision losses agree at the common start.
     assert "warning: the causal" not in result.stdout
     assert "warning: the vision start" not in result.stdout
+
+
+@pytest.mark.parametrize(("beta", "divergence"), [(0.5, "jsd"), (0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_trl_generalized_jsd_is_hf_distill_divergence(beta, divergence):
+    """TRL's GKD loss at beta 0.5 / 0 / 1 and hf_distill's jsd / forward_kl / reverse_kl at T = 1: the same per-token
+    divergence. TRL sums over the labeled shifted positions and divides by `num_items_in_batch`; given the same count
+    the two agree."""
+    import torch
+
+    from hf_distill.losses.functional import soft_target_loss
+
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 40, generator=generator), torch.randn(2, 6, 40, generator=generator)
+    labels = torch.randint(0, 40, (2, 6), generator=generator)
+    labels[0, :2] = -100
+    trl_loss = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
+    ours = soft_target_loss(student, teacher, 1.0, divergence, mask=labels != -100, reduction="mean")
+    torch.testing.assert_close(trl_loss, ours, rtol=1e-5, atol=1e-7)
