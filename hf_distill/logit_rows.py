@@ -176,6 +176,25 @@ def project_rows(model: nn.Module, rows: torch.Tensor | None, defer: bool = Fals
             del head.forward
 
 
+def _probe(model: nn.Module, defer: bool) -> Any:
+    """The logits `model` returns for two positions of which `project_rows` keeps the first (`defer`: wrapped
+    strictly); None if anything fails. In evaluation mode and without gradients, so no random state is drawn."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    rows = torch.tensor([[True, False]], device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), project_rows(model, rows, defer) as projection:
+            outputs = model(input_ids=input_ids)
+        return projection.wrap(outputs, strict=True).logits
+    except Exception:  # noqa: BLE001 - any failure means: keep the model's own projection
+        return None
+    finally:
+        model.train(training)
+
+
 def supports_rows(model: nn.Module) -> bool:
     """Whether `project_rows` works on `model`: a two-position forward gives the logits of the one row selected.
 
@@ -184,42 +203,17 @@ def supports_rows(model: nn.Module) -> bool:
     """
     if output_head(model) is None:
         return False
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    rows = torch.tensor([[True, False]], device=device)
-    training = model.training
-    model.eval()  # no dropout: the probe leaves the random state alone
-    try:
-        with torch.no_grad(), project_rows(model, rows):
-            logits = model(input_ids=input_ids).logits
-    except Exception:  # noqa: BLE001 - any failure means: keep the full projection
-        return False
-    finally:
-        model.train(training)
-    return logits.dim() == 2 and logits.shape[0] == 1
+    logits = _probe(model, defer=False)
+    return isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == 1
 
 
 def supports_deferred(model: nn.Module) -> bool:
     """Whether `project_rows(..., defer=True)` works on `model`: its projection is a plain `nn.Linear` and a
-    two-position forward returns that projection's output unchanged as its logits (no scaling, capping or cast).
-    One tiny forward without gradients."""
+    two-position forward returns that projection's output unchanged as its logits (no scaling or capping; an exact
+    cast to another dtype is accepted). One tiny forward without gradients."""
     if deferrable_head(model) is None:
         return False
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    rows = torch.tensor([[True, False]], device=device)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), project_rows(model, rows, defer=True) as projection:
-            outputs = model(input_ids=input_ids)
-        projected = projection.wrap(outputs, strict=True).logits
-    except Exception:  # noqa: BLE001 - any failure means: project in the model
-        return False
-    finally:
-        model.train(training)
+    projected = _probe(model, defer=True)
     return isinstance(projected, ProjectedRows) and projected.hidden.shape[0] == 1
 
 
