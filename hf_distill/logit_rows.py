@@ -81,11 +81,6 @@ class ProjectedRows:
         states may arrive cast to float32 by mixed precision); differentiable."""
         return nn.functional.linear(self.hidden[start:end].to(self.weight.dtype), self.weight, self.bias)
 
-    def detach(self) -> ProjectedRows:
-        return ProjectedRows(
-            self.hidden.detach(), self.weight.detach(), None if self.bias is None else self.bias.detach()
-        )
-
 
 @dataclass
 class _Projection:
