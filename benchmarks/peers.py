@@ -412,12 +412,11 @@ def format_peers(results: dict, ratios: dict) -> str:
         f"{VISION_TOLERANCE}: this batch-norm student amplifies rounding step after step, and hf_distill's "
         "channels-last convolutions round differently from the guide's).",
         "",
-        "Ratios (targets: causal_lm_step_vs_trl <= 0.80, causal_lm_peak_vs_trl <= 0.60, vision_online_vs_guide <= "
-        "0.95, vision_cached_3_epochs_vs_guide <= 0.60):",
-        "",
-        "```json",
-        json.dumps(ratios),
-        "```",
+        *run.ratios_lines(
+            "causal_lm_step_vs_trl <= 0.80, causal_lm_peak_vs_trl <= 0.60, vision_online_vs_guide <= 0.95, "
+            "vision_cached_3_epochs_vs_guide <= 0.60",
+            ratios,
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -555,15 +555,19 @@ def format_results(results: dict, ratios: dict) -> str:
         f"{kl['naive_peak_bytes'] / 2**30:.2f} GiB, chunked {kl['chunked_peak_bytes'] / 2**30:.2f} GiB "
         f"(saving {kl['token_kl_peak_saving']:.1%}).",
         "",
-        "Ratios (targets: online_over_parts <= 1.10, cached_over_plain <= 1.05, cache_build_over_inference <= 1.10, "
-        "token_kl_peak_saving >= 0.60, kd_peak_over_plain <= 1.10; the last three keys are the like-for-like ratios; "
-        "the worst pair is reported):",
-        "",
-        "```json",
-        json.dumps(ratios),
-        "```",
+        *ratios_lines(
+            "online_over_parts <= 1.10, cached_over_plain <= 1.05, cache_build_over_inference <= 1.10, "
+            "token_kl_peak_saving >= 0.60, kd_peak_over_plain <= 1.10; the last three keys are the like-for-like "
+            "ratios; the worst pair is reported",
+            ratios,
+        ),
     ]
     return "\n".join(lines) + "\n"
+
+
+def ratios_lines(targets: str, ratios: dict) -> list[str]:
+    """A report's closing lines: the targets, then the ratios as the JSON line the script prints last."""
+    return [f"Ratios (targets: {targets}):", "", "```json", json.dumps(ratios), "```"]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -277,13 +277,22 @@ def logit_rows_plan(
     kind = describe(student)
     use = compaction_applies(student, losses, enabled)
     student_rows = use and supports_rows(student)
-    teacher_rows = use and isinstance(teacher, nn.Module) and supports_rows(teacher)
-    return LogitRowsPlan(
+    plan = LogitRowsPlan(
         student=student_rows,
-        teacher=teacher_rows,
         shift=kind.causal_lm,
         student_logits_read=any("logits" in loss.student_outputs for loss in losses),
-        teacher_logits_read=any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
         student_deferred=student_rows and deferral_applies(losses, "student", defer) and supports_deferred(student),
-        teacher_deferred=teacher_rows and deferral_applies(losses, "teacher", defer) and supports_deferred(teacher),
+    )
+    return with_teacher(plan, teacher, losses, use, defer)
+
+
+def with_teacher(plan: LogitRowsPlan, teacher: Any, losses: list[Any], rows: bool, defer: bool) -> LogitRowsPlan:
+    """`plan` with the fields of `teacher` as `losses` (those that read it) read it: its projection at the rows
+    when `rows` allows and its probe passes, and left to the losses when `defer` allows too."""
+    rows = rows and isinstance(teacher, nn.Module) and supports_rows(teacher)
+    return replace(
+        plan,
+        teacher=rows,
+        teacher_logits_read=any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
+        teacher_deferred=rows and deferral_applies(losses, "teacher", defer) and supports_deferred(teacher),
     )

@@ -16,7 +16,7 @@ import inspect
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,11 +35,9 @@ from .guards import NonFiniteGuard, check_finite_weights
 from .logit_rows import (
     LogitRowsPlan,
     compaction_applies,
-    deferral_applies,
     logit_rows_plan,
     project_rows,
-    supports_deferred,
-    supports_rows,
+    with_teacher,
 )
 from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
 from .model_kind import convolutional, describe
@@ -312,20 +310,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         forward_kept = type(self).teacher_forward is DistillationTrainer.teacher_forward
         sources = [source for name, source in self.teachers.items() if name not in skip]
         for source in sources:
-            reading = _reading(terms, self.term_teachers, source.name)
-            rows = applies and not source.trainable and supports_rows(source.reference)
-            source.rows_plan = replace(
+            source.rows_plan = with_teacher(
                 plan,
+                source.reference,
+                _reading(terms, self.term_teachers, source.name),
                 # A learning teacher computes its task loss from its labels: logits at every position.
-                teacher=rows,
-                teacher_logits_read=any("logits" in loss.teacher_outputs for loss in reading),
-                teacher_deferred=rows
-                and source.name not in cached
-                and defer
-                and builtin
-                and forward_kept
-                and deferral_applies(reading, "teacher")
-                and supports_deferred(source.reference),
+                rows=applies and not source.trainable,
+                defer=defer and builtin and forward_kept and source.name not in cached,
             )
         return sources[0].rows_plan if sources else plan
 
