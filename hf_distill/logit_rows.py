@@ -141,7 +141,10 @@ def project_rows(model: nn.Module, rows: torch.Tensor | None, defer: bool = Fals
     head = None if rows is None else (deferrable_head(model) if defer else output_head(model))
     if head is None:
         if rows is not None and defer:
-            raise RuntimeError(f"{type(model).__name__}'s vocabulary projection is not a plain nn.Linear to defer")
+            raise RuntimeError(
+                f"{type(model).__name__}'s vocabulary projection is not a plain nn.Linear, so it cannot be deferred: "
+                "call project_rows without defer (check deferrable_head(model) first)"
+            )
         yield _Projection()
         return
     projection = _Projection(head, defer)
