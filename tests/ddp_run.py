@@ -3,8 +3,7 @@
 import sys
 from pathlib import Path
 
-import torch
-from helpers import bert_masked_lm, config, masked_lm_dataset
+from helpers import bert_masked_lm, config, end_launched_process, masked_lm_dataset
 from safetensors.torch import save_file
 
 from hf_distill import DistillationTrainer
@@ -59,4 +58,4 @@ if __name__ == "__main__":
         for name, teacher in trainer._teachers_with_state().items():
             state.update({f"teacher.{name}.{k}": v for k, v in teacher.state_dict().items()})
         save_file({k: v.clone().contiguous() for k, v in state.items()}, str(output_dir / "final.safetensors"))
-    torch.distributed.barrier()
+    end_launched_process()

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from helpers import bert_masked_lm, config, masked_lm_dataset
+from helpers import bert_masked_lm, config, end_launched_process, masked_lm_dataset
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
@@ -91,3 +91,4 @@ if __name__ == "__main__":
         state = {key: value.clone().contiguous() for key, value in student.state_dict().items()}
     if run.args.process_index == 0:
         save_file(state, str(output_dir / "final.safetensors"))
+    end_launched_process()

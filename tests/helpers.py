@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+from typing import NoReturn
 
 import torch
 from datasets import Dataset
@@ -195,3 +198,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def end_launched_process() -> NoReturn:
+    """End a torchrun worker whose results are written, without the interpreter's teardown.
+
+    The Trainer keeps gloo's process group alive to the end (a plain `transformers.Trainer` alike: its worker
+    threads survive `destroy_process_group`), and a worker thread that releases a finished collective's tensors
+    while the interpreter is being torn down needs the GIL of a dying interpreter: the process aborts ("terminate
+    called without an active exception") after the run has finished. Rare, and likelier on a loaded machine.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -24,8 +24,8 @@ from transformers import (
     AutoTokenizer,
 )
 
+from hf_distill.pipeline import PipelineArguments, parse_args, report, run_pipeline
 from hf_distill.pipeline import models as pipeline_models
-from hf_distill.pipeline import parse_args, report, run_pipeline
 
 # Small enough for seconds on two CPU cores; the numbers are checked for shape and consistency, not quality.
 FAST = [
@@ -299,3 +299,49 @@ def test_help_lists_the_strategies_options(capsys):
                    "--save_trained_teachers", "--ema_teacher", "--ema_momentum", "--generations"):  # fmt: skip
         assert option in usage, option
     assert "name=path pairs" in usage
+
+
+def test_a_transfer_set_of_unused_examples_and_a_baseline_of_as_many_steps(tmp_path):
+    result, output = tiny_sentiment_run(
+        tmp_path, "--max_train_samples", "12", "--transfer_dataset", "unused", "--baseline", "true"
+    )
+    assert (result["train_examples"], result["transfer_examples"]) == (12, 24)  # 36 training snippets in all
+    # 36 examples in batches of 8 for the student, 12 labeled ones repeated for the baseline: 5 steps each.
+    assert result["training_steps"] == {"student": 5, "baseline": 5}
+    assert "12 labeled examples and 24 without labels" in open(os.path.join(output, "report.md")).read()
+    assert read_card(os.path.join(output, "student"))[0]["hf_distill"]["transfer_examples"] == 24
+
+
+def test_an_image_transfer_set_from_another_data_set(tmp_path):
+    data = write_image_dataset(str(tmp_path / "images"))
+    extra = write_image_dataset(str(tmp_path / "more-images"), size=16)
+    result, _ = run(["--recipe", "vit-fashion-mnist", "--dataset", data, "--output_dir", str(tmp_path / "run"),
+                     "--teacher_config", json.dumps(TINY_VIT), "--image_size", "32",
+                     "--student_config", json.dumps({"model_type": "mobilenet_v2", "depth_multiplier": 0.35}),
+                     "--max_train_samples", "27", "--transfer_dataset", extra, "--transfer_max_samples", "10",
+                     "--baseline", "false", *FAST])  # fmt: skip
+    assert (result["train_examples"], result["transfer_examples"]) == (27, 10)
+    assert result["training_steps"] == {"student": 4}  # 37 images in full batches of 8 (the recipe drops the last)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--transfer_dataset", "unused", "--max_train_samples", "100"], "none is left over"),
+        (["--transfer_dataset", "DATA", "--transfer_split", "test"], "would leak the test set"),
+        (["--transfer_dataset", "DATA", "--transfer_split", "dev"], "has no 'dev' split"),
+    ],
+)
+def test_transfer_sets_that_cannot_apply_are_refused_by_the_data_stage(tmp_path, flags, message):
+    data = write_sentiment_dataset(str(tmp_path / "data"))
+    argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", write_encoder_teacher(str(tmp_path / "encoder")),
+            "--dataset", data, "--output_dir", str(tmp_path / "run"), *FAST]  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run(argv + [data if flag == "DATA" else flag for flag in flags])
+
+
+def test_transfer_set_arguments_that_cannot_apply_are_refused():
+    with pytest.raises(ValueError, match="set --max_train_samples"):
+        PipelineArguments(teacher="t", dataset="d", transfer_dataset="unused")
+    with pytest.raises(ValueError, match="add the extra text to --dataset"):
+        PipelineArguments(teacher="t", dataset="d", task="masked-lm", transfer_dataset="unused", max_train_samples=9)

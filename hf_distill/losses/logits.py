@@ -348,7 +348,7 @@ class HardLabelLoss(DistillationLoss):
 
     One item per label that is not -100 (an example for classification, a masked token for masked LM),
     the unit the model averages over; for question answering (labels `start_positions` / `end_positions`), one
-    per example.
+    per example. Examples labeled -100 (a transfer set, [`hf_distill.transfer`]) count for nothing.
     """
 
     student_outputs = frozenset({"logits"})
@@ -408,5 +408,9 @@ class HardLabelLoss(DistillationLoss):
                 "the student returned no loss although the batch has labels; hard_label needs a model with a task "
                 "head (e.g. *ForSequenceClassification) that computes its loss from `labels`"
             )
+        count = self.count_items(inputs).to(student_outputs.loss.device)
+        if not count:
+            # Only unlabeled examples (a transfer set): the model's mean over no labels is NaN, and so is its gradient.
+            return student_outputs.logits.float().sum() * 0.0
         # The model averages over its labels; undo it so the trainer can average over the whole batch.
-        return student_outputs.loss.float() * self.count_items(inputs).to(student_outputs.loss.device)
+        return student_outputs.loss.float() * count

@@ -18,6 +18,8 @@ from transformers import HfArgumentParser
 from ..config import DistillationConfig
 
 TASKS = ("text-classification", "masked-lm", "image-classification")
+#: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
+UNUSED_EXAMPLES = "unused"
 #: The recipes that ship with the package (the top-level `recipes/` folder, installed as `hf_distill.recipes`): one
 #: YAML file each, the file name is the recipe name.
 RECIPES_DIR: Traversable = files("hf_distill.recipes")
@@ -119,6 +121,24 @@ class PipelineArguments:
         default=None, metadata={"help": "Distil on the first N training examples (shuffled with --seed)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N held-out examples."})
+    transfer_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A transfer set: examples without labels that the student also distils on (every term that "
+            "reads the teacher counts them, hard_label skips them; the baseline never sees them). Any --dataset "
+            "form, or 'unused': the training split's examples beyond --max_train_samples, their labels dropped. "
+            "Text and image classification."
+        },
+    )
+    transfer_dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub configuration of --transfer_dataset."}
+    )
+    transfer_split: str | None = field(
+        default=None, metadata={"help": "Split of --transfer_dataset to take (default: --train_split)."}
+    )
+    transfer_max_samples: int | None = field(
+        default=None, metadata={"help": "Take the first N transfer examples (shuffled with --seed; default: all)."}
+    )
     max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Share of tokens masked for masked LM (80%% [MASK], 10%% random, 10%% kept)."}
@@ -176,6 +196,19 @@ class PipelineArguments:
             raise ValueError(
                 f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}"
             )
+        if self.transfer_dataset is not None:
+            if self.task == "masked-lm":
+                raise ValueError(
+                    "a transfer set is for classification: masked-LM training text has no labels to leave out, so "
+                    "add the extra text to --dataset instead of --transfer_dataset"
+                )
+            if self.transfer_dataset == UNUSED_EXAMPLES and self.max_train_samples is None:
+                raise ValueError(
+                    "--transfer_dataset unused takes the training examples beyond --max_train_samples, but every "
+                    "example already has its label: set --max_train_samples, or name another --transfer_dataset"
+                )
+        if self.transfer_max_samples is not None and self.transfer_max_samples < 1:
+            raise ValueError(f"transfer_max_samples must be >= 1, got {self.transfer_max_samples}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
 

@@ -26,7 +26,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from .arguments import PipelineArguments
+from ..transfer import with_transfer_set
+from .arguments import UNUSED_EXAMPLES, PipelineArguments
 from .sources import load_raw_dataset, resolve_model
 
 # Held-out share carved from the training split when a data set has no validation or test split.
@@ -46,6 +47,17 @@ class PreparedData:
     eval_collator: Any
     label_names: list[str] | None
     image_size: int | None = None
+    #: What the student distils on: `train`, followed by the transfer set's examples (label -100) when there is one.
+    distill_train: Dataset | None = None
+
+    def __post_init__(self):
+        if self.distill_train is None:
+            self.distill_train = self.train
+
+    @property
+    def transfer_examples(self) -> int:
+        """How many examples without labels the student distils on besides `train`."""
+        return len(self.distill_train) - len(self.train)
 
     def example_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """A batch of held-out inputs (no labels), for timing the models."""
@@ -106,6 +118,45 @@ def _label_names(train: Dataset, column: str) -> list[str]:
     return [str(value) for value in sorted(set(train[column]))]
 
 
+def _transfer_examples(args: PipelineArguments, full_train: Dataset, used: int, seed: int) -> Dataset | None:
+    """The raw transfer set (`--transfer_dataset`), shuffled with `seed` and cut to `--transfer_max_samples`."""
+    if args.transfer_dataset is None:
+        return None
+    if args.transfer_dataset == UNUSED_EXAMPLES:
+        if used == len(full_train):
+            raise ValueError(
+                f"--transfer_dataset unused: --max_train_samples {args.max_train_samples} keeps all {len(full_train)} "
+                "training examples, so none is left over; lower --max_train_samples or name another transfer set"
+            )
+        transfer = full_train.select(range(used, len(full_train)))
+    else:
+        raw = load_raw_dataset(args.transfer_dataset, args.transfer_dataset_config_name)
+        split = args.transfer_split or args.train_split
+        if isinstance(raw, DatasetDict):
+            if split not in raw:
+                raise ValueError(
+                    f"the transfer set {args.transfer_dataset!r} has no {split!r} split (it has {list(raw)}); set "
+                    "--transfer_split"
+                )
+            if args.transfer_dataset == args.dataset and split == (args.eval_split or _held_out_name(raw, args)):
+                raise ValueError(
+                    f"--transfer_split {split!r} is the split every model is evaluated on: distilling on it would "
+                    "leak the test set; choose another split"
+                )
+            raw = raw[split]
+        transfer = raw.shuffle(seed=seed)
+    column = args.image_column if args.task == "image-classification" else args.text_column
+    _check_columns(transfer, [column], ["--image_column" if column == args.image_column else "--text_column"])
+    if args.transfer_max_samples is not None:
+        transfer = transfer.select(range(min(args.transfer_max_samples, len(transfer))))
+    return transfer.select_columns([column])
+
+
+def _held_out_name(raw: DatasetDict, args: PipelineArguments) -> str | None:
+    """The split `_splits` evaluates on when --eval_split is not given (None: carved from the training split)."""
+    return next((name for name in ("validation", "test") if name in raw and name != args.train_split), None)
+
+
 def prepare_data(args: PipelineArguments, seed: int, processor=None) -> PreparedData:
     """Load, split, subsample and preprocess the data for `args.task`."""
     processor = load_processor(args) if processor is None else processor
@@ -119,6 +170,7 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
     teacher_train = full_train
     if args.teacher_max_train_samples is not None:
         teacher_train = full_train.select(range(min(args.teacher_max_train_samples, len(full_train))))
+    transfer = _transfer_examples(args, full_train, len(train), seed)
 
     if args.task == "image-classification":
         _check_columns(train, [args.image_column, args.label_column], ["--image_column", "--label_column"])
@@ -128,13 +180,21 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
             images = [image.convert("RGB") for image in batch[args.image_column]]
             return {
                 "pixel_values": processor(images, return_tensors="pt")["pixel_values"],
-                "labels": batch[args.label_column],
+                "labels": batch["labels"],
             }
 
-        splits = [split.with_transform(to_pixels) for split in (train, teacher_train, held_out)]
+        def labeled(split: Dataset) -> Dataset:
+            return split.select_columns([args.image_column, args.label_column]).rename_columns(
+                {args.label_column: "labels"} if args.label_column != "labels" else {}
+            )
+
+        splits = [labeled(split) for split in (train, teacher_train, held_out)]
+        if transfer is not None:
+            splits.append(with_transfer_set(splits[0], transfer))
+        splits = [split.with_transform(to_pixels) for split in splits]
         size = processor.size.get("height") if isinstance(processor.size, dict) else None
         collator = DefaultDataCollator()
-        return PreparedData(args.task, processor, *splits, collator, collator, label_names, size)
+        return PreparedData(args.task, processor, *splits[:3], collator, collator, label_names, size, *splits[3:])
 
     _check_columns(train, [args.text_column], ["--text_column"])
 
@@ -157,8 +217,12 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
             split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenising {name}")
             for name, split in (("train", train), ("teacher train", teacher_train), ("eval", held_out))
         ]
+        if transfer is not None:
+            tokenised = transfer.map(tokenize, batched=True, remove_columns=transfer.column_names,
+                                     desc="Tokenising transfer set")  # fmt: skip
+            splits.append(with_transfer_set(splits[0], tokenised))
         collator = DataCollatorWithPadding(processor)
-        return PreparedData(args.task, processor, *splits, collator, collator, label_names)
+        return PreparedData(args.task, processor, *splits[:3], collator, collator, label_names, None, *splits[3:])
 
     # Masked LM: drop empty lines, tokenise; the eval split is masked once with a fixed seed.
     splits = [

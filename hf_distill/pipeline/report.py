@@ -168,6 +168,12 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
         )
+    if report.get("transfer_examples"):
+        lines.append(
+            f"- transfer set: the student distilled on {report['train_examples']:,} labeled examples and "
+            f"{report['transfer_examples']:,} without labels (teacher targets only); the baseline trained on the "
+            "labeled ones for as many steps"
+        )
     if report.get("ema_teacher"):
         lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")
     generations = report.get("generations") or 1
@@ -219,6 +225,7 @@ def model_card(
             "teacher_config": report.get("teacher_config"),
             "recipe": recipe,
             "dataset": dataset,
+            "transfer_examples": report.get("transfer_examples", 0),
             "losses": losses,
             "summary": summary,
         },

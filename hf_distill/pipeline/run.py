@@ -75,14 +75,16 @@ def distill(
     config: DistillationConfig,
     output_dir: str,
     resume_from_checkpoint: str | bool | None = None,
+    labeled_only: bool = False,
 ) -> DistillationTrainer:
     """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses,
-    checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last)."""
+    checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last), on
+    the labeled examples and the transfer set, or (`labeled_only`) on the labeled examples alone."""
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
         args=stage_args(config, output_dir),
-        train_dataset=data.train,
+        train_dataset=data.train if labeled_only else data.distill_train,
         # A masked-LM eval split is masked once, ahead of time; the training collator would mask it again.
         eval_dataset=None if data.task == "masked-lm" else data.eval,
         data_collator=data.train_collator,
@@ -142,6 +144,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         trainer = distill(fresh, trainer.model, data, born_again, folder)
         clock = lap(f"generation {generation}", clock)
     models["student"] = trainer.model
+    steps = {"student": trainer.state.global_step}
     if args.baseline:
         # Without the teacher means without what it learnt here too: a student built from teacher layers starts
         # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
@@ -152,12 +155,24 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         set_seed(config.seed)
         baseline, _ = make_student(args, initial, data, config.seed)
         del initial
+        # As many steps as the student took: with a transfer set the student's epochs are longer, and the baseline
+        # repeats its labeled examples to match.
         baseline_config = stage_args(
-            config, config.output_dir, losses={"hard_label": {"weight": 1.0}}, teacher_cache=None
+            config,
+            config.output_dir,
+            losses={"hard_label": {"weight": 1.0}},
+            teacher_cache=None,
+            max_steps=trainer.state.global_step,
         )
-        models["baseline"] = distill(
-            baseline, None, data, baseline_config, os.path.join(config.output_dir, "checkpoints", "baseline")
-        ).model
+        baseline_trainer = distill(
+            baseline,
+            None,
+            data,
+            baseline_config,
+            os.path.join(config.output_dir, "checkpoints", "baseline"),
+            labeled_only=True,
+        )
+        models["baseline"], steps["baseline"] = baseline_trainer.model, baseline_trainer.state.global_step
         clock = lap("baseline", clock)
 
     batch_size = config.per_device_eval_batch_size
@@ -178,6 +193,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         else {name: {"given": args.teachers[name], "used": source} for name, (_, source) in prepared.items()},
         dataset=args.dataset,
         train_examples=len(data.train),
+        transfer_examples=data.transfer_examples,
+        training_steps=steps,
         eval_examples=len(data.eval),
         losses=losses,
         teacher_cache=config.teacher_cache,
