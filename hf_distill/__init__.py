@@ -12,6 +12,7 @@ from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer
 from .losses import DistillationLoss, available_losses, register_loss
 from .teacher import load_teacher
 from .trainer import DistillationTrainer
+from .transfer import with_transfer_set
 
 __all__ = [
     "DistillationConfig",
@@ -22,5 +23,6 @@ __all__ = [
     "available_losses",
     "load_teacher",
     "register_loss",
+    "with_transfer_set",
     "__version__",
 ]

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the recipe and flags, run every stage, print the table. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     try:  # the pipeline's own dependencies are an extra: the trainer needs none of them
-        from .pipeline import RECIPES_DIR, available_recipes, parse_args, report_lines, run_pipeline
+        from .pipeline import RECIPES_DIR, available_recipes, parse_args, report_lines, run_pipeline, run_seeds
+        from .pipeline.seeds import seeds_report_lines
     except ModuleNotFoundError as error:
         if error.name not in _PIPELINE_MODULES:
             raise
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     args, config, recipe = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.logging.set_verbosity_warning()
+    if args.seeds:
+        report = run_seeds(args, config, args.seeds, recipe)
+        print("\n" + "\n".join(seeds_report_lines(report)))
+        print(f"\nEach seed's student is in <run>/student; the report over all is in {config.output_dir}/report.md")
+        return 0
     report = run_pipeline(args, config, recipe)
     print("\n" + "\n".join(report_lines(report)))
     print(f"\nStudent saved to {report['student_dir']}; report in {os.path.join(config.output_dir, 'report.md')}")

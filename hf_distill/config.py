@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .augmentation import ImageAugmentation
 from .losses import available_losses, build_losses
 from .teacher_sources import normalized_weights
 
@@ -87,6 +88,13 @@ class DistillationConfig(TrainingArguments):
             FSDP), without a teacher that learns, and unless `compute_distillation_loss` (for the teacher also
             `teacher_forward`) is overridden, or the model changes its projection's output: those keep projected
             rows.
+        image_augmentation (`dict`, *optional*):
+            A random view of each training batch of images, drawn once and seen by the student and every teacher
+            alike ([`hf_distill.augmentation`]): `crop_scale` ([low, high] share of the area of a random resized
+            crop), `flip` (horizontal, p = 1/2), `mixup_alpha` and `cutmix_alpha` (λ ~ Beta(α, α) per batch;
+            labels mix alike and `hard_label` reads them as class probabilities). Drawn from `seed` and the
+            micro-batch's position in training, so a resumed run draws the same views. Refused with a teacher
+            cache (its outputs belong to one view of each image) and with teachers that learn when mixing.
         check_finite (`bool`, *optional*, defaults to `True`):
             Stop training with a `FloatingPointError` that names the culprit (a teacher output, a loss term, the
             loss or the gradients), the step and what to try, when a value of a step is NaN or infinite, before the
@@ -94,7 +102,7 @@ class DistillationConfig(TrainingArguments):
             fp16's gradient scaler, infinite gradients are left to the scaler, which skips such steps by design.
     """
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses", "teacher_weights"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses", "teacher_weights", "image_augmentation"]
 
     losses: dict | str | None = field(
         default_factory=_default_losses,
@@ -182,6 +190,14 @@ class DistillationConfig(TrainingArguments):
             "hard_label, which project chunk by chunk, so no [rows, vocab] logits (or gradient) are held."
         },
     )
+    image_augmentation: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Image students: a random view of each training batch, seen alike by student and teachers, as a "
+            'JSON mapping, e.g. \'{"crop_scale": [0.35, 1.0], "flip": true, "mixup_alpha": 0.2, "cutmix_alpha": '
+            "1.0}'. Refused with a teacher cache."
+        },
+    )
     check_finite: bool = field(
         default=True,
         metadata={
@@ -211,6 +227,16 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"trainable_teacher_learning_rate must be > 0, got {self.trainable_teacher_learning_rate!r}"
             )
+        self.image_augmentation = _json_mapping(
+            "image_augmentation", self.image_augmentation, '{"crop_scale": [0.35, 1.0], "flip": true}'
+        )
+        if self.image_augmentation is not None:
+            ImageAugmentation.from_config(self.image_augmentation)  # unknown keys and bad values, now
+            if self.teacher_cache is not None:
+                raise ValueError(
+                    "image_augmentation draws a new view of every image at every step, but a teacher cache holds the "
+                    "teacher's outputs for one view: drop teacher_cache to distil online, or drop image_augmentation"
+                )
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
         if (

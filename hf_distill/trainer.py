@@ -26,6 +26,7 @@ from safetensors.torch import save_model as safetensors_save_model
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from .augmentation import ImageAugmentation, augment_batch
 from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import ConfigOnly, TeacherCacheMixin, cached_reference, check_cache_use
 from .card import cached_teacher_facts, model_facts
@@ -153,6 +154,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
             references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
         self._set_up_losses(terms, student, references)
+        self.image_augmentation = self._image_augmentation(student, terms)
         self._use_channels_last(student)
         if any(isinstance(source, EMATeacher) for source in self.teachers.values()):
             self.add_callback(_MovingAverage(self))
@@ -172,6 +174,34 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.teacher_cache = self._use_teacher_caches(caches, references)
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+
+    def _image_augmentation(
+        self, student: nn.Module, terms: dict[str, tuple[float, DistillationLoss]]
+    ) -> ImageAugmentation | None:
+        """The configured augmentation, checked against the student and the teachers; with mixing, `hard_label`
+        terms read the mixed labels as class probabilities."""
+        if self.args.image_augmentation is None:
+            return None
+        augmentation = ImageAugmentation.from_config(self.args.image_augmentation)
+        if getattr(student, "main_input_name", None) != "pixel_values":
+            raise ValueError(
+                f"image_augmentation applies to image models (inputs pixel_values), but the student "
+                f"{type(student).__name__} reads {getattr(student, 'main_input_name', 'other inputs')}: leave "
+                "image_augmentation unset"
+            )
+        if augmentation.mixes:
+            if self.learning_teachers:
+                raise ValueError(
+                    "mixup/cutmix turns labels into class probabilities, which a teacher that learns cannot train on "
+                    "(its model computes its own loss from integer labels): drop mixup_alpha/cutmix_alpha, or "
+                    "trainable_teachers"
+                )
+            if not describe(student).class_labels:
+                raise ValueError("mixup/cutmix needs a classifier student (one class label per image)")
+            for _, loss in terms.values():
+                if isinstance(loss, HardLabelLoss):
+                    loss.class_probabilities = True
+        return augmentation
 
     def _use_channels_last(self, student: nn.Module) -> None:
         """Convolutional models (`channels_last` None: those with most weights in 2-D convolutions; True: any with
@@ -430,8 +460,12 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         if self.seq2seq:  # decoder inputs built once, from the student, for both models (the teacher gets no labels)
             inputs = with_decoder_inputs(self.accelerator.unwrap_model(model), inputs)
         rows = training_rows(self.logit_rows, "student", inputs) if model.training else None
-        # With rows, the losses compute the student's task loss from its rows: the model must not (from labels).
-        student_inputs = inputs if rows is None else {key: value for key, value in inputs.items() if key != "labels"}
+        # With rows, the losses compute the student's task loss from its rows: the model must not (from labels); nor
+        # from mixed labels (class probabilities), which hard_label reads itself.
+        mixed = model.training and self.image_augmentation is not None and self.image_augmentation.mixes
+        student_inputs = (
+            inputs if rows is None and not mixed else {key: value for key, value in inputs.items() if key != "labels"}
+        )
         defer = rows is not None and self.logit_rows.defers("student")
         with project_rows(self.accelerator.unwrap_model(model), rows, defer) as projection:
             student_outputs = model(**student_inputs, **self.student_output_flags)
@@ -508,6 +542,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.image_augmentation is not None:  # before counting: mixed labels count by their mass
+            batch_samples = [self._augmented(batch, position) for position, batch in enumerate(batch_samples)]
         # The Trainer zeroes the student's gradients only (model.zero_grad()); the projectors' and the learning
         # teachers' would pile up.
         for part in self.extra_trained_modules().values():
@@ -524,6 +560,13 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
                 counts = self.accelerator.reduce(counts, reduction="sum")
             self._window_counts = dict(zip(self.distillation_losses, counts.clamp_min(1), strict=True))
         return batch_samples, num_items_in_batch
+
+    def _augmented(self, inputs: dict[str, Any], position: int) -> dict[str, Any]:
+        """One view of a training micro-batch, drawn from the seed, the step, the micro-batch's place in the step
+        and the process: the same on a resumed run, different on each process."""
+        seed = hash((self.args.seed, self.state.global_step, position, self.args.process_index)) & (2**63 - 1)
+        num_labels = getattr(self.accelerator.unwrap_model(self.model).config, "num_labels", 0)
+        return augment_batch(self.image_augmentation, inputs, num_labels, seed)
 
     def extra_trained_modules(self) -> dict[str, nn.Module]:
         """What trains besides the student, by prefix: the losses' projectors (`losses`) and each teacher that

@@ -24,7 +24,7 @@ from transformers import (
     AutoTokenizer,
 )
 
-from hf_distill.pipeline import PipelineArguments, parse_args, report, run_pipeline
+from hf_distill.pipeline import PipelineArguments, parse_args, report, run_pipeline, run_seeds
 from hf_distill.pipeline import models as pipeline_models
 
 # Small enough for seconds on two CPU cores; the numbers are checked for shape and consistency, not quality.
@@ -345,3 +345,31 @@ def test_transfer_set_arguments_that_cannot_apply_are_refused():
         PipelineArguments(teacher="t", dataset="d", transfer_dataset="unused")
     with pytest.raises(ValueError, match="add the extra text to --dataset"):
         PipelineArguments(teacher="t", dataset="d", task="masked-lm", transfer_dataset="unused", max_train_samples=9)
+
+
+def test_several_seeds_give_one_report_of_means_and_spreads(tmp_path):
+    output = str(tmp_path / "run")
+    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    data = write_sentiment_dataset(str(tmp_path / "data"))
+    argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", data, "--output_dir", output,
+            "--student_num_layers", "2", "--max_train_samples", "24", "--teacher_max_train_samples", "24", *FAST,
+            "--seeds", "0", "1"]  # fmt: skip
+    args, config, recipe = parse_args(argv)
+    combined = run_seeds(args, config, args.seeds, recipe)
+    runs = [json.load(open(os.path.join(output, f"seed-{seed}", "report.json"))) for seed in (0, 1)]
+    assert [run["seed"] for run in runs] == [0, 1]
+    for name in ("teacher", "student", "baseline"):
+        values = [run["results"][name]["accuracy"] for run in runs]
+        figure = combined["results"][name]["accuracy"]
+        assert figure["values"] == values and figure["mean"] == pytest.approx(sum(values) / 2)
+        assert figure["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    margins = [100 * (run["results"]["student"]["accuracy"] - run["results"]["baseline"]["accuracy"]) for run in runs]
+    assert combined["summary"]["student_minus_baseline_points"]["values"] == pytest.approx(margins)
+    margin = combined["summary"]["student_minus_baseline_points"]
+    assert combined["summary"]["margin_beyond_two_std"] == (margin["mean"] > 2 * margin["std"])
+    assert json.load(open(os.path.join(output, "report.json")))["seeds"] == [0, 1]
+    markdown = open(os.path.join(output, "report.md")).read()
+    assert "over 2 seeds" in markdown and "| seed 0 | seed 1 |" in markdown and "student - baseline:" in markdown
+    assert os.path.getsize(os.path.join(output, "report.png")) > 0
+    with pytest.raises(ValueError, match="distinct"):
+        parse_args([*argv[:-2], "1", "1"])

@@ -362,6 +362,9 @@ class HardLabelLoss(DistillationLoss):
 
     def __init__(self):
         super().__init__()
+        #: Set by the trainer under mixup/cutmix ([`hf_distill.augmentation`]): float labels `[batch, classes]` are
+        #: class probabilities, and each row counts for its probability mass.
+        self.class_probabilities = False
         self.shift = False
         self.language_model = False
         self.span = False
@@ -384,7 +387,12 @@ class HardLabelLoss(DistillationLoss):
                 "the hard_label loss needs labels, but the batch has none: give the dataset a 'label' or 'labels' "
                 "column (or use a collator that makes them), or drop hard_label from losses"
             )
+        if self._mixed(labels):
+            return labels.sum().float()
         return label_positions(labels, self.shift).sum().float()
+
+    def _mixed(self, labels: torch.Tensor) -> bool:
+        return self.class_probabilities and labels.is_floating_point()
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         logits = getattr(student_outputs, "logits", None)
@@ -403,6 +411,11 @@ class HardLabelLoss(DistillationLoss):
             # Logits of the labeled positions only (hf_distill.logit_rows): the model's own cross-entropy, summed.
             _, targets = label_rows(inputs["labels"], self.shift)
             return nn.functional.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+        labels = inputs.get("labels")
+        if labels is not None and self._mixed(labels):
+            # Mixup/cutmix: cross-entropy against class probabilities, summed over the batch.
+            log_probs = nn.functional.log_softmax(logits.float(), dim=-1)
+            return -(labels.to(log_probs) * log_probs).sum()
         if student_outputs.loss is None:
             raise ValueError(
                 "the student returned no loss although the batch has labels; hard_label needs a model with a task "

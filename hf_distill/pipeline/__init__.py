@@ -18,6 +18,7 @@ from .models import (
 )
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
 from .run import distill, losses_with_layer_map, make_student, run_pipeline
+from .seeds import combine_reports, run_seeds
 from .sources import OFFLINE_SOURCES, load_raw_dataset
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "available_recipes",
     "build_report",
     "build_student",
+    "combine_reports",
     "count_parameters",
     "default_student_layers",
     "describe_models",
@@ -49,6 +51,7 @@ __all__ = [
     "push_student",
     "report_lines",
     "run_pipeline",
+    "run_seeds",
     "save_atomically",
     "save_student",
     "write_report",

@@ -163,6 +163,14 @@ class PipelineArguments:
         default=False,
         metadata={"help": "Also train the same student without the teacher (hard labels only) and compare."},
     )
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Run the whole pipeline once per seed (e.g. --seeds 1 2 3; --seed is then unused), each in "
+            "<output_dir>/seed-<seed>, and write one report of every figure's mean ± std over them, with whether "
+            "the student's margin over the baseline exceeds twice its standard deviation."
+        },
+    )
     latency_batch_sizes: list[int] = field(
         default_factory=lambda: [1, 32],
         metadata={"help": "Batch sizes at which CPU latency is measured for the report."},
@@ -207,6 +215,8 @@ class PipelineArguments:
                     "--transfer_dataset unused takes the training examples beyond --max_train_samples, but every "
                     "example already has its label: set --max_train_samples, or name another --transfer_dataset"
                 )
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"--seeds takes distinct seeds, at least one, got {self.seeds}")
         if self.transfer_max_samples is not None and self.transfer_max_samples < 1:
             raise ValueError(f"transfer_max_samples must be >= 1, got {self.transfer_max_samples}")
         if self.student_layers is not None and self.student_config is not None:
