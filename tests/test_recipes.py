@@ -43,7 +43,14 @@ WORDNET_DIR = asset_dir("HF_DISTILL_WORDNET_DIR")
 FASHION_MNIST_DIR = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
 
 PIPELINE_FIELDS = {field.name for field in dataclasses.fields(PipelineArguments)}
-RECIPES = ["distilbert", "minilm-mlm", "minilm-rotten-tomatoes", "vit-fashion-mnist", "vit-mobilenet"]
+RECIPES = [
+    "distilbert",
+    "minilm-mlm",
+    "minilm-rotten-tomatoes",
+    "minilm-rotten-tomatoes-transfer",
+    "vit-fashion-mnist",
+    "vit-mobilenet",
+]
 
 
 def test_every_recipe_is_listed_with_a_description_and_parses(tmp_path):

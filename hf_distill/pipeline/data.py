@@ -47,12 +47,13 @@ class PreparedData:
     eval_collator: Any
     label_names: list[str] | None
     image_size: int | None = None
-    #: What the student distils on: `train`, followed by the transfer set's examples (label -100) when there is one.
-    distill_train: Dataset | None = None
+    #: `train` followed by the transfer set's examples (label -100), when there is a transfer set.
+    train_with_transfer: Dataset | None = None
 
-    def __post_init__(self):
-        if self.distill_train is None:
-            self.distill_train = self.train
+    @property
+    def distill_train(self) -> Dataset:
+        """What the student distils on: the training split, with the transfer set when there is one."""
+        return self.train if self.train_with_transfer is None else self.train_with_transfer
 
     @property
     def transfer_examples(self) -> int:
