@@ -6,6 +6,7 @@ from helpers import bert_classifier, config, image_dataset, text_dataset, vit_cl
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.augmentation import ImageAugmentation, augment_batch
+from hf_distill.pipeline import parse_args
 
 LOSSES = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 2.0}}
 
@@ -112,3 +113,12 @@ def test_augmentation_that_cannot_apply_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="a teacher that learns cannot train on"):
         _vision_trainer(tmp_path, {"mixup_alpha": 0.2}, trainable_teachers=["teacher"])
+
+
+def test_the_command_line_takes_image_augmentation_as_json():
+    _, config, _ = parse_args(
+        ["--recipe", "vit-fashion-mnist", "--image_augmentation", '{"flip": true, "mixup_alpha": 0.2}']
+    )
+    assert config.image_augmentation == {"flip": True, "mixup_alpha": 0.2}
+    with pytest.raises(ValueError, match="must be a JSON mapping"):
+        parse_args(["--recipe", "vit-fashion-mnist", "--image_augmentation", "flip"])
