@@ -6,6 +6,8 @@
 - `checkpoint_to_resume(resume_from_checkpoint, output_dir)`: for `resume_from_checkpoint=True`, the newest
   checkpoint a training run finished writing (`last_complete_checkpoint`), so that a crash in the middle of a save
   resumes from the one before; a named checkpoint that was cut short is refused.
+- `load_saved_weights(model, folder)`: a checkpoint's weights into the student, renamed as `from_pretrained` renames
+  them (what the Trainer's resume does not do).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+
+from torch import nn
+from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +116,22 @@ def checkpoint_to_resume(resume_from_checkpoint: str | bool | None, output_dir: 
             "checkpoint, or pass resume_from_checkpoint=True for the last complete one"
         )
     return resume_from_checkpoint
+
+
+def load_saved_weights(model: nn.Module, folder: str) -> bool:
+    """Load the weights `save_pretrained` wrote to `folder` into `model`, the way `from_pretrained` reads them.
+
+    Transformers saves some models' weights under their checkpoint names rather than their module names (a ViT's
+    `encoder.layer.0.attention.attention.query` for `layers.0.attention.q_proj`) and renames them back only in
+    `from_pretrained`; the Trainer's own resume loads the file as it is, non-strictly, and leaves every renamed
+    weight as it was (a warning in the log, a student that silently restarts from its initial layers). Returns
+    False (nothing loaded) for what `from_pretrained` cannot read: a model that is not a `PreTrainedModel`, or a
+    folder without safetensors weights.
+    """
+    if not isinstance(model, PreTrainedModel) or not any(_WEIGHTS.match(name) for name in os.listdir(folder)):
+        return False
+    dtype = next(model.parameters()).dtype
+    restored = type(model).from_pretrained(folder, config=model.config, dtype=dtype, use_safetensors=True)
+    model.load_state_dict(restored.state_dict(), strict=True)
+    del restored
+    return True

@@ -43,7 +43,7 @@ from .logit_rows import (
 from .losses import DistillationLoss, HardLabelLoss, SoftTargetLoss, build_losses, needs_attention_maps
 from .model_kind import convolutional, describe
 from .reporting import TermLog, TermReportingMixin
-from .saving import checkpoint_to_resume, staged_folder
+from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import deepspeed_teacher, load_teacher, teacher_call_flags, teacher_dtype
 from .teacher_sources import (
@@ -679,6 +679,11 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             path = os.path.join(output_dir, TEACHER_STATE_NAME.format(name=name))
             safetensors_save_model(module, path + ".tmp")
             os.replace(path + ".tmp", path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(self.model if model is None else model)
+        if not load_saved_weights(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.distillation_losses.state_dict():

@@ -122,3 +122,19 @@ def test_the_command_line_takes_image_augmentation_as_json():
     assert config.image_augmentation == {"flip": True, "mixup_alpha": 0.2}
     with pytest.raises(ValueError, match="must be a JSON mapping"):
         parse_args(["--recipe", "vit-fashion-mnist", "--image_augmentation", "flip"])
+
+
+def test_a_resumed_run_draws_the_views_of_an_uninterrupted_one(tmp_path):
+    augmentation = {"crop_scale": [0.3, 1.0], "flip": True, "cutmix_alpha": 1.0}
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    full = _vision_trainer(tmp_path / "full", augmentation, **settings)
+    full.train()
+    resumed = DistillationTrainer(
+        model=vit_classifier(seed=9, hidden_size=8, intermediate_size=16),  # every weight comes from the checkpoint
+        teacher_model=vit_classifier(seed=1),
+        args=config(tmp_path / "resumed", LOSSES, image_augmentation=augmentation, optim="sgd", **settings),
+        train_dataset=image_dataset(16),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)

@@ -520,3 +520,23 @@ def test_an_overridden_combination_keeps_its_own_eval_loss(tmp_path):
     metrics = trainer.evaluate(text_dataset(16, seed=1))  # one batch: the Trainer's eval_loss is its loss
     expected = 2 * (metrics["eval_soft_target"] + 0.5 * metrics["eval_hard_label"])
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_resumed_vit_student_gets_every_layer_back_from_its_checkpoint(tmp_path):
+    # Transformers saves a ViT's layers under their checkpoint names (encoder.layer.N...); its Trainer resumes by
+    # loading the file as it is, which left those layers at their initial values.
+    losses = {"hard_label": {"weight": 1.0}, "soft_target": {"weight": 1.0}}
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, optim="sgd")
+    full = _run(tmp_path / "full", vit_classifier(seed=2, hidden_size=8, intermediate_size=16), vit_classifier(seed=1),
+                losses, image_dataset(16), **settings)  # fmt: skip
+    saved = load_file(tmp_path / "full" / "checkpoint-2" / "model.safetensors")
+    assert set(saved) != set(full.model.state_dict())  # the renaming this test is about
+    resumed = DistillationTrainer(
+        model=vit_classifier(seed=9, hidden_size=8, intermediate_size=16),
+        teacher_model=vit_classifier(seed=1),
+        args=config(tmp_path / "resumed", losses, **settings),
+        train_dataset=image_dataset(16),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
