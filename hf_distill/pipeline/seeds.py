@@ -117,7 +117,8 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         *[f"CPU ms, batch {key.rsplit('_', 1)[1]}" for key in latencies],
     ]
     lines = [
-        f"# Distillation report over {len(seeds)} seeds: {report.get('recipe') or 'custom run'}",
+        f"# Distillation report over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
+        f"{report.get('recipe') or 'custom run'}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
