@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import yaml
+from datasets import load_from_disk
 from pipeline_assets import (
     TINY_VIT,
     write_encoder_teacher,
@@ -330,14 +331,18 @@ def test_an_image_transfer_set_from_another_data_set(tmp_path):
         (["--transfer_dataset", "unused", "--max_train_samples", "100"], "none is left over"),
         (["--transfer_dataset", "DATA", "--transfer_split", "test"], "would leak the test set"),
         (["--transfer_dataset", "DATA", "--transfer_split", "dev"], "has no 'dev' split"),
+        (["--transfer_dataset", "ONE_SPLIT", "--dataset", "ONE_SPLIT"], "carved from it"),
     ],
 )
 def test_transfer_sets_that_cannot_apply_are_refused_by_the_data_stage(tmp_path, flags, message):
     data = write_sentiment_dataset(str(tmp_path / "data"))
     argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", write_encoder_teacher(str(tmp_path / "encoder")),
             "--dataset", data, "--output_dir", str(tmp_path / "run"), *FAST]  # fmt: skip
+    one_split = str(tmp_path / "one-split")  # a single split: the held-out examples are carved from it
+    load_from_disk(data)["train"].save_to_disk(one_split)
+    named = {"DATA": data, "ONE_SPLIT": one_split}
     with pytest.raises(ValueError, match=message):
-        run(argv + [data if flag == "DATA" else flag for flag in flags])
+        run(argv + [named.get(flag, flag) for flag in flags])
 
 
 def test_transfer_set_arguments_that_cannot_apply_are_refused():

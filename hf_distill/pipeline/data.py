@@ -133,18 +133,21 @@ def _transfer_examples(args: PipelineArguments, full_train: Dataset, used: int, 
     else:
         raw = load_raw_dataset(args.transfer_dataset, args.transfer_dataset_config_name)
         split = args.transfer_split or args.train_split
-        if isinstance(raw, DatasetDict):
-            if split not in raw:
-                raise ValueError(
-                    f"the transfer set {args.transfer_dataset!r} has no {split!r} split (it has {list(raw)}); set "
-                    "--transfer_split"
-                )
-            if args.transfer_dataset == args.dataset and split == (args.eval_split or _held_out_name(raw, args)):
-                raise ValueError(
-                    f"--transfer_split {split!r} is the split every model is evaluated on: distilling on it would "
-                    "leak the test set; choose another split"
-                )
-            raw = raw[split]
+        if isinstance(raw, Dataset):
+            raw = DatasetDict({args.train_split: raw})  # as `_splits` reads one
+        if split not in raw:
+            raise ValueError(
+                f"the transfer set {args.transfer_dataset!r} has no {split!r} split (it has {list(raw)}); set "
+                "--transfer_split"
+            )
+        held_out = args.eval_split or _held_out_name(raw, args)
+        if args.transfer_dataset == args.dataset and split == (held_out or args.train_split):
+            raise ValueError(
+                f"--transfer_split {split!r} is (or, carved from it, holds) the split every model is evaluated on: "
+                "distilling on it would leak the test set; choose another split, or --transfer_dataset unused for "
+                "the training examples --max_train_samples leaves out"
+            )
+        raw = raw[split]
         transfer = raw.shuffle(seed=seed)
     column = args.image_column if args.task == "image-classification" else args.text_column
     _check_columns(transfer, [column], ["--image_column" if column == args.image_column else "--text_column"])
