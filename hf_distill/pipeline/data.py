@@ -99,9 +99,9 @@ def _splits(args: PipelineArguments, raw: DatasetDict | Dataset, seed: int) -> t
         if args.eval_split not in raw:
             raise ValueError(f"the data set has no {args.eval_split!r} split (it has {list(raw)}); set --eval_split")
         return raw[args.train_split], raw[args.eval_split]
-    for name in ("validation", "test"):
-        if name in raw and name != args.train_split:
-            return raw[args.train_split], raw[name]
+    held_out = _held_out_name(raw, args)
+    if held_out is not None:
+        return raw[args.train_split], raw[held_out]
     carved = raw[args.train_split].train_test_split(test_size=_CARVED_EVAL_FRACTION, seed=seed)
     return carved["train"], carved["test"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import matplotlib
@@ -135,12 +136,19 @@ def build_report(results: dict[str, dict[str, Any]], **context: Any) -> dict[str
 
 def write_report(output_dir: str, report: dict[str, Any]) -> None:
     """Write `report.json`, `report.md` and `report.png` (accuracy against parameters and CPU latency)."""
+    write_report_files(
+        output_dir, report, report_lines(report), lambda path: _plot(report["results"], "accuracy", path)
+    )
+
+
+def write_report_files(output_dir: str, report: dict[str, Any], lines: list[str], plot: Callable[[str], None]) -> None:
+    """`report` as `report.json`, `lines` as `report.md`, and `plot(path)` drawn to `report.png`, in `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2, default=str)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(report_lines(report)) + "\n")
-    _plot(report["results"], "accuracy", os.path.join(output_dir, "report.png"))
+        handle.write("\n".join(lines) + "\n")
+    plot(os.path.join(output_dir, "report.png"))
 
 
 def report_lines(report: dict[str, Any]) -> list[str]:

@@ -10,7 +10,6 @@ deviation of that margin; the report says whether it does.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
@@ -19,7 +18,7 @@ import matplotlib.pyplot as plt
 
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import _ordered
+from .report import _ordered, write_report_files
 from .run import run_pipeline
 
 #: The figures of a model's row whose spread is reported (latencies are added by batch size).
@@ -193,10 +192,5 @@ def _plot_spread(report: dict[str, Any], metric: str, path: str) -> None:
 
 def write_seeds_report(output_dir: str, report: dict[str, Any]) -> None:
     """Write the combined `report.json`, `report.md` and `report.png` to `output_dir`."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, default=str)
-    with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(seeds_report_lines(report)) + "\n")
     metric = next(key for key in ("accuracy", "perplexity") if key in report["results"]["student"])
-    _plot_spread(report, metric, os.path.join(output_dir, "report.png"))
+    write_report_files(output_dir, report, seeds_report_lines(report), lambda path: _plot_spread(report, metric, path))
