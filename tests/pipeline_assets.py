@@ -11,7 +11,8 @@ from helpers import VOCAB, bert_config
 from transformers import BertForMaskedLM, BertModel, BertTokenizer, MobileNetV2Config, ViTImageProcessor
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = [f"w{index}" for index in range(VOCAB - len(SPECIAL))]
+# Alphabetic, so that word replacement (which replaces only alphabetic words) has words to replace.
+WORDS = [f"w{chr(97 + index // 26)}{chr(97 + index % 26)}" for index in range(VOCAB - len(SPECIAL))]
 GOOD, BAD = WORDS[:20], WORDS[20:40]
 
 

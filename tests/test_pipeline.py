@@ -25,8 +25,10 @@ from transformers import (
     AutoTokenizer,
 )
 
+from hf_distill import text_augmentation
 from hf_distill.pipeline import PipelineArguments, parse_args, report, run_pipeline, run_seeds
 from hf_distill.pipeline import models as pipeline_models
+from hf_distill.pipeline import run as pipeline_run
 
 # Small enough for seconds on two CPU cores; the numbers are checked for shape and consistency, not quality.
 FAST = [
@@ -118,7 +120,7 @@ def test_text_classification_trains_a_headless_teacher_once_then_reuses_it(tmp_p
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)
     assert student.config.num_hidden_layers == 2
     assert student.config.id2label == {0: "bad", 1: "good"}
-    assert AutoTokenizer.from_pretrained(student_dir)("w1 w2")["input_ids"] == [2, 6, 7, 3]  # [CLS] w1 w2 [SEP]
+    assert AutoTokenizer.from_pretrained(student_dir)("wab wac")["input_ids"] == [2, 6, 7, 3]  # [CLS] wab wac [SEP]
     assert not os.path.exists(student_dir + ".tmp")
     front_matter, text = read_card(student_dir)
     assert "distillation" in front_matter["tags"] and "recipe:minilm-rotten-tomatoes" in front_matter["tags"]
@@ -311,6 +313,52 @@ def test_a_transfer_set_of_unused_examples_and_a_baseline_of_as_many_steps(tmp_p
     assert result["training_steps"] == {"student": 5, "baseline": 5}
     assert "12 labeled examples and 24 without labels" in open(os.path.join(output, "report.md")).read()
     assert read_card(os.path.join(output, "student"))[0]["hf_distill"]["transfer_examples"] == 24
+
+
+def test_word_replacement_copies_join_the_transfer_set_and_are_reused(tmp_path, monkeypatch):
+    mlm = write_masked_lm_teacher(str(tmp_path / "mlm"))
+    flags = ["--max_train_samples", "12", "--transfer_dataset", "unused", "--transfer_max_samples", "4",
+             "--word_replacement_mlm", mlm, "--word_replacement_copies", "2", "--word_replacement_rate", "1",
+             "--baseline", "true"]  # fmt: skip
+    result, output = tiny_sentiment_run(tmp_path, *flags)
+    # 12 labeled snippets, 4 unused ones and 2 copies of each labeled one; the baseline repeats the 12 labeled ones.
+    assert (result["train_examples"], result["transfer_examples"], result["augmented_examples"]) == (12, 28, 24)
+    assert result["training_steps"] == {"student": 5, "baseline": 5}  # 40 examples in batches of 8
+    assert "24 of the examples without labels are copies" in open(os.path.join(output, "report.md")).read()
+    assert read_card(os.path.join(output, "student"))[0]["hf_distill"]["augmented_examples"] == 24
+    copies = load_from_disk(os.path.join(output, "word-replacement"))["text"]
+    originals = load_from_disk(str(tmp_path / "data"))["train"]["text"]
+    assert len(copies) == 24 and not set(copies) & set(originals)  # at rate 1 every word is replaced
+    assert {len(copy.split()) for copy in copies} <= {len(text.split()) for text in originals}  # word for word
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the saved copies should have been reused")
+
+    monkeypatch.setattr(text_augmentation, "replacement_candidates", no_rebuild)
+    again, _ = tiny_sentiment_run(tmp_path, *flags)  # same output folder, texts, masked LM and settings
+    assert again["augmented_examples"] == 24
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--word_replacement_mlm", "teacher"], "no trained masked-LM head"),  # the headless encoder teacher
+        (["--word_replacement_mlm", "ENCODER"], "no trained masked-LM head"),
+        (["--word_replacement_rate", "0", "--word_replacement_mlm", "MLM"], "rate must be in"),
+        (["--word_replacement_mlm", "MLM", "--task", "masked-lm"], "not masked-lm"),
+    ],
+)
+def test_word_replacement_that_cannot_apply_is_refused_before_training(tmp_path, flags, message, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("refused too late: a stage after the data ran")
+
+    monkeypatch.setattr(pipeline_run, "prepare_teachers", no_training)
+    named = {
+        "ENCODER": write_encoder_teacher(str(tmp_path / "encoder")),
+        "MLM": write_masked_lm_teacher(str(tmp_path / "mlm")),
+    }
+    with pytest.raises(ValueError, match=message):
+        tiny_sentiment_run(tmp_path, *[named.get(flag, flag) for flag in flags])
 
 
 def test_an_image_transfer_set_from_another_data_set(tmp_path):

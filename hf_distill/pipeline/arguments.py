@@ -16,10 +16,13 @@ import yaml
 from transformers import HfArgumentParser
 
 from ..config import DistillationConfig
+from ..text_augmentation import WordReplacement
 
 TASKS = ("text-classification", "masked-lm", "image-classification")
 #: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
 UNUSED_EXAMPLES = "unused"
+#: `--word_replacement_mlm` value: the teacher's own checkpoint, when it has a masked-LM head.
+TEACHER_MLM = "teacher"
 #: The recipes that ship with the package (the top-level `recipes/` folder, installed as `hf_distill.recipes`): one
 #: YAML file each, the file name is the recipe name.
 RECIPES_DIR: Traversable = files("hf_distill.recipes")
@@ -139,6 +142,32 @@ class PipelineArguments:
     transfer_max_samples: int | None = field(
         default=None, metadata={"help": "Take the first N transfer examples (shuffled with --seed; default: all)."}
     )
+    word_replacement_mlm: str | None = field(
+        default=None,
+        metadata={
+            "help": "Augment the labeled training texts by contextual word replacement (TinyBERT): this masked LM "
+            "(a folder or Hub id with a trained masked-LM head, or 'teacher' when the teacher is one) proposes "
+            "each word's replacements. The copies join the transfer set, without labels (the teacher labels "
+            "them); the baseline never sees them. Built once and saved (--word_replacement_dir). Text "
+            "classification."
+        },
+    )
+    word_replacement_rate: float = field(
+        default=0.4, metadata={"help": "Probability that a copy replaces a word (TinyBERT: 0.4)."}
+    )
+    word_replacement_candidates: int = field(
+        default=15, metadata={"help": "Replacements considered per word (TinyBERT: 15)."}
+    )
+    word_replacement_copies: int = field(
+        default=20, metadata={"help": "Augmented copies per labeled example (TinyBERT: 20)."}
+    )
+    word_replacement_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the augmented copies are saved and reused from when the texts, masked LM and settings "
+            "match (default: <output_dir>/word-replacement)."
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Share of tokens masked for masked LM (80%% [MASK], 10%% random, 10%% kept)."}
@@ -215,12 +244,29 @@ class PipelineArguments:
                     "--transfer_dataset unused takes the training examples beyond --max_train_samples, but every "
                     "example already has its label: set --max_train_samples, or name another --transfer_dataset"
                 )
+        if self.word_replacement_mlm is not None:
+            self.word_replacement(seed=0)  # refuses a rate, candidate or copy count out of range, before any stage
+        if self.word_replacement_mlm is not None and self.task != "text-classification":
+            raise ValueError(
+                f"word replacement augments labeled texts for text classification, not {self.task}: drop "
+                "--word_replacement_mlm (for masked LM, add more text to --dataset instead)"
+            )
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"--seeds takes distinct seeds, at least one, got {self.seeds}")
         if self.transfer_max_samples is not None and self.transfer_max_samples < 1:
             raise ValueError(f"transfer_max_samples must be >= 1, got {self.transfer_max_samples}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
+
+    def word_replacement(self, seed: int) -> WordReplacement:
+        """The word-replacement settings of the `--word_replacement_*` flags, drawing with `seed`."""
+        return WordReplacement(
+            rate=self.word_replacement_rate,
+            candidates=self.word_replacement_candidates,
+            copies=self.word_replacement_copies,
+            seed=seed,
+            max_length=self.max_length,
+        )
 
     def _read_teachers(self, value: Any) -> str | None:
         """`teacher` as given (a string, a list of one, name=path pairs, or a mapping): the first teacher's path,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -26,8 +26,9 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
+from ..text_augmentation import build_word_replacement
 from ..transfer import with_transfer_set
-from .arguments import UNUSED_EXAMPLES, PipelineArguments
+from .arguments import TEACHER_MLM, UNUSED_EXAMPLES, PipelineArguments
 from .sources import load_raw_dataset, resolve_model
 
 # Held-out share carved from the training split when a data set has no validation or test split.
@@ -49,6 +50,8 @@ class PreparedData:
     image_size: int | None = None
     #: `train` followed by the transfer set's examples (label -100), when there is a transfer set.
     train_with_transfer: Dataset | None = None
+    #: How many of the transfer examples are word-replacement copies of `train`'s texts.
+    augmented_examples: int = 0
 
     @property
     def distill_train(self) -> Dataset:
@@ -161,8 +164,24 @@ def _held_out_name(raw: DatasetDict, args: PipelineArguments) -> str | None:
     return next((name for name in ("validation", "test") if name in raw and name != args.train_split), None)
 
 
-def prepare_data(args: PipelineArguments, seed: int, processor=None) -> PreparedData:
-    """Load, split, subsample and preprocess the data for `args.task`."""
+def _word_replacement_copies(args: PipelineArguments, train: Dataset, seed: int, save_dir: str | None) -> Dataset:
+    """The word-replacement copies of the labeled training texts (`--word_replacement_mlm`), built or reused."""
+    mlm = args.teacher if args.word_replacement_mlm == TEACHER_MLM else args.word_replacement_mlm
+    if mlm is None:
+        raise ValueError(
+            "--word_replacement_mlm teacher names the teacher's checkpoint, but this run's teacher is built from "
+            "--teacher_config (no masked-LM head): give a masked-LM folder or Hub id instead"
+        )
+    save_dir = args.word_replacement_dir or save_dir
+    texts = train.select_columns([args.text_column])
+    return build_word_replacement(texts, args.text_column, resolve_model(mlm), args.word_replacement(seed), save_dir)
+
+
+def prepare_data(
+    args: PipelineArguments, seed: int, processor=None, word_replacement_dir: str | None = None
+) -> PreparedData:
+    """Load, split, subsample and preprocess the data for `args.task`; word-replacement copies are saved in
+    `word_replacement_dir` unless `--word_replacement_dir` names another folder."""
     processor = load_processor(args) if processor is None else processor
     train, held_out = _splits(args, load_raw_dataset(args.dataset, args.dataset_config_name), seed)
     train = train.shuffle(seed=seed)
@@ -207,6 +226,11 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
 
     if args.task == "text-classification":
         _check_columns(train, [args.label_column], ["--label_column"])
+        augmented = 0
+        if args.word_replacement_mlm is not None:
+            copies = _word_replacement_copies(args, train, seed, word_replacement_dir)
+            augmented = len(copies)
+            transfer = copies if transfer is None else concatenate_datasets([transfer, copies])
         label_names = _label_names(train, args.label_column)
         to_index = {name: index for index, name in enumerate(label_names)}
         is_class_label = isinstance(train.features[args.label_column], ClassLabel)
@@ -226,7 +250,10 @@ def prepare_data(args: PipelineArguments, seed: int, processor=None) -> Prepared
                                      desc="Tokenising transfer set")  # fmt: skip
             splits.append(with_transfer_set(splits[0], tokenised))
         collator = DataCollatorWithPadding(processor)
-        return PreparedData(args.task, processor, *splits[:3], collator, collator, label_names, None, *splits[3:])
+        return PreparedData(
+            args.task, processor, *splits[:3], collator, collator, label_names, None, *splits[3:],
+            augmented_examples=augmented,
+        )  # fmt: skip
 
     # Masked LM: drop empty lines, tokenise; the eval split is masked once with a fixed seed.
     splits = [

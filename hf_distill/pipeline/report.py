@@ -182,6 +182,11 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"{report['transfer_examples']:,} without labels (teacher targets only); the baseline trained on the "
             "labeled ones for as many steps"
         )
+        if report.get("augmented_examples"):
+            lines.append(
+                f"- word replacement: {report['augmented_examples']:,} of the examples without labels are copies of "
+                "the labeled texts with words replaced by a masked LM's candidates (TinyBERT)"
+            )
     if report.get("ema_teacher"):
         lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")
     generations = report.get("generations") or 1
@@ -234,6 +239,7 @@ def model_card(
             "recipe": recipe,
             "dataset": dataset,
             "transfer_examples": report.get("transfer_examples", 0),
+            "augmented_examples": report.get("augmented_examples", 0),
             "losses": losses,
             "summary": summary,
         },

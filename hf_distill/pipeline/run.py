@@ -106,7 +106,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
 
     set_seed(config.seed)
     clock = time.perf_counter()
-    data = prepare_data(args, config.seed)
+    data = prepare_data(args, config.seed, word_replacement_dir=os.path.join(config.output_dir, "word-replacement"))
     clock = lap("data", clock)
 
     attention = "eager" if needs_attention_maps(build_losses(config.losses)) else None
@@ -194,6 +194,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         dataset=args.dataset,
         train_examples=len(data.train),
         transfer_examples=data.transfer_examples,
+        augmented_examples=data.augmented_examples,
         training_steps=steps,
         eval_examples=len(data.eval),
         losses=losses,

@@ -88,6 +88,7 @@ def combine_reports(reports: list[dict[str, Any]], seeds: list[int]) -> dict[str
         "task": reports[0].get("task"),
         "train_examples": reports[0].get("train_examples"),
         "transfer_examples": reports[0].get("transfer_examples"),
+        "augmented_examples": reports[0].get("augmented_examples"),
         "losses": reports[0].get("losses"),
         "results": results,
         "summary": summary,
@@ -154,8 +155,11 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
     if report.get("transfer_examples"):
         lines.append(
             f"- transfer set: {report['train_examples']:,} labeled examples and {report['transfer_examples']:,} "
-            "without labels for the student; the baseline trained on the labeled ones for as many steps"
-        )
+            "without labels for the student"
+            + (f" ({report['augmented_examples']:,} of them word-replacement copies of the labeled texts)"
+               if report.get("augmented_examples") else "")
+            + "; the baseline trained on the labeled ones for as many steps"
+        )  # fmt: skip
     lines.append("- std: the sample standard deviation over the seeds; each seed's own report is in " +
                  ", ".join(f"`{run}`" for run in report["runs"]))  # fmt: skip
     timings = [seconds for seconds in report.get("timings_s", []) if seconds is not None]
