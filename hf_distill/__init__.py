@@ -11,6 +11,7 @@ from .config import DistillationConfig
 from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer
 from .losses import DistillationLoss, available_losses, register_loss
 from .teacher import load_teacher
+from .text_augmentation import WordReplacement, build_word_replacement
 from .trainer import DistillationTrainer
 from .transfer import with_transfer_set
 
@@ -20,7 +21,9 @@ __all__ = [
     "DistillationSeq2SeqConfig",
     "DistillationSeq2SeqTrainer",
     "DistillationTrainer",
+    "WordReplacement",
     "available_losses",
+    "build_word_replacement",
     "load_teacher",
     "register_loss",
     "with_transfer_set",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import TARGET_LEN, bart, bert_classifier, seq2seq_dataset, text_dataset
-from pipeline_assets import write_encoder_teacher, write_sentiment_dataset, write_tokenizer
+from pipeline_assets import write_encoder_teacher, write_masked_lm_teacher, write_sentiment_dataset, write_tokenizer
 
 from hf_distill import DistillationConfig, DistillationTrainer
 
@@ -50,6 +50,7 @@ def namespace(folder: Path) -> dict:
         "exact_match": exact_match,
         "encoder_dir": write_encoder_teacher(str(folder / "encoder")),
         "reviews_dir": write_sentiment_dataset(str(folder / "reviews")),
+        "mlm_dir": write_masked_lm_teacher(str(folder / "mlm")),
     }
 
 
