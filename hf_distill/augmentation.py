@@ -12,18 +12,23 @@ matching, Beyer et al., 2022: "A good teacher is patient and consistent").
   alike: `hard_label` then reads them as class probabilities (an example without a label, -100, adds none).
 
 The views are drawn from the run's seed and the micro-batch's position in training, so a resumed run draws the
-same views as an uninterrupted one.
+same views as an uninterrupted one. For a teacher-output cache, which holds the teacher's outputs for one version
+of each image, `augmented_image_copies` draws a fixed number of views once instead.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: The keys of `image_augmentation`.
 OPTIONS = ("crop_scale", "flip", "mixup_alpha", "cutmix_alpha")
@@ -161,3 +166,41 @@ def augment_batch(
     if labels is not None:
         augmented["labels"] = labels
     return augmented
+
+
+def augmented_image_copies(
+    images: Sequence[Image.Image], augmentation: ImageAugmentation, copies: int, seed: int, batch_size: int = 256
+) -> list[Image.Image]:
+    """`copies` augmented views of each image (image-major: view `i` is of image `i // copies`), drawn once from
+    `seed`: a fixed set of images, which a teacher-output cache can serve where views drawn anew at every step
+    cannot. Each view is drawn as `augment_batch` draws one, in RGB at the image's own size, and stored as 8-bit
+    RGB; mixup and cutmix pair images of the same size within a batch of `batch_size`."""
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"augmented image copies: copies must be an integer >= 1, got {copies!r}")
+    views: list[Image.Image] = []
+    start = 0
+    while start < len(images):
+        size = images[start].size
+        end = start + 1
+        while end < min(start + batch_size, len(images)) and images[end].size == size:
+            end += 1
+        pixels = torch.stack([_to_tensor(image) for image in images[start:end]])
+        drawn = []
+        for copy in range(copies):
+            generator = torch.Generator().manual_seed(hash((seed, start, copy)) & (2**63 - 1))
+            drawn.append(augmentation(pixels, None, 0, generator)[0])
+        for image_views in torch.stack(drawn, dim=1):  # [images, copies, channels, height, width]
+            views.extend(_to_image(view) for view in image_views)
+        start = end
+    return views
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    from PIL import Image  # pillow comes with the [pipeline] extra; only image data needs it
+
+    array = (pixels.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)

@@ -1,11 +1,13 @@
 """Image augmentation: one view per batch, seen alike by the student and the teacher; mixed labels as probabilities."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import bert_classifier, config, image_dataset, text_dataset, vit_classifier
+from PIL import Image
 
 from hf_distill import DistillationConfig, DistillationTrainer
-from hf_distill.augmentation import ImageAugmentation, augment_batch
+from hf_distill.augmentation import ImageAugmentation, augment_batch, augmented_image_copies
 from hf_distill.pipeline import parse_args
 
 LOSSES = {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 2.0}}
@@ -138,3 +140,29 @@ def test_a_resumed_run_draws_the_views_of_an_uninterrupted_one(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_augmented_image_copies_are_fixed_views_of_each_image_in_order():
+    generator = np.random.default_rng(0)
+    images = [Image.fromarray(generator.integers(0, 256, (6, 5), dtype=np.uint8)) for _ in range(3)]
+    flip = ImageAugmentation(flip=True)
+    views = augmented_image_copies(images, flip, copies=8, seed=1)
+    assert len(views) == 24 and all(view.mode == "RGB" and view.size == (5, 6) for view in views)
+    for index, view in enumerate(views):  # view i is image i // 8, as it is or mirrored
+        original = np.asarray(images[index // 8].convert("RGB"))
+        assert np.array_equal(np.asarray(view), original) or np.array_equal(np.asarray(view), original[:, ::-1])
+    mirrored = [
+        not np.array_equal(np.asarray(v), np.asarray(images[i // 8].convert("RGB"))) for i, v in enumerate(views)
+    ]
+    assert 0 < sum(mirrored) < 24  # a coin per view
+    same = augmented_image_copies(images, flip, copies=8, seed=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(views, same, strict=True))
+    other = augmented_image_copies(images, flip, copies=8, seed=2)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(views, other, strict=True))
+    mixed = augmented_image_copies(images[:2], ImageAugmentation(mixup_alpha=1.0), copies=1, seed=0)
+    blend = [np.asarray(view, dtype=float) for view in mixed]  # each view blends the two images, weights λ, 1 − λ
+    a, b = (np.asarray(image.convert("RGB"), dtype=float) for image in images[:2])
+    weight = np.linalg.lstsq(np.stack([(a - b).ravel()], 1), (blend[0] - b).ravel(), rcond=None)[0][0]
+    assert 0 < weight < 1 and np.abs(weight * a + (1 - weight) * b - blend[0]).max() <= 1.0
+    with pytest.raises(ValueError, match="copies must be an integer >= 1"):
+        augmented_image_copies(images, flip, copies=0, seed=1)

@@ -324,7 +324,7 @@ def test_word_replacement_copies_join_the_transfer_set_and_are_reused(tmp_path, 
     # 12 labeled snippets, 4 unused ones and 2 copies of each labeled one; the baseline repeats the 12 labeled ones.
     assert (result["train_examples"], result["transfer_examples"], result["augmented_examples"]) == (12, 28, 24)
     assert result["training_steps"] == {"student": 5, "baseline": 5}  # 40 examples in batches of 8
-    assert "24 of the examples without labels are copies" in open(os.path.join(output, "report.md")).read()
+    assert "24 of the examples without labels are augmented copies" in open(os.path.join(output, "report.md")).read()
     assert read_card(os.path.join(output, "student"))[0]["hf_distill"]["augmented_examples"] == 24
     copies = load_from_disk(os.path.join(output, "word-replacement"))["text"]
     originals = load_from_disk(str(tmp_path / "data"))["train"]["text"]
@@ -337,6 +337,26 @@ def test_word_replacement_copies_join_the_transfer_set_and_are_reused(tmp_path, 
     monkeypatch.setattr(text_augmentation, "replacement_candidates", no_rebuild)
     again, _ = tiny_sentiment_run(tmp_path, *flags)  # same output folder, texts, masked LM and settings
     assert again["augmented_examples"] == 24
+
+
+def test_fixed_augmented_image_copies_serve_a_teacher_cache(tmp_path):
+    data = write_image_dataset(str(tmp_path / "images"))
+    copies = json.dumps({"copies": 2, "crop_scale": [0.5, 1.0], "flip": True})
+    result, _ = run(["--recipe", "vit-fashion-mnist", "--dataset", data, "--output_dir", str(tmp_path / "run"),
+                     "--teacher_config", json.dumps(TINY_VIT), "--image_size", "32",
+                     "--student_config", json.dumps({"model_type": "mobilenet_v2", "depth_multiplier": 0.35}),
+                     "--max_train_samples", "12", "--image_augmentation_copies", copies,
+                     "--teacher_cache", str(tmp_path / "cache"), "--baseline", "false", *FAST])  # fmt: skip
+    assert (result["train_examples"], result["transfer_examples"], result["augmented_examples"]) == (12, 24, 24)
+    assert result["training_steps"] == {"student": 4}  # 36 images in full batches of 8
+    record = json.load(open(tmp_path / "cache" / "cache.json"))
+    assert record["dataset"]["num_examples"] == 36  # the teacher's outputs for the originals and each fixed copy
+    with pytest.raises(ValueError, match="augments images, but the task is text-classification"):
+        PipelineArguments(teacher="t", dataset="d", image_augmentation_copies={"copies": 2, "flip": True})
+    with pytest.raises(ValueError, match="copies must be an integer >= 1"):
+        PipelineArguments(
+            teacher="t", dataset="d", task="image-classification", image_augmentation_copies='{"copies": 0}'
+        )
 
 
 @pytest.mark.parametrize(

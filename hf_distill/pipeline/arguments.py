@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from ..augmentation import ImageAugmentation
 from ..config import DistillationConfig
 from ..text_augmentation import WordReplacement
 
@@ -168,6 +169,16 @@ class PipelineArguments:
             "match (default: <output_dir>/word-replacement)."
         },
     )
+    image_augmentation_copies: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Fixed augmented copies of the labeled training images, drawn once with --seed, for a "
+            "--teacher_cache (which cannot serve views drawn anew at every step): a mapping (or JSON string) of "
+            'copies (per image) and the image_augmentation keys, e.g. \'{"copies": 4, "crop_scale": '
+            '[0.35, 1.0], "flip": true}\'. The copies join the transfer set, without labels. Image '
+            "classification."
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Share of tokens masked for masked LM (80%% [MASK], 10%% random, 10%% kept)."}
@@ -215,7 +226,7 @@ class PipelineArguments:
         #: With several teachers, `{name: Hub id or folder}` in order; `teacher` is then the first one's.
         self.teachers: dict[str, str] | None = None
         self.teacher = self._read_teachers(self.teacher)
-        for name in ("teacher_config", "student_config"):
+        for name in ("teacher_config", "student_config", "image_augmentation_copies"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
                 setattr(self, name, json.loads(value))
@@ -244,6 +255,10 @@ class PipelineArguments:
                     "--transfer_dataset unused takes the training examples beyond --max_train_samples, but every "
                     "example already has its label: set --max_train_samples, or name another --transfer_dataset"
                 )
+        if self.image_augmentation_copies is not None:
+            if self.task != "image-classification":
+                raise ValueError(f"--image_augmentation_copies augments images, but the task is {self.task}")
+            self.image_copies()  # refuses bad keys and values before any stage
         if self.word_replacement_mlm is not None:
             self.word_replacement(seed=0)  # refuses a rate, candidate or copy count out of range, before any stage
         if self.word_replacement_mlm is not None and self.task != "text-classification":
@@ -257,6 +272,19 @@ class PipelineArguments:
             raise ValueError(f"transfer_max_samples must be >= 1, got {self.transfer_max_samples}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
+
+    def image_copies(self) -> tuple[int, ImageAugmentation]:
+        """`--image_augmentation_copies` read: the copies per image and the augmentation that draws them."""
+        options = self.image_augmentation_copies
+        if not isinstance(options, dict) or "copies" not in options:
+            raise ValueError(
+                "image_augmentation_copies must be a mapping with copies and image_augmentation keys (in YAML, or "
+                f'a JSON string such as \'{{"copies": 4, "crop_scale": [0.35, 1.0], "flip": true}}\'), got {options!r}'
+            )
+        copies = options["copies"]
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"image_augmentation_copies copies must be an integer >= 1, got {copies!r}")
+        return copies, ImageAugmentation.from_config({k: v for k, v in options.items() if k != "copies"})
 
     def word_replacement(self, seed: int) -> WordReplacement:
         """The word-replacement settings of the `--word_replacement_*` flags, drawing with `seed`."""

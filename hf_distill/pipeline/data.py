@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, concatenate_datasets
 from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
+from ..augmentation import augmented_image_copies
 from ..text_augmentation import build_word_replacement
 from ..transfer import with_transfer_set
 from .arguments import TEACHER_MLM, UNUSED_EXAMPLES, PipelineArguments
@@ -50,7 +51,7 @@ class PreparedData:
     image_size: int | None = None
     #: `train` followed by the transfer set's examples (label -100), when there is a transfer set.
     train_with_transfer: Dataset | None = None
-    #: How many of the transfer examples are word-replacement copies of `train`'s texts.
+    #: How many of the transfer examples are augmented copies of `train`'s examples (word replacement, images).
     augmented_examples: int = 0
 
     @property
@@ -212,12 +213,22 @@ def prepare_data(
             )
 
         splits = [labeled(split) for split in (train, teacher_train, held_out)]
+        augmented = 0
+        if args.image_augmentation_copies is not None:
+            copies, augmentation = args.image_copies()
+            views = augmented_image_copies(list(train[args.image_column]), augmentation, copies, seed)
+            views = Dataset.from_dict({args.image_column: views}, features=Features({args.image_column: Image()}))
+            augmented = len(views)
+            transfer = views if transfer is None else concatenate_datasets([transfer.cast(views.features), views])
         if transfer is not None:
             splits.append(with_transfer_set(splits[0], transfer))
         splits = [split.with_transform(to_pixels) for split in splits]
         size = processor.size.get("height") if isinstance(processor.size, dict) else None
         collator = DefaultDataCollator()
-        return PreparedData(args.task, processor, *splits[:3], collator, collator, label_names, size, *splits[3:])
+        return PreparedData(
+            args.task, processor, *splits[:3], collator, collator, label_names, size, *splits[3:],
+            augmented_examples=augmented,
+        )  # fmt: skip
 
     _check_columns(train, [args.text_column], ["--text_column"])
 

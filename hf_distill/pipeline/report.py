@@ -184,8 +184,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         )
         if report.get("augmented_examples"):
             lines.append(
-                f"- word replacement: {report['augmented_examples']:,} of the examples without labels are copies of "
-                "the labeled texts with words replaced by a masked LM's candidates (TinyBERT)"
+                f"- augmented copies: {report['augmented_examples']:,} of the examples without labels are augmented "
+                "copies of the labeled ones, drawn once (word replacement by a masked LM, or image augmentation)"
             )
     if report.get("ema_teacher"):
         lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")

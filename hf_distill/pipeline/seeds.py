@@ -156,7 +156,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- transfer set: {report['train_examples']:,} labeled examples and {report['transfer_examples']:,} "
             "without labels for the student"
-            + (f" ({report['augmented_examples']:,} of them word-replacement copies of the labeled texts)"
+            + (f" ({report['augmented_examples']:,} of them augmented copies of the labeled ones)"
                if report.get("augmented_examples") else "")
             + "; the baseline trained on the labeled ones for as many steps"
         )  # fmt: skip
