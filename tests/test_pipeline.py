@@ -420,6 +420,14 @@ def test_transfer_set_arguments_that_cannot_apply_are_refused():
         PipelineArguments(teacher="t", dataset="d", task="masked-lm", transfer_dataset="unused", max_train_samples=9)
 
 
+def test_none_turns_off_a_recipes_transfer_set_and_augmentation():
+    args, _, _ = parse_args(["--recipe", "minilm-rotten-tomatoes-transfer", "--word_replacement_mlm", "m"])
+    assert (args.transfer_dataset, args.word_replacement_mlm) == ("unused", "m")
+    off = ["--transfer_dataset", "none", "--word_replacement_mlm", "none"]
+    args, _, _ = parse_args(["--recipe", "minilm-rotten-tomatoes-transfer", *off])
+    assert (args.transfer_dataset, args.word_replacement_mlm) == (None, None)
+
+
 def test_several_seeds_give_one_report_of_means_and_spreads(tmp_path):
     output = str(tmp_path / "run")
     teacher = write_encoder_teacher(str(tmp_path / "encoder"))

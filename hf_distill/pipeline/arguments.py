@@ -22,6 +22,8 @@ from ..text_augmentation import WordReplacement
 TASKS = ("text-classification", "masked-lm", "image-classification")
 #: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
 UNUSED_EXAMPLES = "unused"
+#: The value that turns off a recipe's transfer set or augmentation on the command line (`--transfer_dataset none`).
+OFF = "none"
 #: `--word_replacement_mlm` value: the teacher's own checkpoint, when it has a masked-LM head.
 TEACHER_MLM = "teacher"
 #: The recipes that ship with the package (the top-level `recipes/` folder, installed as `hf_distill.recipes`): one
@@ -130,8 +132,8 @@ class PipelineArguments:
         metadata={
             "help": "A transfer set: examples without labels that the student also distils on (every term that "
             "reads the teacher counts them, hard_label skips them; the baseline never sees them). Any --dataset "
-            "form, or 'unused': the training split's examples beyond --max_train_samples, their labels dropped. "
-            "Text and image classification."
+            "form, or 'unused': the training split's examples beyond --max_train_samples, their labels dropped "
+            "('none': no transfer set, to turn a recipe's off). Text and image classification."
         },
     )
     transfer_dataset_config_name: str | None = field(
@@ -149,8 +151,8 @@ class PipelineArguments:
             "help": "Augment the labeled training texts by contextual word replacement (TinyBERT): this masked LM "
             "(a folder or Hub id with a trained masked-LM head, or 'teacher' when the teacher is one) proposes "
             "each word's replacements. The copies join the transfer set, without labels (the teacher labels "
-            "them); the baseline never sees them. Built once and saved (--word_replacement_dir). Text "
-            "classification."
+            "them); the baseline never sees them. Built once and saved (--word_replacement_dir). 'none': off. "
+            "Text classification."
         },
     )
     word_replacement_rate: float = field(
@@ -175,8 +177,8 @@ class PipelineArguments:
             "help": "Fixed augmented copies of the labeled training images, drawn once with --seed, for a "
             "--teacher_cache (which cannot serve views drawn anew at every step): a mapping (or JSON string) of "
             'copies (per image) and the image_augmentation keys, e.g. \'{"copies": 4, "crop_scale": '
-            '[0.35, 1.0], "flip": true}\'. The copies join the transfer set, without labels. Image '
-            "classification."
+            "[0.35, 1.0], \"flip\": true}'. The copies join the transfer set, without labels. 'none': off. "
+            "Image classification."
         },
     )
     max_length: int = field(default=128, metadata={"help": "Longest tokenised text; longer texts are truncated."})
@@ -226,6 +228,9 @@ class PipelineArguments:
         #: With several teachers, `{name: Hub id or folder}` in order; `teacher` is then the first one's.
         self.teachers: dict[str, str] | None = None
         self.teacher = self._read_teachers(self.teacher)
+        for name in ("transfer_dataset", "word_replacement_mlm", "image_augmentation_copies"):
+            if isinstance(getattr(self, name), str) and getattr(self, name).lower() == OFF:
+                setattr(self, name, None)  # a recipe's setting turned off on the command line
         for name in ("teacher_config", "student_config", "image_augmentation_copies"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
