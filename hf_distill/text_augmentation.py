@@ -160,8 +160,8 @@ def replacement_candidates(
             else:  # several pieces: the whole words nearest to their mean input embedding
                 vector = embeddings[[encoded.input_ids[p] for p in positions]].float().mean(0)
                 similarity = neighbours @ torch.nn.functional.normalize(vector, dim=0)
-                order = neighbour_ids[similarity.topk(settings.candidates + 1).indices].tolist()
-                choices = [vocabulary[i] for i in order[: settings.candidates + 1] if vocabulary[i] != word.lower()]
+                order = neighbour_ids[similarity.topk(min(settings.candidates + 1, len(similarity))).indices].tolist()
+                choices = [vocabulary[i] for i in order if vocabulary[i] != word.lower()]
                 spans.append((span, choices[: settings.candidates]))
         found.append(spans)
     excluded = ~whole
@@ -187,7 +187,7 @@ def replacement_candidates(
             logits[:, excluded.to(logits.device)] = float("-inf")
             original = torch.tensor([token for *_, token in batch], device=logits.device)
             logits[torch.arange(len(batch)), original] = float("-inf")
-            best = logits.topk(settings.candidates, dim=-1)
+            best = logits.topk(min(settings.candidates, logits.shape[-1]), dim=-1)
             for (text_index, word, *_), ids, scores in zip(
                 batch, best.indices.tolist(), best.values.tolist(), strict=True
             ):

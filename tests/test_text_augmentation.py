@@ -77,6 +77,8 @@ def test_a_word_of_several_pieces_gets_its_nearest_whole_words_by_embedding():
     similarity = torch.nn.functional.cosine_similarity(embeddings[ids], mean[None], dim=-1)
     expected = [WORDS[i] for i in similarity.argsort(descending=True)[:3].tolist()]
     assert found[0][1] == ((5, 10), expected)
+    many = replacement_candidates(["good films"], model, tok, WordReplacement(candidates=50))  # more than there are
+    assert sorted(many[0][0][1]) == sorted(set(WORDS) - {"good"}) and sorted(many[0][1][1]) == sorted(WORDS)
 
 
 def test_copies_replace_words_at_the_rate_with_their_candidates_and_keep_the_rest():
