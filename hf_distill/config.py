@@ -235,7 +235,9 @@ class DistillationConfig(TrainingArguments):
             if self.teacher_cache is not None:
                 raise ValueError(
                     "image_augmentation draws a new view of every image at every step, but a teacher cache holds the "
-                    "teacher's outputs for one view: drop teacher_cache to distil online, or drop image_augmentation"
+                    "teacher's outputs for one view: drop teacher_cache to distil online, or drop image_augmentation "
+                    "(--image_augmentation none); the pipeline's --image_augmentation_copies draws fixed views a cache "
+                    "can serve"
                 )
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
@@ -254,9 +256,12 @@ class DistillationConfig(TrainingArguments):
 
 
 def _json_mapping(name: str, value: Any, example: str) -> Any:
-    """A field given as a JSON string (on the command line), parsed; anything else as it is."""
+    """A field given as a JSON string (on the command line), parsed; anything else as it is. "none" (or JSON's
+    null) is no mapping: it turns off a recipe's setting."""
     if not isinstance(value, str):
         return value
+    if value.strip().lower() == "none":
+        return None
     try:
         return json.loads(value)
     except json.JSONDecodeError as error:

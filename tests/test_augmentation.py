@@ -122,6 +122,10 @@ def test_the_command_line_takes_image_augmentation_as_json():
         ["--recipe", "vit-fashion-mnist", "--image_augmentation", '{"flip": true, "mixup_alpha": 0.2}']
     )
     assert config.image_augmentation == {"flip": True, "mixup_alpha": 0.2}
+    _, config, _ = parse_args(["--recipe", "vit-fashion-mnist"])
+    assert config.image_augmentation == {"crop_scale": [0.5, 1.0], "flip": True}  # the recipe's switch, on
+    _, config, _ = parse_args(["--recipe", "vit-fashion-mnist", "--image_augmentation", "none"])
+    assert config.image_augmentation is None  # and off
     with pytest.raises(ValueError, match="must be a JSON mapping"):
         parse_args(["--recipe", "vit-fashion-mnist", "--image_augmentation", "flip"])
 

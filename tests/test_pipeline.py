@@ -346,7 +346,8 @@ def test_fixed_augmented_image_copies_serve_a_teacher_cache(tmp_path):
                      "--teacher_config", json.dumps(TINY_VIT), "--image_size", "32",
                      "--student_config", json.dumps({"model_type": "mobilenet_v2", "depth_multiplier": 0.35}),
                      "--max_train_samples", "12", "--image_augmentation_copies", copies,
-                     "--teacher_cache", str(tmp_path / "cache"), "--baseline", "false", *FAST])  # fmt: skip
+                     "--teacher_cache", str(tmp_path / "cache"), "--image_augmentation", "none",
+                     "--baseline", "false", *FAST])  # fmt: skip
     assert (result["train_examples"], result["transfer_examples"], result["augmented_examples"]) == (12, 24, 24)
     assert result["training_steps"] == {"student": 4}  # 36 images in full batches of 8
     record = json.load(open(tmp_path / "cache" / "cache.json"))
