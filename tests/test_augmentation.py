@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from helpers import bert_classifier, config, image_dataset, text_dataset, vit_classifier
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from helpers import IMAGE, bert_classifier, config, image_dataset, text_dataset, vit_classifier
 from PIL import Image
 
-from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill import DistillationConfig, DistillationTrainer, with_transfer_set
 from hf_distill.augmentation import ImageAugmentation, augment_batch, augmented_image_copies
 from hf_distill.pipeline import parse_args
 
@@ -170,3 +172,41 @@ def test_augmented_image_copies_are_fixed_views_of_each_image_in_order():
     assert 0 < weight < 1 and np.abs(weight * a + (1 - weight) * b - blend[0]).max() <= 1.0
     with pytest.raises(ValueError, match="copies must be an integer >= 1"):
         augmented_image_copies(images, flip, copies=0, seed=1)
+
+
+def test_the_teacher_sees_exactly_the_students_fixed_image_copies(tmp_path):
+    generator = np.random.default_rng(0)
+    images = [Image.fromarray(generator.integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)) for _ in range(4)]
+    views = augmented_image_copies(images, ImageAugmentation(crop_scale=(0.5, 1.0), flip=True), copies=3, seed=0)
+    labeled = Dataset.from_dict({"image": images, "labels": [0, 1, 2, 0]}, features=Features(
+        {"image": ImageFeature(), "labels": Value("int64")}))  # fmt: skip
+    train = with_transfer_set(
+        labeled, Dataset.from_dict({"image": views}, features=Features({"image": ImageFeature()}))
+    )
+
+    def to_pixels(batch):
+        pixels = [
+            torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1) for image in batch["image"]
+        ]
+        return {"pixel_values": torch.stack(pixels), "labels": batch["labels"]}
+
+    trainer = DistillationTrainer(
+        model=vit_classifier(seed=2, hidden_size=8, intermediate_size=16),
+        teacher_model=vit_classifier(seed=1),
+        args=config(
+            tmp_path, LOSSES, max_steps=4, per_device_train_batch_size=4, optim="sgd", remove_unused_columns=False
+        ),
+        train_dataset=train.with_transform(to_pixels),
+    )
+    seen = {"student": [], "teacher": []}
+    for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs, role=role: seen[role].append(kwargs["pixel_values"].detach().clone()),
+            with_kwargs=True,
+        )
+    trainer.train()
+    assert len(seen["student"]) == len(seen["teacher"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen["teacher"], strict=True))
+    rows = torch.cat(seen["teacher"])
+    for view in to_pixels({"image": views, "labels": [0] * len(views)})["pixel_values"]:  # each copy, seen by both
+        assert any(torch.equal(view, row) for row in rows)
