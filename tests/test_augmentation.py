@@ -65,15 +65,21 @@ AUGMENTATIONS = {
 }
 
 
-@pytest.mark.parametrize("name", list(AUGMENTATIONS))
-def test_the_teacher_sees_exactly_the_students_augmented_images(tmp_path, name):
-    trainer = _vision_trainer(tmp_path, AUGMENTATIONS[name], gradient_accumulation_steps=2)
+def record_pixels(trainer) -> dict[str, list[torch.Tensor]]:
+    """Forward pre-hooks on the student and the teacher: every `pixel_values` each receives, in order."""
     seen = {"student": [], "teacher": []}
     for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
         model.register_forward_pre_hook(
             lambda module, args, kwargs, role=role: seen[role].append(kwargs["pixel_values"].detach().clone()),
             with_kwargs=True,
         )
+    return seen
+
+
+@pytest.mark.parametrize("name", list(AUGMENTATIONS))
+def test_the_teacher_sees_exactly_the_students_augmented_images(tmp_path, name):
+    trainer = _vision_trainer(tmp_path, AUGMENTATIONS[name], gradient_accumulation_steps=2)
+    seen = record_pixels(trainer)
     trainer.train()
     assert len(seen["student"]) == len(seen["teacher"]) == 4  # 2 steps x 2 micro-batches
     raw = torch.stack([torch.as_tensor(row["pixel_values"]) for row in image_dataset(16)])
@@ -198,12 +204,7 @@ def test_the_teacher_sees_exactly_the_students_fixed_image_copies(tmp_path):
         ),
         train_dataset=train.with_transform(to_pixels),
     )
-    seen = {"student": [], "teacher": []}
-    for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
-        model.register_forward_pre_hook(
-            lambda module, args, kwargs, role=role: seen[role].append(kwargs["pixel_values"].detach().clone()),
-            with_kwargs=True,
-        )
+    seen = record_pixels(trainer)
     trainer.train()
     assert len(seen["student"]) == len(seen["teacher"]) == 4
     assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen["teacher"], strict=True))
