@@ -224,10 +224,22 @@ def word_replacement(
 ) -> Dataset:
     """The augmented copies of `dataset[text_column]`: a data set of that one column, `settings.copies` rows per
     example in the examples' order (copy `i` comes from example `i // copies`)."""
-    settings = settings or WordReplacement()
+    return _copies(_texts(dataset, text_column), text_column, model, tokenizer, settings or WordReplacement())
+
+
+def _texts(dataset: Dataset, text_column: str) -> list[str]:
     if text_column not in dataset.column_names:
         raise ValueError(f"word replacement: no {text_column!r} column (columns: {dataset.column_names})")
-    texts = list(dataset[text_column])
+    return list(dataset[text_column])
+
+
+def _copies(
+    texts: list[str],
+    text_column: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: WordReplacement,
+) -> Dataset:
     found = replacement_candidates(texts, model, tokenizer, settings)
     return Dataset.from_dict({text_column: replaced_copies(texts, found, settings)})
 
@@ -254,10 +266,9 @@ def build_word_replacement(
     A set built for other texts or settings in `save_dir` is replaced; the folder is written whole or not at all.
     """
     settings = settings or WordReplacement()
+    texts = _texts(dataset, text_column)  # before the masked LM loads: a wrong column fails at once
     model, tokenizer = load_masked_lm(masked_lm)
-    if text_column not in dataset.column_names:
-        raise ValueError(f"word replacement: no {text_column!r} column (columns: {dataset.column_names})")
-    record = _record(list(dataset[text_column]), model, settings)
+    record = _record(texts, model, settings)
     saved_path = None if save_dir is None else os.path.join(save_dir, RECORD_NAME)
     if saved_path is not None and os.path.exists(saved_path):
         with open(saved_path, encoding="utf-8") as handle:
@@ -265,11 +276,12 @@ def build_word_replacement(
                 logger.info("Word replacement: reusing the %s copies saved in %s", settings.copies, save_dir)
                 return load_from_disk(save_dir)
         logger.info("Word replacement: the set in %s was built for other texts or settings; rebuilding", save_dir)
-    copies = word_replacement(dataset, text_column, model, tokenizer, settings)
+    copies = _copies(texts, text_column, model, tokenizer, settings)
     if save_dir is not None:
         with staged_folder(save_dir, last=(RECORD_NAME,)) as staging:
             copies.save_to_disk(staging)
             with open(os.path.join(staging, RECORD_NAME), "w", encoding="utf-8") as handle:
                 json.dump(record, handle, indent=1)
+        # The saved set, as a later run reuses it: the same data-set fingerprint, so a teacher cache keyed on it holds.
         copies = load_from_disk(save_dir)
     return copies

@@ -151,6 +151,24 @@ def write_report_files(output_dir: str, report: dict[str, Any], lines: list[str]
     plot(os.path.join(output_dir, "report.png"))
 
 
+def transfer_lines(report: dict[str, Any]) -> list[str]:
+    """What the student saw besides its labeled examples (a transfer set, augmented copies), as Markdown items; the
+    single-run report and the seeds report both print them."""
+    if not report.get("transfer_examples"):
+        return []
+    lines = [
+        f"- transfer set: the student distilled on {report['train_examples']:,} labeled examples and "
+        f"{report['transfer_examples']:,} without labels (teacher targets only); the baseline trained on the "
+        "labeled ones for as many steps"
+    ]
+    if report.get("augmented_examples"):
+        lines.append(
+            f"- augmented copies: {report['augmented_examples']:,} of the examples without labels are augmented "
+            "copies of the labeled ones, drawn once (word replacement by a masked LM, or image augmentation)"
+        )
+    return lines
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
@@ -176,17 +194,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
         )
-    if report.get("transfer_examples"):
-        lines.append(
-            f"- transfer set: the student distilled on {report['train_examples']:,} labeled examples and "
-            f"{report['transfer_examples']:,} without labels (teacher targets only); the baseline trained on the "
-            "labeled ones for as many steps"
-        )
-        if report.get("augmented_examples"):
-            lines.append(
-                f"- augmented copies: {report['augmented_examples']:,} of the examples without labels are augmented "
-                "copies of the labeled ones, drawn once (word replacement by a masked LM, or image augmentation)"
-            )
+    lines += transfer_lines(report)
     if report.get("ema_teacher"):
         lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")
     generations = report.get("generations") or 1

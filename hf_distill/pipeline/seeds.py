@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import _ordered, write_report_files
+from .report import _ordered, transfer_lines, write_report_files
 from .run import run_pipeline
 
 #: The figures of a model's row whose spread is reported (latencies are added by batch size).
@@ -152,14 +152,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
     for key, figure in summary.items():
         if key.startswith("speedup_batch_"):
             lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}: {_plus_minus(figure, unit='x')}")
-    if report.get("transfer_examples"):
-        lines.append(
-            f"- transfer set: {report['train_examples']:,} labeled examples and {report['transfer_examples']:,} "
-            "without labels for the student"
-            + (f" ({report['augmented_examples']:,} of them augmented copies of the labeled ones)"
-               if report.get("augmented_examples") else "")
-            + "; the baseline trained on the labeled ones for as many steps"
-        )  # fmt: skip
+    lines += transfer_lines(report)
     lines.append("- std: the sample standard deviation over the seeds; each seed's own report is in " +
                  ", ".join(f"`{run}`" for run in report["runs"]))  # fmt: skip
     timings = [seconds for seconds in report.get("timings_s", []) if seconds is not None]
