@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 import transformers
-from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
@@ -27,6 +26,7 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
+from ..pruning import layer_stack
 from ..saving import staged_folder
 from .arguments import PipelineArguments
 from .data import PreparedData
@@ -216,18 +216,6 @@ def save_atomically(folder: str, write, last: tuple[str, ...] = ()) -> None:
         write(staging)
 
 
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer layers: the ModuleList as long as its config's num_hidden_layers."""
-    depth = getattr(model.config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and depth is not None and len(module) == depth:
-            return name, module
-    raise ValueError(
-        f"cannot find the layer stack of a {type(model).__name__} to build a student from; pass student_config "
-        "to build a fresh student instead"
-    )
-
-
 def default_student_layers(teacher_depth: int, student_depth: int | None = None) -> list[int]:
     """`student_depth` teacher layers spread evenly from the first to the last (half the depth by default).
 
@@ -256,7 +244,7 @@ def build_student(
     (`[student, teacher]` pairs over hidden-state indices, 0 being the embedding output), which is the default
     `layer_map` of the pipeline's `hidden_state` losses.
     """
-    prefix, teacher_layers = _layer_list(teacher)
+    prefix, teacher_layers = layer_stack(teacher)
     layers = list(layers) if layers is not None else default_student_layers(len(teacher_layers), num_layers)
     bad = [index for index in layers if not 0 <= index < len(teacher_layers)]
     if bad or not layers:
