@@ -126,12 +126,17 @@ def _message(step: int, bad: list[str], parameters: list[tuple[str, nn.Parameter
     )
 
 
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A quantized weight (a torchao tensor subclass) as the floating-point values it stands for."""
+    return tensor if type(tensor) in (torch.Tensor, nn.Parameter) else tensor.dequantize()
+
+
 def check_finite_weights(model: nn.Module, where: str) -> None:
     """Refuse to write a model whose weights are not all finite (a student trained into NaN is no model)."""
     broken = [
         name
         for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        if tensor.is_floating_point() and not torch.isfinite(_plain(tensor)).all()
     ]
     if broken:
         raise FloatingPointError(

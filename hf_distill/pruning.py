@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -94,64 +94,85 @@ def _layer_roles(layer: nn.Module, index: int) -> dict[str, str]:
     return roles
 
 
-def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The mean over examples and real tokens of `values` [batch, tokens, units] -> [units]."""
+def _token_sums(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum over examples and real tokens of `values` [batch, tokens, units] -> [units], and the token count."""
     if mask is None or mask.shape != values.shape[:2]:
-        return values.flatten(0, -2).mean(0)
+        flat = values.flatten(0, -2)
+        return flat.sum(0), torch.tensor(float(flat.shape[0]))
     weights = mask.to(values.dtype)[..., None]
-    return (values * weights).sum((0, 1)) / weights.sum().clamp(min=1)
+    return (values * weights).sum((0, 1)), weights.sum()
 
 
 @torch.no_grad()
-def width_importance(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> WidthImportance:
-    """Activation importance of `model`'s heads, feed-forward neurons and embedding channels on `batch` (model
-    inputs; padding, by `attention_mask`, does not count)."""
+def width_importance(
+    model: nn.Module, batches: Mapping[str, torch.Tensor] | Iterable[Mapping[str, torch.Tensor]]
+) -> WidthImportance:
+    """Activation importance of `model`'s heads, feed-forward neurons and embedding channels: their mean over the
+    real tokens (padding, by `attention_mask`, does not count) of `batches` (one batch of model inputs, or several)."""
     hidden, heads, _ = _check_prunable(model)
     head_size = hidden // heads
     prefix, layers = layer_stack(model)
-    mask = batch.get("attention_mask")
-    channels = torch.zeros(hidden)
-    per_layer_heads: list[torch.Tensor | None] = [None] * len(layers)
-    per_layer_neurons: list[torch.Tensor | None] = [None] * len(layers)
-    handles = []
+    # Running sums per unit and token counts, over every batch: {key: [sum, tokens]}.
+    totals: dict[tuple, list[torch.Tensor]] = {}
+    mask: list[torch.Tensor | None] = [None]
 
-    def record_heads(index):
+    def add(key: tuple, values: torch.Tensor) -> None:
+        total, tokens = _token_sums(values.float().cpu(), mask[0])
+        if key in totals:
+            totals[key][0] += total
+            totals[key][1] += tokens
+        else:
+            totals[key] = [total, tokens]
+
+    def record(role: str, index: int):
         def hook(module, args):
-            outputs = args[0].float().unflatten(-1, (-1, head_size)).norm(dim=-1)  # [batch, tokens, heads]
-            per_layer_heads[index] = _token_mean(outputs, mask)
-
-        return hook
-
-    def record_neurons(index):
-        def hook(module, args):
-            per_layer_neurons[index] = _token_mean(args[0].float().abs(), mask)
+            values = args[0]
+            if role == "heads":  # the heads' concatenated outputs, before the attention output projection
+                values = values.unflatten(-1, (-1, head_size)).norm(dim=-1)
+            add((role, index), values.abs())
 
         return hook
 
     def record_channels(module, args, output):
-        nonlocal channels
         if output.dim() == 3:
-            channels = channels + _token_mean(output.float().abs(), mask)
+            add(("channels", id(module)), output.abs())
 
+    handles = []
     for index, layer in enumerate(layers):
         modules = dict(layer.named_modules())
         for name, role in _layer_roles(layer, index).items():
-            if role == "attention_output":
-                handles.append(modules[name].register_forward_pre_hook(record_heads(index)))
-            elif role == "ffn_out":
-                handles.append(modules[name].register_forward_pre_hook(record_neurons(index)))
+            if role in ("attention_output", "ffn_out"):
+                kind = "heads" if role == "attention_output" else "neurons"
+                handles.append(modules[name].register_forward_pre_hook(record(kind, index)))
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (hidden,):
             handles.append(module.register_forward_hook(record_channels))
     was_training = model.training
+    device = next(model.parameters()).device
     try:
         model.eval()
-        model(**batch)
+        for batch in [batches] if isinstance(batches, Mapping) else batches:
+            batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
+            mask[0] = batch.get("attention_mask")
+            mask[0] = None if mask[0] is None else mask[0].cpu()
+            model(**batch)
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return WidthImportance(channels=channels, heads=per_layer_heads, neurons=per_layer_neurons)
+    if not totals:
+        raise ValueError("width_importance needs at least one calibration batch")
+
+    def mean(key):
+        total, tokens = totals[key]
+        return total / tokens.clamp(min=1)
+
+    channels = sum(mean(key) for key in totals if key[0] == "channels")
+    return WidthImportance(
+        channels=channels,
+        heads=[mean(("heads", index)) for index in range(len(layers))],
+        neurons=[mean(("neurons", index)) for index in range(len(layers))],
+    )
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -186,6 +207,23 @@ def _resolve_widths(model: nn.Module, hidden_size, num_attention_heads, intermed
     return hidden_size, num_attention_heads, intermediate_size
 
 
+def pruned_config(
+    model: nn.Module,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    intermediate_size: int | None = None,
+):
+    """`model`'s config at the given widths (a width left out keeps the teacher's; the head count follows
+    `hidden_size`, at the teacher's head size), after checking that pruning can reach them: the shape of the
+    pruned student, and of the randomly initialised student it is compared with."""
+    widths = _resolve_widths(model, hidden_size, num_attention_heads, intermediate_size)
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.num_attention_heads, config.intermediate_size = widths
+    if hasattr(config, "embedding_size"):
+        config.embedding_size = config.hidden_size
+    return config
+
+
 def prune_width(
     model: nn.Module,
     importance: WidthImportance,
@@ -199,8 +237,11 @@ def prune_width(
     A width left out keeps the teacher's (the head count follows `hidden_size`, at the teacher's head size). The
     copy is the same class with a config holding its real widths; keeping every unit reproduces `model` exactly.
     """
-    hidden_size, num_attention_heads, intermediate_size = _resolve_widths(
-        model, hidden_size, num_attention_heads, intermediate_size
+    config = pruned_config(model, hidden_size, num_attention_heads, intermediate_size)
+    hidden_size, num_attention_heads, intermediate_size = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
     )
     hidden, heads, _ = _check_prunable(model)
     head_size = hidden // heads
@@ -257,14 +298,6 @@ def prune_width(
         for dim, indices in selections.get(key, {}).items():
             value = value.index_select(dim, indices.to(value.device))
         state[key] = value.clone()
-    config = copy.deepcopy(model.config)
-    config.hidden_size, config.num_attention_heads, config.intermediate_size = (
-        hidden_size,
-        num_attention_heads,
-        intermediate_size,
-    )
-    if hasattr(config, "embedding_size"):
-        config.embedding_size = hidden_size
     pruned = type(model)(config)
     pruned.load_state_dict(state, strict=True)
     return pruned.to(next(model.parameters()).device).train(model.training)

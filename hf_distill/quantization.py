@@ -6,16 +6,15 @@ output channel, int8 activations per token, both symmetric) and int8 weights per
 
     student = prepare_int8_training(copy.deepcopy(teacher))   # trains as it will run in int8
     DistillationTrainer(model=student, teacher_model=teacher, ...).train()
-    int8 = save_int8(student, "student-int8", tokenizer)       # AutoModel*.from_pretrained("student-int8")
+    to_int8(student).save_pretrained("student-int8")         # AutoModel*.from_pretrained("student-int8")
 
-`save_int8` on a model that was never trained this way is post-training quantization, the baseline that
+`to_int8` on a model that was never trained this way is post-training quantization, the baseline that
 quantization-aware distillation has to beat. Loading the saved folder needs torchao installed; the int8 kernels
 are fast on the CPU under `torch.compile` (eager, they are slower than fp32).
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any
 
@@ -127,24 +126,14 @@ def int8_config(model: nn.Module, embeddings: bool = True):
     return TorchAoConfig(FqnToConfig(per_weight), include_input_output_embeddings=embedding is not None)
 
 
-def save_int8(model, folder: str, processor=None, card=None, embeddings: bool = True):
-    """Write `model` to `folder` as a real int8 model and return it loaded from there.
+def to_int8(model, embeddings: bool = True):
+    """`model` as a real int8 model (a new one; `model` is left as it is), ready for `save_pretrained`.
 
     The fp32 weights (fake-quantized training changes none of their names) are written to a scratch folder and
-    loaded back with `int8_config`, which quantizes them; that model is saved with its tokenizer or image
-    processor and model card, through `hf_distill.saving.staged_folder` so that a crash leaves no half-written
-    folder. Plain `AutoModel*.from_pretrained(folder)` gives the same int8 model back.
+    loaded back with `int8_config`, which quantizes them as transformers does for any torchao checkpoint; the
+    result saves with `save_pretrained`, and plain `AutoModel*.from_pretrained` gives the same int8 model back.
     """
-    from .saving import staged_folder
-
     config = int8_config(model, embeddings)
     with tempfile.TemporaryDirectory(prefix="hf_distill-fp32-") as scratch:
         model.save_pretrained(scratch)
-        int8 = type(model).from_pretrained(scratch, quantization_config=config, use_safetensors=True).eval()
-        with staged_folder(folder) as staging:
-            int8.save_pretrained(staging)
-            if processor is not None:
-                processor.save_pretrained(staging)
-            if card is not None:
-                card.save(os.path.join(staging, "README.md"))
-    return int8
+        return type(model).from_pretrained(scratch, quantization_config=config, use_safetensors=True).eval()

@@ -165,3 +165,13 @@ def test_hidden_state_and_attention_terms_follow_the_pruned_widths(tmp_path):
     assert [(p.in_features, p.out_features) for p in hidden_state.projectors] == [(8, 16)] * len(hidden_state.pairs)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(torch.isfinite(torch.tensor(entry["attention"])) and entry["attention"] > 0 for entry in logged)
+
+
+def test_importance_over_several_batches_is_the_mean_over_all_their_tokens():
+    teacher = bert_classifier(seed=9, layers=2, width=16, heads=4).eval()
+    batch = text_batch(size=6)
+    halves = [{key: value[:2] for key, value in batch.items()}, {key: value[2:] for key, value in batch.items()}]
+    whole, parts = width_importance(teacher, batch), width_importance(teacher, halves)
+    assert torch.allclose(whole.channels, parts.channels, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole.heads, parts.heads, strict=True))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole.neurons, parts.neurons, strict=True))

@@ -17,7 +17,7 @@ from hf_distill.quantization import (
     int8_module_names,
     is_int8_training,
     prepare_int8_training,
-    save_int8,
+    to_int8,
     undo_int8_training,
 )
 
@@ -105,7 +105,8 @@ def test_trained_student_exports_to_int8_that_plain_from_pretrained_reloads(tmp_
     ids = torch.randint(0, VOCAB, (4, 12))
     with torch.no_grad():
         fake = student(input_ids=ids).logits
-    int8 = save_int8(student, str(tmp_path / "int8"))
+    int8 = to_int8(student)
+    int8.save_pretrained(tmp_path / "int8")
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "int8")).eval()
     with torch.no_grad():
         exported, plain = int8(input_ids=ids).logits, reloaded(input_ids=ids).logits
@@ -123,7 +124,8 @@ def test_trained_student_exports_to_int8_that_plain_from_pretrained_reloads(tmp_
 def test_post_training_quantization_of_an_untouched_model(tmp_path):
     teacher = bert_classifier(seed=2, width=32).eval()
     ids = torch.randint(0, VOCAB, (4, 12))
-    int8 = save_int8(teacher, str(tmp_path / "ptq"))
+    int8 = to_int8(teacher)
+    int8.save_pretrained(tmp_path / "ptq")
     with torch.no_grad():
         fake = prepare_int8_training(copy.deepcopy(teacher))(input_ids=ids).logits
         exported = int8(input_ids=ids).logits

@@ -92,6 +92,34 @@ class PipelineArguments:
             "model_type, or a JSON string."
         },
     )
+    student_width: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "A narrower student: its hidden_size, num_attention_heads and intermediate_size (a mapping or "
+            'JSON string, e.g. \'{"hidden_size": 256, "num_attention_heads": 8}\'; a width left out keeps the '
+            "teacher's), pruned from the teacher's layers by activation importance on --calibration_examples "
+            "training examples. BERT-style encoders and ViT."
+        },
+    )
+    student_init: str = field(
+        default="teacher",
+        metadata={
+            "help": "'teacher': the student starts from the teacher's weights (its layers, pruned to "
+            "--student_width); 'random': the same shape, randomly initialised (what the teacher's weights are "
+            "compared against)."
+        },
+    )
+    student_quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "'int8': quantization-aware distillation; the student trains with int8 fake quantization of its "
+            "linear layers and word embeddings and is saved as a real int8 model (torchao, through TorchAoConfig) "
+            "that plain from_pretrained loads. Its baseline is post-training quantization. Needs torchao."
+        },
+    )
+    calibration_examples: int = field(
+        default=256, metadata={"help": "Training examples whose activations rank the units --student_width keeps."}
+    )
     processor: str | None = field(
         default=None,
         metadata={"help": "Tokenizer or image processor (Hub id or folder). Default: the teacher's own."},
@@ -228,10 +256,16 @@ class PipelineArguments:
         #: With several teachers, `{name: Hub id or folder}` in order; `teacher` is then the first one's.
         self.teachers: dict[str, str] | None = None
         self.teacher = self._read_teachers(self.teacher)
-        for name in ("transfer_dataset", "word_replacement_mlm", "image_augmentation_copies"):
+        for name in (
+            "transfer_dataset",
+            "word_replacement_mlm",
+            "image_augmentation_copies",
+            "student_width",
+            "student_quantization",
+        ):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() == OFF:
                 setattr(self, name, None)  # a recipe's setting turned off on the command line
-        for name in ("teacher_config", "student_config", "image_augmentation_copies"):
+        for name in ("teacher_config", "student_config", "student_width", "image_augmentation_copies"):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
                 setattr(self, name, json.loads(value))
@@ -277,6 +311,42 @@ class PipelineArguments:
             raise ValueError(f"transfer_max_samples must be >= 1, got {self.transfer_max_samples}")
         if self.student_layers is not None and self.student_config is not None:
             raise ValueError("give either student_layers (a student from the teacher) or student_config, not both")
+        self._check_student_kind()
+
+    def _check_student_kind(self) -> None:
+        if self.student_init not in ("teacher", "random"):
+            raise ValueError(f"student_init must be 'teacher' or 'random', got {self.student_init!r}")
+        if self.student_quantization not in (None, "int8"):
+            raise ValueError(f"student_quantization must be 'int8' (or left out), got {self.student_quantization!r}")
+        if self.student_config is not None and (self.student_width is not None or self.student_init == "random"):
+            raise ValueError(
+                "--student_width and --student_init shape a student built from the teacher; --student_config "
+                "builds a fresh one: give one or the other"
+            )
+        if self.student_width is not None:
+            widths = ("hidden_size", "num_attention_heads", "intermediate_size")
+            if (
+                not isinstance(self.student_width, dict)
+                or not self.student_width
+                or set(self.student_width) - set(widths)
+            ):
+                raise ValueError(
+                    f"student_width must be a mapping of {', '.join(widths)} to integers (in YAML, or a JSON "
+                    f'string such as \'{{"hidden_size": 256, "num_attention_heads": 8}}\'), got {self.student_width!r}'
+                )
+        if self.student_quantization == "int8":
+            if self.task == "masked-lm":
+                raise ValueError(
+                    "int8 students are for classification: a masked LM ties its word embeddings to its output "
+                    "layer, which the int8 format quantizes two ways; drop --student_quantization for masked LM"
+                )
+            if self.generations > 1 or self.ema_teacher:
+                raise ValueError(
+                    "an int8 student learns from a full-precision teacher: drop --generations / --ema_teacher, or "
+                    "--student_quantization"
+                )
+        if self.calibration_examples < 1:
+            raise ValueError(f"calibration_examples must be >= 1, got {self.calibration_examples}")
 
     def image_copies(self) -> tuple[int, ImageAugmentation]:
         """`--image_augmentation_copies` read: the copies per image and the augmentation that draws them."""

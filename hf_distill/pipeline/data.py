@@ -70,6 +70,16 @@ class PreparedData:
         batch = self.eval_collator(rows)
         return {key: value for key, value in batch.items() if key != "labels"}
 
+    def calibration_batches(self, count: int, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
+        """The first `count` examples the student distils on, as batches of inputs (no labels), for ranking the
+        units a pruned student keeps."""
+        rows = self.distill_train.select(range(min(count, len(self.distill_train))))
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            batch = self.train_collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            batches.append({key: value for key, value in batch.items() if key != "labels"})
+        return batches
+
 
 def load_processor(args: PipelineArguments):
     """The tokenizer or image processor: `args.processor`, else the teacher's, else (a teacher built here) a

@@ -9,68 +9,49 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .data import PreparedData
 
 
-def _keep_label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Shrink masked-LM logits to what the metrics need, per position: [argmax, log p(label)] (no vocab axis)."""
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    safe = labels.clamp(min=0).unsqueeze(-1)
-    return torch.stack([logits.argmax(-1).to(log_probs.dtype), log_probs.gather(-1, safe).squeeze(-1)], dim=-1)
-
-
-def _classification_metrics(prediction) -> dict[str, float]:
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((np.argmax(logits, axis=-1) == prediction.label_ids).mean())}
-
-
-def _masked_lm_metrics(prediction) -> dict[str, float]:
-    kept, labels = prediction.predictions, prediction.label_ids
-    masked = labels != -100
-    hits = kept[..., 0][masked] == labels[masked]
-    return {"accuracy": float(hits.mean()), "perplexity": float(math.exp(-kept[..., 1][masked].mean()))}
-
-
+@torch.no_grad()
 def evaluate_model(
     model: nn.Module, data: PreparedData, batch_size: int = 64, name: str = "model"
 ) -> dict[str, float]:
-    """Accuracy (and, for masked LM, perplexity over the masked tokens) of `model` on `data.eval`."""
+    """Accuracy (and, for masked LM, perplexity over the masked tokens) of `model` on `data.eval`, on the device
+    the model is on. Each batch is reduced as it comes (hits and log-probabilities of the labels), so no logits
+    pile up; the loop is our own because transformers' Trainer refuses quantized models, even for evaluation."""
     masked_lm = data.task == "masked-lm"
-    with tempfile.TemporaryDirectory() as scratch:
-        arguments = TrainingArguments(
-            output_dir=scratch,
-            per_device_eval_batch_size=batch_size,
-            report_to="none",
-            use_cpu=not torch.cuda.is_available(),
-            dataloader_pin_memory=torch.accelerator.is_available(),
-            eval_accumulation_steps=16,
-            disable_tqdm=False,
-            remove_unused_columns=False,  # image splits are transformed on the fly from their image column
-        )
-        trainer = Trainer(
-            model=model,
-            args=arguments,
-            eval_dataset=data.eval,
-            data_collator=data.eval_collator,
-            compute_metrics=_masked_lm_metrics if masked_lm else _classification_metrics,
-            preprocess_logits_for_metrics=_keep_label_log_probs if masked_lm else None,
-        )
-        metrics = trainer.evaluate(metric_key_prefix=name)
-    prefix = f"{name}_"  # the Trainer also adds an unprefixed `epoch`, which is no metric
-    return {
-        key[len(prefix) :]: value
-        for key, value in metrics.items()
-        if key.startswith(prefix) and not key.endswith(("runtime", "per_second", "preparation_time"))
-    }
+    device = next(model.parameters()).device
+    training = model.training
+    model.eval()
+    hits, count, label_log_prob = 0, 0, 0.0
+    loader = DataLoader(data.eval, batch_size=batch_size, collate_fn=data.eval_collator)
+    try:
+        for batch in tqdm(loader, desc=f"Evaluating the {name}", leave=False):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            counted = labels != -100  # masked LM: the masked positions; classification: every example
+            hits += int((logits.argmax(-1) == labels)[counted].sum())
+            count += int(counted.sum())
+            if masked_lm:
+                log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+                label_log_prob += float(log_probs.squeeze(-1)[counted].sum())
+    finally:
+        model.train(training)
+    if count == 0:
+        raise ValueError(f"the held-out split has no labeled {'masked tokens' if masked_lm else 'examples'} to score")
+    metrics = {"accuracy": hits / count}
+    if masked_lm:
+        metrics["perplexity"] = math.exp(-label_log_prob / count)
+    return metrics
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -78,10 +59,20 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
+def _stored(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a weight is stored as: itself, or a quantized weight's (a tensor subclass) inner tensors,
+    such as int8 values and their scales."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [inner for name in names for inner in _stored(getattr(tensor, name))]
+
+
 def weights_size_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights take (each tied tensor once), as in a safetensors file minus its header."""
+    """Bytes the model's weights take (each tied tensor once), as in a safetensors file minus its header; a
+    quantized weight counts as its int8 values and scales."""
     seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in [inner for weight in [*model.parameters(), *model.buffers()] for inner in _stored(weight)]:
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()

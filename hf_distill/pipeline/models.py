@@ -26,7 +26,8 @@ from transformers import (
 )
 
 from ..config import DistillationConfig
-from ..pruning import layer_stack
+from ..pruning import layer_stack, prune_width, pruned_config, width_importance
+from ..quantization import prepare_int8_training
 from ..saving import staged_folder
 from .arguments import PipelineArguments
 from .data import PreparedData
@@ -283,3 +284,22 @@ def fresh_student(student_config: dict | str, data: PreparedData, task: str, see
         config.image_size = data.image_size
     torch.manual_seed(seed)
     return AUTO_CLASSES[task].from_config(config)
+
+
+def shape_student(
+    student: PreTrainedModel, args: PipelineArguments, data: PreparedData, seed: int, quantize: bool = True
+) -> PreTrainedModel:
+    """The student built from the teacher's layers, given its kind: narrowed to `args.student_width` (the units
+    that matter most on `args.calibration_examples` training examples), randomly re-initialised at that shape
+    (`args.student_init == "random"`), and prepared for int8 training (`args.student_quantization`, when
+    `quantize`)."""
+    if args.student_width is not None and args.student_init == "teacher":
+        batches = data.calibration_batches(args.calibration_examples)
+        student = prune_width(student, width_importance(student, batches), **args.student_width)
+    elif args.student_init == "random":
+        config = student.config if args.student_width is None else pruned_config(student, **args.student_width)
+        torch.manual_seed(seed)
+        student = type(student)(config)
+    if quantize and args.student_quantization == "int8":
+        prepare_int8_training(student)
+    return student

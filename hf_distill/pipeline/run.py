@@ -19,12 +19,20 @@ from transformers import set_seed
 
 from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
+from ..quantization import to_int8
 from ..teacher_sources import EMA_TEACHER
 from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
-from .models import build_student, fresh_student, load_initial_teacher, prepare_teachers, stage_args
+from .models import (
+    build_student,
+    fresh_student,
+    load_initial_teacher,
+    prepare_teachers,
+    shape_student,
+    stage_args,
+)
 from .report import build_report, model_card, push_student, save_student, teacher_row, write_report
 
 logger = logging.getLogger(__name__)
@@ -61,11 +69,24 @@ def born_again_losses(losses: dict[str, Any]) -> dict[str, Any]:
     return again
 
 
-def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int):
-    """The student and its layer map: a fresh model from `student_config`, or one built from teacher layers."""
+def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int, quantize: bool = True):
+    """The student and its layer map: a fresh model from `student_config`, or one built from teacher layers (then
+    narrowed, re-initialised or, when `quantize`, prepared for int8 by `shape_student`)."""
     if args.student_config is not None:
         return fresh_student(args.student_config, data, args.task, seed), None
-    return build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
+    student, layer_map = build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
+    return shape_student(student, args, data, seed, quantize), layer_map
+
+
+def is_teachers_shape(args: PipelineArguments, student, teacher) -> bool:
+    """Whether the student is the teacher's own network (every layer, every unit, the teacher's weights): then
+    the int8 student's baseline is the teacher quantized after training, with no training of its own."""
+    return (
+        args.student_config is None
+        and args.student_width is None
+        and args.student_init == "teacher"
+        and student.config.num_hidden_layers == teacher.config.num_hidden_layers
+    )
 
 
 def distill(
@@ -143,9 +164,14 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         folder = os.path.join(config.output_dir, "checkpoints", f"generation-{generation}")
         trainer = distill(fresh, trainer.model, data, born_again, folder)
         clock = lap(f"generation {generation}", clock)
-    models["student"] = trainer.model
+    int8 = args.student_quantization == "int8"
+    # An int8 student is scored, timed and saved as the real int8 model, not the fake-quantized one it trained as.
+    models["student"] = to_int8(trainer.model) if int8 else trainer.model
     steps = {"student": trainer.state.global_step}
-    if args.baseline:
+    if args.baseline and int8 and is_teachers_shape(args, trainer.model, teacher):
+        models["baseline"], steps["baseline"] = to_int8(teacher), 0  # post-training quantization of the teacher
+        clock = lap("baseline", clock)
+    elif args.baseline:
         # Without the teacher means without what it learnt here too: a student built from teacher layers starts
         # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
         if args.student_config is not None or teacher_source == args.teacher:
@@ -153,7 +179,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         else:
             initial = load_initial_teacher(args, config, data, attention)[0]
         set_seed(config.seed)
-        baseline, _ = make_student(args, initial, data, config.seed)
+        # An int8 student's baseline trains in floating point and is quantized afterwards.
+        baseline, _ = make_student(args, initial, data, config.seed, quantize=False)
         del initial
         # As many steps as the student took: with a transfer set the student's epochs are longer, and the baseline
         # repeats its labeled examples to match.
@@ -172,7 +199,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
             os.path.join(config.output_dir, "checkpoints", "baseline"),
             labeled_only=True,
         )
-        models["baseline"], steps["baseline"] = baseline_trainer.model, baseline_trainer.state.global_step
+        models["baseline"] = to_int8(baseline_trainer.model) if int8 else baseline_trainer.model
+        steps["baseline"] = baseline_trainer.state.global_step
         clock = lap("baseline", clock)
 
     batch_size = config.per_device_eval_batch_size
@@ -212,7 +240,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         timings_s=timings,
     )
     card = model_card(report, recipe, args.dataset, args.teacher, losses)
-    student_dir = save_student(trainer.model, data.processor, os.path.join(config.output_dir, "student"), card)
+    student_dir = save_student(models["student"], data.processor, os.path.join(config.output_dir, "student"), card)
     clock = lap("save", clock)
     if config.push_to_hub:
         repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))

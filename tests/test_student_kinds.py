@@ -1,0 +1,101 @@
+"""The pipeline's student kinds: narrower (pruned from the teacher or random), and int8 (quantization-aware)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_pipeline import tiny_sentiment_run
+from transformers import AutoModelForSequenceClassification
+
+from hf_distill.pipeline import PipelineArguments
+from hf_distill.pipeline import models as pipeline_models
+
+pytest.importorskip("torchao")
+
+WIDTH_8 = ["--student_width", '{"hidden_size": 8, "intermediate_size": 16}']
+
+
+def test_a_width_pruned_student_and_its_baseline_have_the_pruned_widths(tmp_path, monkeypatch):
+    ranked = []
+    importance = pipeline_models.width_importance
+    monkeypatch.setattr(
+        pipeline_models,
+        "width_importance",
+        lambda model, batches: ranked.append(batches) or importance(model, batches),
+    )
+    result, output = tiny_sentiment_run(tmp_path, *WIDTH_8, "--calibration_examples", "10", "--baseline", "true")
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(output, "student"))
+    assert (student.config.hidden_size, student.config.num_attention_heads, student.config.intermediate_size) == (
+        8,
+        2,
+        16,
+    )
+    assert student.config.num_hidden_layers == 2
+    rows = result["results"]
+    assert rows["student"]["parameters"] == rows["baseline"]["parameters"] < rows["teacher"]["parameters"] / 2
+    # Ranked once for the student and once for the baseline, each on the first 10 training examples.
+    assert [sum(len(batch["input_ids"]) for batch in batches) for batches in ranked] == [10, 10]
+    assert result["losses"]["hidden_state"]["layer_map"]  # the layers' pairs still hold; projectors bridge 8 -> 16
+
+
+def test_random_initialisation_gives_the_same_shape_without_the_teachers_weights(tmp_path):
+    teacher_dir = tmp_path / "pruned"
+    pruned, pruned_output = tiny_sentiment_run(teacher_dir, *WIDTH_8, "--num_train_epochs", "0.01")
+    random, random_output = tiny_sentiment_run(
+        tmp_path / "random", *WIDTH_8, "--student_init", "random", "--num_train_epochs", "0.01"
+    )
+    one, two = (
+        AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "student"))
+        for folder in (pruned_output, random_output)
+    )
+    assert pruned["results"]["student"]["parameters"] == random["results"]["student"]["parameters"]
+    shape = ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers")
+    assert [getattr(one.config, key) for key in shape] == [getattr(two.config, key) for key in shape] == [8, 2, 16, 2]
+    assert not torch.allclose(one.bert.embeddings.word_embeddings.weight, two.bert.embeddings.word_embeddings.weight)
+
+
+def test_an_int8_student_of_the_teachers_shape_against_post_training_quantization(tmp_path):
+    result, output = tiny_sentiment_run(
+        tmp_path, "--student_quantization", "int8", "--student_num_layers", "4", "--baseline", "true"
+    )
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(output, "student"))
+    query = student.bert.encoder.layer[0].attention.self.query.weight
+    assert type(query).__name__ == "Int8Tensor"
+    assert student.config.quantization_config.quant_method == "torchao"
+    rows = result["results"]
+    # The baseline is the teacher quantized after training: no steps of its own.
+    assert result["training_steps"]["baseline"] == 0
+    assert rows["student"]["size_bytes"] < 0.5 * rows["teacher"]["size_bytes"]
+    assert rows["student"]["size_bytes"] == rows["baseline"]["size_bytes"]
+    assert 0.0 <= rows["student"]["accuracy"] <= 1.0 and 0.0 <= rows["baseline"]["accuracy"] <= 1.0
+
+
+def test_a_shallower_int8_students_baseline_trains_then_is_quantized(tmp_path):
+    result, output = tiny_sentiment_run(tmp_path, "--student_quantization", "int8", "--baseline", "true")
+    assert result["training_steps"]["baseline"] == result["training_steps"]["student"] > 0
+    rows = result["results"]
+    assert rows["baseline"]["size_bytes"] == rows["student"]["size_bytes"] < 0.5 * rows["teacher"]["size_bytes"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"student_width": {"hidden": 8}}, "student_width must be a mapping of hidden_size"),
+        ({"student_init": "zeros"}, "student_init must be 'teacher' or 'random'"),
+        ({"student_quantization": "int4"}, "student_quantization must be 'int8'"),
+        ({"student_width": {"hidden_size": 8}, "student_config": {"model_type": "bert"}}, "give one or the other"),
+        ({"student_quantization": "int8", "task": "masked-lm"}, "int8 students are for classification"),
+        ({"student_quantization": "int8", "generations": 2}, "full-precision teacher"),
+        ({"calibration_examples": 0}, "calibration_examples must be >= 1"),
+    ],
+)
+def test_student_kinds_that_cannot_apply_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PipelineArguments(teacher="t", dataset="d", **settings)
+
+
+def test_none_turns_off_a_recipes_width_and_quantization():
+    args = PipelineArguments(teacher="t", dataset="d", student_width="none", student_quantization="none")
+    assert (args.student_width, args.student_quantization) == (None, None)
