@@ -66,3 +66,28 @@ def test_a_slow_spell_is_flagged_in_the_table_and_the_summary(monkeypatch):
     assert any(line.startswith("- CPU speed-up at batch 1") and "not to be trusted" in line for line in lines)
     advice = next(line for line in lines if "cannot be trusted" in line)
     assert "rerun with nothing else running" in advice
+
+
+def test_compiled_latency_runs_compiled_and_is_reported_beside_eager():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    models = {"teacher": bert_classifier(0, layers=2), "student": bert_classifier(1, layers=1)}
+    results = evaluation.describe_models(models, Batches(), [2], repeats=2, compiled=True)
+    # Two models sharing BERT's code, each compiled once: two frames of BertForSequenceClassification.forward.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    for row in results.values():
+        row["accuracy"] = 0.8
+        assert row["compiled_latency_ms_batch_2"] > 0 and row["latency_ms_batch_2"] > 0
+    report = build_report(results, recipe="test")
+    assert report["summary"]["compiled_speedup_batch_2"] == pytest.approx(
+        results["teacher"]["compiled_latency_ms_batch_2"] / results["student"]["compiled_latency_ms_batch_2"]
+    )
+    lines = "\n".join(report_lines(report))
+    assert "compiled CPU ms, batch 2" in lines and "speed-up at batch 2, both compiled" in lines
+    # The timed rounds refuse recompilation: a new shape under the same stance fails instead of running eagerly.
+    compiled = evaluation.compiled_models({"student": models["student"]})["student"]
+    compiled(**Batches().example_batch(2))
+    with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(Exception, match="[Rr]ecompil"):
+        compiled(**Batches().example_batch(3))
+    torch._dynamo.reset()

@@ -249,6 +249,13 @@ class PipelineArguments:
         default=20,
         metadata={"help": "Timed forward passes per model and batch size, the models taking turns (median reported)."},
     )
+    latency_compiled: bool = field(
+        default=False,
+        metadata={
+            "help": "Also time every model under torch.compile (int8 kernels are fast on the CPU only compiled); "
+            "the report then gives eager and compiled figures. Compiling takes a while per model and batch size."
+        },
+    )
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -95,9 +95,29 @@ def _spread(times: list[float]) -> float:
     return (quartiles[2] - quartiles[0]) / statistics.median(times)
 
 
+#: Compiled graphs allowed per function: teacher, student and baseline share BERT's code and compile once per batch
+#: size each, past torch's default of 8, after which torch would silently run the function eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def compiled_models(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Each model under `torch.compile` with static shapes (one graph per batch size), the recompile limit raised so
+    that none falls back to eager (`measure_latency` then refuses any recompilation while it times)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, RECOMPILE_LIMIT * 4
+    )
+    return {name: torch.compile(model, dynamic=False) for name, model in models.items()}
+
+
 @torch.no_grad()
 def measure_latency(
-    models: dict[str, nn.Module], data: PreparedData, batch_sizes: list[int], repeats: int = 20, warmup: int = 3
+    models: dict[str, nn.Module],
+    data: PreparedData,
+    batch_sizes: list[int],
+    repeats: int = 20,
+    warmup: int = 3,
+    compile: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Median CPU wall time of one forward pass, in milliseconds, per model and batch size (held-out inputs), and
     the spread of the repeats (`latency_spread_batch_<b>`: interquartile range over the median).
@@ -106,23 +126,31 @@ def measure_latency(
     of them alike instead of favouring the one timed in a quiet moment. Runs on the CPU with the process's
     torch threads whatever device the models trained on, because the report is about deployment where memory
     and latency are tight. Each model is put back where it was.
+
+    With `compile`, every model runs under `torch.compile` (`compiled_models`): the warm-up rounds compile, and
+    the timed rounds run under torch's "fail_on_recompile" stance, so a figure is never an eager run in disguise.
+    The keys are then `compiled_latency_ms_batch_<b>` and `compiled_latency_spread_batch_<b>`.
     """
     placement = {name: (next(model.parameters()).device, model.training) for name, model in models.items()}
     for model in models.values():
         model.to("cpu").eval()
+    runs = compiled_models(models) if compile else models
+    prefix = "compiled_" if compile else ""
     latency: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
         batch = data.example_batch(batch_size)
         times: dict[str, list[float]] = {name: [] for name in models}
         for round_index in range(warmup + repeats):
-            for name, model in models.items():
-                start = _clock()
-                model(**batch)
-                if round_index >= warmup:
-                    times[name].append(_clock() - start)
+            stance = "fail_on_recompile" if compile and round_index >= warmup else "default"
+            with torch.compiler.set_stance(stance):
+                for name, model in runs.items():
+                    start = _clock()
+                    model(**batch)
+                    if round_index >= warmup:
+                        times[name].append(_clock() - start)
         for name in models:
-            latency[name][f"latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times[name])
-            latency[name][f"latency_spread_batch_{batch_size}"] = _spread(times[name])
+            latency[name][f"{prefix}latency_ms_batch_{batch_size}"] = 1000 * statistics.median(times[name])
+            latency[name][f"{prefix}latency_spread_batch_{batch_size}"] = _spread(times[name])
     for name, model in models.items():
         device, training = placement[name]
         model.to(device).train(training)
@@ -159,10 +187,18 @@ def untrusted_latencies(results: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def describe_models(
-    models: dict[str, nn.Module], data: PreparedData, latency_batch_sizes: list[int], repeats: int
+    models: dict[str, nn.Module],
+    data: PreparedData,
+    latency_batch_sizes: list[int],
+    repeats: int,
+    compiled: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Size and CPU speed of each model: parameters, weight bytes and latency per batch size."""
+    """Size and CPU speed of each model: parameters, weight bytes and latency per batch size, eager and (with
+    `compiled`) also under torch.compile."""
     latency = measure_latency(models, data, latency_batch_sizes, repeats)
+    if compiled:
+        for name, figures in measure_latency(models, data, latency_batch_sizes, repeats, compile=True).items():
+            latency[name].update(figures)
     parameters = {name: count_parameters(model) for name, model in models.items()}
     return {
         name: {

@@ -62,8 +62,9 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
         "size_ratio": student["size_bytes"] / teacher["size_bytes"],
     }
     for key in teacher:
-        if key.startswith("latency_ms_batch_"):
-            summary[f"speedup_batch_{key.rsplit('_', 1)[1]}"] = _ratio(teacher[key], student[key])
+        for prefix in ("", "compiled_"):
+            if key.startswith(f"{prefix}latency_ms_batch_"):
+                summary[f"{prefix}speedup_batch_{key.rsplit('_', 1)[1]}"] = _ratio(teacher[key], student[key])
     # Latencies the measurement itself shows to be unreliable (noisy repeats, one network timed at two speeds).
     summary["latency_untrusted"] = untrusted_latencies(results)
     if "baseline" in results:
@@ -74,19 +75,19 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
 
 
 def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: dict[str, str]) -> list[str]:
-    latencies = sorted(
-        (key for key in results["student"] if key.startswith("latency_ms_batch_")),
-        key=lambda k: int(k.rsplit("_", 1)[1]),
-    )
+    def batch(key: str) -> str:
+        return key.rsplit("_", 1)[1]
+
+    eager = sorted((k for k in results["student"] if k.startswith("latency_ms_batch_")), key=lambda k: int(batch(k)))
+    compiled = [f"compiled_{key}" for key in eager if f"compiled_{key}" in results["student"]]
+    latencies = eager + compiled
     header = [
         "model",
         *metrics,
         "parameters (M)",
         "size (MB)",
-        *[
-            f"CPU ms, batch {k.rsplit('_', 1)[1]}" + (" (noisy)" if k.rsplit("_", 1)[1] in untrusted else "")
-            for k in latencies
-        ],
+        *[f"CPU ms, batch {batch(k)}" + (" (noisy)" if batch(k) in untrusted else "") for k in eager],
+        *[f"compiled CPU ms, batch {batch(k)}" for k in compiled],
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in _ordered(results):
@@ -189,6 +190,8 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             batch = key.rsplit("_", 1)[1]
             noisy = " (not to be trusted: see below)" if batch in untrusted else ""
             lines.append(f"- CPU speed-up at batch {batch}: {value:.2f}x{noisy}")
+        elif key.startswith("compiled_speedup_batch_"):
+            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}, both compiled: {value:.2f}x")
     if "gap_closure" in summary:
         lines.append(
             f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "

@@ -205,7 +205,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
 
     batch_size = config.per_device_eval_batch_size
     results = {name: evaluate_model(model, data, batch_size=batch_size, name=name) for name, model in models.items()}
-    for name, description in describe_models(models, data, args.latency_batch_sizes, args.latency_repeats).items():
+    for name, description in describe_models(
+        models, data, args.latency_batch_sizes, args.latency_repeats, args.latency_compiled
+    ).items():
         results[name].update(description)
     clock = lap("evaluate", clock)
 
