@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:  # the pipeline's own dependencies are an extra: the trainer needs none of them
         from .pipeline import RECIPES_DIR, available_recipes, parse_args, report_lines, run_pipeline, run_seeds
+        from .pipeline.kinds import kinds_report_lines, kinds_seeds_report_lines, run_student_kinds
         from .pipeline.seeds import seeds_report_lines
     except ModuleNotFoundError as error:
         if error.name not in _PIPELINE_MODULES:
@@ -65,8 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_warning()
     if args.seeds:
         report = run_seeds(args, config, args.seeds, recipe)
-        print("\n" + "\n".join(seeds_report_lines(report)))
+        lines = kinds_seeds_report_lines(report) if args.student_kinds else seeds_report_lines(report)
+        print("\n" + "\n".join(lines))
         print(f"\nEach seed's student is in <run>/student; the report over all is in {config.output_dir}/report.md")
+        return 0
+    if args.student_kinds:
+        report = run_student_kinds(args, config, recipe)
+        print("\n" + "\n".join(kinds_report_lines(report)))
+        print(
+            f"\nEach kind's student is in {config.output_dir}/<kind>/student; the report in {config.output_dir}/report.md"
+        )
         return 0
     report = run_pipeline(args, config, recipe)
     print("\n" + "\n".join(report_lines(report)))

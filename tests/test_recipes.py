@@ -47,6 +47,7 @@ RECIPES = [
     "distilbert",
     "minilm-mlm",
     "minilm-rotten-tomatoes",
+    "minilm-rotten-tomatoes-kinds",
     "minilm-rotten-tomatoes-transfer",
     "vit-fashion-mnist",
     "vit-mobilenet",

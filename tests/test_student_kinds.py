@@ -99,3 +99,79 @@ def test_student_kinds_that_cannot_apply_are_refused(settings, message):
 def test_none_turns_off_a_recipes_width_and_quantization():
     args = PipelineArguments(teacher="t", dataset="d", student_width="none", student_quantization="none")
     assert (args.student_width, args.student_quantization) == (None, None)
+
+
+def kinds_run(tmp_path, *flags):
+    """The quick-start recipe on a tiny encoder, comparing student kinds: (report, output folder)."""
+    from pipeline_assets import write_encoder_teacher, write_sentiment_dataset
+    from test_pipeline import FAST
+
+    from hf_distill.pipeline import parse_args, run_seeds, run_student_kinds
+
+    output = str(tmp_path / "kinds")
+    argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", write_encoder_teacher(str(tmp_path / "encoder")),
+            "--dataset", write_sentiment_dataset(str(tmp_path / "data")), "--output_dir", output,
+            "--student_num_layers", "2", "--max_train_samples", "24", "--teacher_max_train_samples", "24",
+            *flags, *FAST]  # fmt: skip
+    args, config, recipe = parse_args(argv)
+    if args.seeds:
+        return run_seeds(args, config, args.seeds, recipe), output
+    return run_student_kinds(args, config, recipe), output
+
+
+KIND_SETTINGS = '{"width": {"student_width": {"hidden_size": 8}, "max_steps": 2}, "int8": {"student_num_layers": 4}}'
+
+
+def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
+    trained = []
+    original = pipeline_models.Trainer
+    monkeypatch.setattr(pipeline_models, "Trainer", lambda *a, **k: trained.append(1) or original(*a, **k))
+    report, output = kinds_run(
+        tmp_path, "--student_kinds", "layers", "width", "int8", "--student_kind_settings", KIND_SETTINGS
+    )
+    assert len(trained) == 1  # the teacher trained once, in <output_dir>/teacher, and reused by every kind
+    assert os.path.isdir(os.path.join(output, "teacher")) and not os.path.exists(
+        os.path.join(output, "width", "teacher")
+    )
+    assert list(report["results"]) == [
+        "teacher", "layers", "layers baseline", "width", "width baseline", "int8", "int8 baseline"
+    ]  # fmt: skip
+    load = AutoModelForSequenceClassification.from_pretrained
+    assert load(os.path.join(output, "layers", "student")).config.num_hidden_layers == 2
+    assert load(os.path.join(output, "width", "student")).config.hidden_size == 8
+    int8 = load(os.path.join(output, "int8", "student"))
+    assert (
+        int8.config.num_hidden_layers == 4
+        and type(int8.bert.encoder.layer[0].output.dense.weight).__name__ == "Int8Tensor"
+    )
+    kinds = report["kinds"]
+    assert kinds["width"]["training_steps"]["student"] == 2  # the kind's own training setting
+    assert kinds["int8"]["training_steps"]["baseline"] == 0  # post-training quantization of the teacher
+    markdown = open(os.path.join(output, "report.md")).read()
+    assert "| int8 baseline |" in markdown and "post-training quantization" in markdown
+    assert "labels alone for" in markdown
+    assert open(os.path.join(output, "report.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_student_kinds_over_seeds_give_each_kinds_spread(tmp_path):
+    report, output = kinds_run(
+        tmp_path, "--student_kinds", "layers", "int8", "--seeds", "1", "2", "--num_train_epochs", "0.34"
+    )
+    assert report["seeds"] == [1, 2] and list(report["kinds"]) == ["layers", "int8"]
+    layers = report["kinds"]["layers"]
+    assert len(layers["results"]["student"]["accuracy"]["values"]) == 2
+    assert os.path.isdir(os.path.join(output, "seed-2", "int8", "student"))
+    markdown = open(os.path.join(output, "report.md")).read()
+    assert "# Student kinds over 2 seeds" in markdown and "| int8 baseline |" in markdown
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ("{}", "have no settings"),
+        ('{"width": {"hidden_size": 8}}', "neither a student setting"),
+    ],
+)
+def test_student_kinds_that_cannot_run_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        kinds_run(tmp_path, "--student_kinds", "width", "--student_kind_settings", settings)

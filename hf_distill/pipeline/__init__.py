@@ -8,6 +8,7 @@ report = run_pipeline(args, config, recipe)     # or call the stages one by one,
 from .arguments import RECIPES_DIR, PipelineArguments, available_recipes, load_recipe, parse_args
 from .data import PreparedData, load_processor, mask_once, prepare_data
 from .evaluation import count_parameters, describe_models, evaluate_model, measure_latency
+from .kinds import run_student_kinds
 from .models import (
     build_student,
     default_student_layers,
@@ -52,6 +53,7 @@ __all__ = [
     "report_lines",
     "run_pipeline",
     "run_seeds",
+    "run_student_kinds",
     "save_atomically",
     "save_student",
     "write_report",

@@ -117,6 +117,29 @@ class PipelineArguments:
             "that plain from_pretrained loads. Its baseline is post-training quantization. Needs torchao."
         },
     )
+    student_kinds: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Compare several kinds of student on one teacher in one run (e.g. layers width int8): each "
+            "distilled with its own baseline in <output_dir>/<kind>, side by side in <output_dir>/report.*. A kind "
+            "is the run's own student with --student_kind_settings over it; layers and int8 need none."
+        },
+    )
+    student_kind_settings: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Each kind's settings over the run's (a mapping or JSON string): student settings (e.g. "
+            "student_num_layers, student_width, student_quantization) and training settings (e.g. learning_rate, "
+            "num_train_epochs)."
+        },
+    )
+    teacher_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where a teacher trained here is kept and reused by later runs with the same settings "
+            "(default: <output_dir>/teacher)."
+        },
+    )
     calibration_examples: int = field(
         default=256, metadata={"help": "Training examples whose activations rank the units --student_width keeps."}
     )
@@ -272,7 +295,13 @@ class PipelineArguments:
         ):
             if isinstance(getattr(self, name), str) and getattr(self, name).lower() == OFF:
                 setattr(self, name, None)  # a recipe's setting turned off on the command line
-        for name in ("teacher_config", "student_config", "student_width", "image_augmentation_copies"):
+        for name in (
+            "teacher_config",
+            "student_config",
+            "student_width",
+            "student_kind_settings",
+            "image_augmentation_copies",
+        ):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
                 setattr(self, name, json.loads(value))
@@ -352,6 +381,11 @@ class PipelineArguments:
                     "an int8 student learns from a full-precision teacher: drop --generations / --ema_teacher, or "
                     "--student_quantization"
                 )
+        if self.student_kind_settings is not None and not isinstance(self.student_kind_settings, dict):
+            raise ValueError(
+                "student_kind_settings must map each kind to its settings (in YAML, or a JSON string such as "
+                f'\'{{"width": {{"student_width": {{"hidden_size": 256}}}}}}\'), got {self.student_kind_settings!r}'
+            )
         if self.calibration_examples < 1:
             raise ValueError(f"calibration_examples must be >= 1, got {self.calibration_examples}")
 

@@ -204,8 +204,9 @@ def describe_models(
         name: {
             "parameters": parameters[name],
             "size_bytes": weights_size_bytes(model),
-            # Same class, same size: the same network, which should run at the same speed.
-            "architecture": f"{type(model).__name__}, {parameters[name]:,} parameters",
+            # Same class, size and number format: the same network, which should run at the same speed.
+            "architecture": f"{type(model).__name__}, {parameters[name]:,} parameters"
+            + (", int8" if getattr(model, "is_quantized", False) else ""),
             **latency[name],
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),

@@ -160,9 +160,10 @@ def prepare_teachers(
     args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
 ) -> dict[str, tuple[PreTrainedModel, str]]:
     """`prepare_teacher` for each of several teachers (`args.teachers`), in order: `{name: (teacher, source)}`,
-    each trained one kept in `<output_dir>/teachers/<name>`. One teacher is called "teacher"."""
+    each trained one kept in `<output_dir>/teachers/<name>`. One teacher is called "teacher" and kept in
+    `args.teacher_dir` (default `<output_dir>/teacher`)."""
     if not args.teachers:
-        return {"teacher": prepare_teacher(args, config, data, attn_implementation)}
+        return {"teacher": prepare_teacher(args, config, data, attn_implementation, args.teacher_dir)}
     prepared = {}
     for name, path in args.teachers.items():
         logger.info("Teacher %r: %s", name, path)

@@ -185,6 +185,10 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     whose = "the most accurate teacher" if several else "teacher"
     lines.append(f"- retention (student / {whose} accuracy): {summary['retention']:.2%}")
     lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of {'its' if several else 'the teacher'}'s")
+    lines.append(
+        f"- weights: {summary['size_ratio']:.2%} of {'its' if several else 'the teacher'}'s bytes "
+        f"({1 / summary['size_ratio']:.2f}x smaller)"
+    )
     for key, value in summary.items():
         if key.startswith("speedup_batch_"):
             batch = key.rsplit("_", 1)[1]

@@ -24,7 +24,10 @@ from .run import run_pipeline
 #: The figures of a model's row whose spread is reported (latencies are added by batch size).
 ROW_FIGURES = ("accuracy", "perplexity", "parameters", "size_bytes")
 #: The summary's figures whose spread is reported (speed-ups are added by batch size).
-SUMMARY_FIGURES = ("retention", "gap_closure")
+SUMMARY_FIGURES = ("retention", "gap_closure", "size_ratio")
+#: Latencies (eager, compiled) and speed-ups, by batch size.
+LATENCY_PREFIXES = ("latency_ms_batch_", "compiled_latency_ms_batch_")
+SPEEDUP_PREFIXES = ("speedup_batch_", "compiled_speedup_batch_")
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -44,8 +47,8 @@ def spread(values: list[float]) -> dict[str, Any]:
 def run_seeds(
     args: PipelineArguments, config: DistillationConfig, seeds: list[int], recipe: str | None = None
 ) -> dict[str, Any]:
-    """Run the pipeline once per seed, each in `<output_dir>/seed-<seed>`, and write the combined report to
-    `<output_dir>/report.{json,md,png}`."""
+    """Run the pipeline (or, with `args.student_kinds`, every kind) once per seed, each in
+    `<output_dir>/seed-<seed>`, and write the combined report to `<output_dir>/report.{json,md,png}`."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     if config.push_to_hub:
@@ -53,10 +56,18 @@ def run_seeds(
             "--push_to_hub with several --seeds would push one student per seed to one repository: run the seed "
             "you want to publish alone with --push_to_hub"
         )
+    from .kinds import combine_kinds_over_seeds, run_student_kinds, write_kinds_seeds_report
+
+    run = run_student_kinds if args.student_kinds else run_pipeline
     reports = []
     for seed in seeds:
         folder = os.path.join(config.output_dir, f"seed-{seed}")
-        reports.append(run_pipeline(args, dataclasses.replace(config, seed=seed, output_dir=folder), recipe))
+        reports.append(run(args, dataclasses.replace(config, seed=seed, output_dir=folder), recipe))
+    if args.student_kinds:
+        combined = combine_kinds_over_seeds(reports, seeds)
+        combined["recipe"] = recipe
+        write_kinds_seeds_report(config.output_dir, combined)
+        return combined
     combined = combine_reports(reports, seeds)
     combined["recipe"] = recipe
     write_seeds_report(config.output_dir, combined)
@@ -69,9 +80,9 @@ def combine_reports(reports: list[dict[str, Any]], seeds: list[int]) -> dict[str
     results = {}
     for name in models:
         rows = [report["results"][name] for report in reports]
-        keys = [key for key in rows[0] if key in ROW_FIGURES or key.startswith("latency_ms_batch_")]
+        keys = [key for key in rows[0] if key in ROW_FIGURES or key.startswith(LATENCY_PREFIXES)]
         results[name] = {key: spread([float(row[key]) for row in rows]) for key in keys if all(key in r for r in rows)}
-    summary_keys = [key for key in reports[0]["summary"] if key in SUMMARY_FIGURES or key.startswith("speedup_batch_")]
+    summary_keys = [key for key in reports[0]["summary"] if key in SUMMARY_FIGURES or key.startswith(SPEEDUP_PREFIXES)]
     summary = {key: spread([float(report["summary"][key]) for report in reports]) for key in summary_keys}
     metric = "accuracy" if "accuracy" in results.get("student", {}) else None
     if metric and "baseline" in results:
@@ -104,17 +115,23 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
     """The combined report as Markdown lines: means ± std per model, the per-seed figures, the student's summary."""
     results, summary, seeds = report["results"], report["summary"], report["seeds"]
     metric = next((key for key in ("accuracy", "perplexity") if key in results.get("student", {})), None)
-    latencies = sorted(
-        (key for key in results.get("student", {}) if key.startswith("latency_ms_batch_")),
-        key=lambda key: int(key.rsplit("_", 1)[1]),
-    )
+    student = results.get("student", {})
+    latencies = [
+        key
+        for prefix in LATENCY_PREFIXES
+        for key in sorted((k for k in student if k.startswith(prefix)), key=lambda k: int(k.rsplit("_", 1)[1]))
+    ]
     scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
     header = [
         "model",
         f"{metric} (mean ± std)",
         *[f"seed {seed}" for seed in seeds],
         "parameters (M)",
-        *[f"CPU ms, batch {key.rsplit('_', 1)[1]}" for key in latencies],
+        "size (MB)",
+        *[
+            f"{'compiled ' if key.startswith('compiled_') else ''}CPU ms, batch {key.rsplit('_', 1)[1]}"
+            for key in latencies
+        ],
     ]
     lines = [
         f"# Distillation report over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
@@ -129,6 +146,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
             _plus_minus(row[metric], scale, unit=unit),
             *[f"{value * scale:.2f}{unit}" for value in row[metric]["values"]],
             f"{row['parameters']['mean'] / 1e6:.2f}",
+            f"{row['size_bytes']['mean'] / 1e6:.1f}",
             *[_plus_minus(row[key], digits=1) for key in latencies],
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -150,8 +168,12 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
     if "gap_closure" in summary and all(math.isfinite(value) for value in summary["gap_closure"]["values"]):
         lines.append(f"- gap closure: {_plus_minus(summary['gap_closure'], 100, unit='%')}")
     for key, figure in summary.items():
-        if key.startswith("speedup_batch_"):
-            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}: {_plus_minus(figure, unit='x')}")
+        if key.startswith(SPEEDUP_PREFIXES):
+            both = ", both compiled" if key.startswith("compiled_") else ""
+            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}{both}: {_plus_minus(figure, unit='x')}")
+    if "size_ratio" in summary:
+        figure = summary["size_ratio"]
+        lines.append(f"- size: the student's weights take {_plus_minus(figure, 100, unit='%')} of the teacher's bytes")
     lines += transfer_lines(report)
     lines.append("- std: the sample standard deviation over the seeds; each seed's own report is in " +
                  ", ".join(f"`{run}`" for run in report["runs"]))  # fmt: skip
