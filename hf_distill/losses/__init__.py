@@ -5,7 +5,14 @@ Importing this package registers the built-in losses: `soft_target`, `hard_label
 """
 
 from . import functional
-from .base import DistillationLoss, available_losses, build_losses, needs_attention_maps, register_loss
+from .base import (
+    DistillationLoss,
+    available_losses,
+    build_losses,
+    needs_attention_maps,
+    reads_teacher,
+    register_loss,
+)
 from .chunked import chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
@@ -28,5 +35,6 @@ __all__ = [
     "projected_rows_loss",
     "functional",
     "needs_attention_maps",
+    "reads_teacher",
     "register_loss",
 ]

@@ -171,6 +171,11 @@ def build_losses(losses: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[flo
     return {term: build_loss(term, spec) for term, spec in losses.items()}
 
 
+def reads_teacher(losses: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether any entry of a `losses` mapping reads a teacher (a plain `hard_label` does not)."""
+    return any(loss.needs_teacher for _, loss in build_losses(losses).values())
+
+
 def needs_attention_maps(terms: Mapping[str, tuple[float, DistillationLoss]]) -> bool:
     """Whether a built loss reads the teacher's attention maps, which only eager attention returns."""
     return any("attentions" in loss.teacher_outputs for _, loss in terms.values())

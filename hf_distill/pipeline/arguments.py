@@ -252,6 +252,36 @@ class PipelineArguments:
             "generation; the last is the saved student."
         },
     )
+    refine_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "Refinement: after distillation, train the student this many more epochs on the task labels "
+            "(--refine_losses; 0: no refinement). The report shows the student before and after; the baseline "
+            "trains for as many steps in all."
+        },
+    )
+    refine_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of refinement (default: --learning_rate)."}
+    )
+    refine_losses: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Losses of refinement, as --losses (default: hard_label alone; soft_target and the rest still "
+            "read the teacher)."
+        },
+    )
+    refine_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Refine on another task's labeled data set (any --dataset form), DistilBERT's flow: the "
+            "student's layers carry over into a --refine_task model fine-tuned on it for --refine_epochs, beside "
+            "the same architecture from the teacher's layers fine-tuned without the distillation stage."
+        },
+    )
+    refine_task: str = field(default="text-classification", metadata={"help": "Task of --refine_dataset."})
+    refine_max_train_samples: int | None = field(
+        default=None, metadata={"help": "Refine on the first N examples of --refine_dataset (default: all)."}
+    )
     baseline: bool = field(
         default=False,
         metadata={"help": "Also train the same student without the teacher (hard labels only) and compare."},
@@ -300,6 +330,7 @@ class PipelineArguments:
             "student_config",
             "student_width",
             "student_kind_settings",
+            "refine_losses",
             "image_augmentation_copies",
         ):
             value = getattr(self, name)
@@ -386,8 +417,32 @@ class PipelineArguments:
                 "student_kind_settings must map each kind to its settings (in YAML, or a JSON string such as "
                 f'\'{{"width": {{"student_width": {{"hidden_size": 256}}}}}}\'), got {self.student_kind_settings!r}'
             )
+        self._check_refinement()
         if self.calibration_examples < 1:
             raise ValueError(f"calibration_examples must be >= 1, got {self.calibration_examples}")
+
+    def _check_refinement(self) -> None:
+        if self.refine_epochs < 0:
+            raise ValueError(f"refine_epochs must be >= 0 (0: no refinement), got {self.refine_epochs}")
+        if self.refine_losses is not None and not isinstance(self.refine_losses, dict):
+            raise ValueError(f"refine_losses must be a mapping of loss terms, as --losses, got {self.refine_losses!r}")
+        if self.refine_dataset is None:
+            return
+        if self.refine_task not in TASKS or self.refine_task == "masked-lm":
+            raise ValueError(
+                f"refine_task must be a labeled task ({', '.join(TASKS[:1])}, ...), got {self.refine_task!r}"
+            )
+        if not self.refine_epochs:
+            raise ValueError("--refine_dataset needs --refine_epochs > 0: how long to fine-tune on it")
+        if self.teachers:
+            raise ValueError("refinement on another task carries one teacher's student: name one --teacher")
+        from ..losses import reads_teacher
+
+        if self.refine_losses and reads_teacher(self.refine_losses):
+            raise ValueError(
+                f"refinement on {self.refine_dataset} learns from its labels: the teacher was distilled for "
+                f"{self.task}, so --refine_losses may hold only terms that read no teacher (hard_label)"
+            )
 
     def image_copies(self) -> tuple[int, ImageAugmentation]:
         """`--image_augmentation_copies` read: the copies per image and the augmentation that draws them."""

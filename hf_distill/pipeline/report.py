@@ -24,7 +24,7 @@ from .evaluation import untrusted_latencies  # noqa: E402
 from .models import AUTO_CLASSES, save_atomically  # noqa: E402
 from .sources import hub_id  # noqa: E402
 
-MODEL_ORDER = ("teacher", "student", "baseline")
+MODEL_ORDER = ("teacher", "student before refinement", "student", "baseline")
 
 
 def teacher_row(name: str, several: dict | None) -> str:
@@ -170,6 +170,41 @@ def transfer_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def refinement_lines(report: dict[str, Any]) -> list[str]:
+    """The refinement stage, as Markdown: the student before and after refinement on the same task, or (another
+    task) the distilled student and the undistilled one, both fine-tuned on it, in a table of their own."""
+    results, lines = report["results"], []
+    if "student before refinement" in results:
+        before, after = results["student before refinement"]["accuracy"], results["student"]["accuracy"]
+        lines.append(
+            f"- refinement: after distillation the student trained {report['training_steps']['refinement']} more "
+            f"steps on the labels; accuracy {before:.2%} before, {after:.2%} after ({100 * (after - before):+.2f} points)"
+        )
+    stage = report.get("refinement")
+    if stage:
+        rows = stage["results"]
+        latencies = [key for key in next(iter(rows.values())) if key.startswith("latency_ms_batch_")]
+        header = ["model", "accuracy", "parameters (M)", *[f"CPU ms, batch {k.rsplit('_', 1)[1]}" for k in latencies]]
+        lines += [
+            "",
+            f"## Refinement on {public_name(stage['dataset'])} ({stage['task']}, {stage['train_examples']:,} labeled examples)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for name, row in rows.items():
+            cells = [
+                name,
+                f"{row['accuracy']:.2%}",
+                f"{row['parameters'] / 1e6:.2f}",
+                *[f"{row[k]:.1f}" for k in latencies],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        margin = rows["distilled, then refined"]["accuracy"] - rows["refined without distillation"]["accuracy"]
+        lines += ["", f"- distilled, then refined - refined without distillation: {100 * margin:+.2f} points"]
+    return lines
+
+
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
@@ -202,6 +237,7 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
         )
     lines += transfer_lines(report)
+    lines += refinement_lines(report)
     if report.get("ema_teacher"):
         lines.append("- self-distillation: the student learnt from a moving average of its own weights (mean teacher)")
     generations = report.get("generations") or 1
@@ -227,6 +263,14 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         total = f"{timings['total']:.0f} s in all: " if "total" in timings else ""
         lines.append(f"- time taken: {total}{stages}")
     return lines
+
+
+def _card_refinement(stage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": stage["task"],
+        "dataset": public_name(stage["dataset"]),
+        "accuracy": {name: row["accuracy"] for name, row in stage["results"].items()},
+    }
 
 
 def model_card(
@@ -257,6 +301,7 @@ def model_card(
             "augmented_examples": report.get("augmented_examples", 0),
             "losses": losses,
             "summary": summary,
+            **({"refinement": _card_refinement(report["refinement"])} if report.get("refinement") else {}),
         },
     )
     several = report.get("teachers") or {}

@@ -22,6 +22,7 @@ from ..losses import build_losses, needs_attention_maps
 from ..quantization import to_int8
 from ..teacher_sources import EMA_TEACHER
 from ..trainer import DistillationTrainer
+from . import refinement
 from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
@@ -76,6 +77,19 @@ def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int
         return fresh_student(args.student_config, data, args.task, seed), None
     student, layer_map = build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
     return shape_student(student, args, data, seed, quantize), layer_map
+
+
+def undistilled_student(args: PipelineArguments, config: DistillationConfig, data, teacher, teacher_source, attention):
+    """The student as it is before any distillation, in floating point: the baseline's start, and in DistilBERT's
+    flow the model refined without the distillation stage. Without the teacher means without what it learnt here
+    too: a student built from teacher layers starts from the checkpoint's pretrained layers, not from the ones
+    the teacher stage fine-tuned."""
+    if args.student_config is not None or teacher_source == args.teacher:
+        initial = teacher  # a fresh student ignores it; an untouched checkpoint is the teacher itself
+    else:
+        initial = load_initial_teacher(args, config, data, attention)[0]
+    set_seed(config.seed)
+    return make_student(args, initial, data, config.seed, quantize=False)[0]
 
 
 def is_teachers_shape(args: PipelineArguments, student, teacher) -> bool:
@@ -165,31 +179,30 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         trainer = distill(fresh, trainer.model, data, born_again, folder)
         clock = lap(f"generation {generation}", clock)
     int8 = args.student_quantization == "int8"
+    steps = {"student": trainer.state.global_step}
+    if args.refine_epochs and args.refine_dataset is None:  # refinement on the task labels, after distillation
+        models["student before refinement"] = to_int8(trainer.model) if int8 else copy.deepcopy(trainer.model)
+        refine_losses = losses_with_layer_map(refinement.refine_losses(args), layer_map)
+        folder = os.path.join(config.output_dir, "checkpoints", "refine")
+        refined = refinement.refine(trainer.model, given, data, args, config, folder, refine_losses)
+        steps = {"student": steps["student"] + refined.state.global_step, "refinement": refined.state.global_step}
+        clock = lap("refine", clock)
     # An int8 student is scored, timed and saved as the real int8 model, not the fake-quantized one it trained as.
     models["student"] = to_int8(trainer.model) if int8 else trainer.model
-    steps = {"student": trainer.state.global_step}
     if args.baseline and int8 and is_teachers_shape(args, trainer.model, teacher):
         models["baseline"], steps["baseline"] = to_int8(teacher), 0  # post-training quantization of the teacher
         clock = lap("baseline", clock)
     elif args.baseline:
-        # Without the teacher means without what it learnt here too: a student built from teacher layers starts
-        # from the checkpoint's pretrained layers, not from the ones fine-tuned by the teacher stage.
-        if args.student_config is not None or teacher_source == args.teacher:
-            initial = teacher  # a fresh student ignores it; an untouched checkpoint is the teacher itself
-        else:
-            initial = load_initial_teacher(args, config, data, attention)[0]
-        set_seed(config.seed)
         # An int8 student's baseline trains in floating point and is quantized afterwards.
-        baseline, _ = make_student(args, initial, data, config.seed, quantize=False)
-        del initial
-        # As many steps as the student took: with a transfer set the student's epochs are longer, and the baseline
-        # repeats its labeled examples to match.
+        baseline = undistilled_student(args, config, data, teacher, teacher_source, attention)
+        # As many steps as the student took (refinement included): with a transfer set the student's epochs are
+        # longer, and the baseline repeats its labeled examples to match.
         baseline_config = stage_args(
             config,
             config.output_dir,
             losses={"hard_label": {"weight": 1.0}},
             teacher_cache=None,
-            max_steps=trainer.state.global_step,
+            max_steps=steps["student"],
         )
         baseline_trainer = distill(
             baseline,
@@ -210,6 +223,11 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     ).items():
         results[name].update(description)
     clock = lap("evaluate", clock)
+    task_refinement = None
+    if args.refine_dataset is not None:  # DistilBERT's flow: general distillation here, then the labeled task
+        undistilled = undistilled_student(args, config, data, teacher, teacher_source, attention)
+        task_refinement = refinement.refine_on_task(args, config, trainer.model, undistilled)
+        clock = lap("refine", clock)
 
     report = build_report(
         results,
@@ -241,8 +259,17 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         },
         timings_s=timings,
     )
+    if task_refinement is not None:
+        report["refinement"] = {
+            key: value for key, value in task_refinement.items() if key not in ("models", "processor")
+        }
     card = model_card(report, recipe, args.dataset, args.teacher, losses)
     student_dir = save_student(models["student"], data.processor, os.path.join(config.output_dir, "student"), card)
+    if task_refinement is not None:
+        refined = task_refinement["models"]["distilled, then refined"]
+        report["refined_student_dir"] = save_student(
+            refined, task_refinement["processor"], os.path.join(config.output_dir, "refined-student"), card
+        )
     clock = lap("save", clock)
     if config.push_to_hub:
         repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))

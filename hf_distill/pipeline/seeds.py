@@ -16,6 +16,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from ..card import public_name
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
 from .report import _ordered, transfer_lines, write_report_files
@@ -93,9 +94,19 @@ def combine_reports(reports: list[dict[str, Any]], seeds: list[int]) -> dict[str
         summary["beats_baseline_seeds"] = sum(margin > 0 for margin in margins)
         margin = summary["student_minus_baseline_points"]
         summary["margin_beyond_two_std"] = len(margins) > 1 and margin["mean"] > 2 * margin["std"]
+    refinement = None
+    if reports[0].get("refinement"):  # DistilBERT's flow: the second stage's two models, and the margin between
+        names = list(reports[0]["refinement"]["results"])
+        accuracy = {name: [report["refinement"]["results"][name]["accuracy"] for report in reports] for name in names}
+        refinement = {
+            **{key: reports[0]["refinement"][key] for key in ("task", "dataset", "train_examples")},
+            "results": {name: {"accuracy": spread(values)} for name, values in accuracy.items()},
+            "margin_points": spread([100 * (a - b) for a, b in zip(*accuracy.values(), strict=True)]),
+        }
     return {
         "seeds": list(seeds),
         "runs": [os.path.dirname(report["student_dir"]) for report in reports],
+        **({"refinement": refinement} if refinement else {}),
         "task": reports[0].get("task"),
         "train_examples": reports[0].get("train_examples"),
         "transfer_examples": reports[0].get("transfer_examples"),
@@ -175,6 +186,15 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         figure = summary["size_ratio"]
         lines.append(f"- size: the student's weights take {_plus_minus(figure, 100, unit='%')} of the teacher's bytes")
     lines += transfer_lines(report)
+    stage = report.get("refinement")
+    if stage:
+        (first, one), (second, two) = stage["results"].items()
+        margin = stage["margin_points"]
+        lines.append(
+            f"- refinement on {public_name(stage['dataset'])} ({stage['task']}): {first} "
+            f"{_plus_minus(one['accuracy'], 100, unit='%')}, {second} {_plus_minus(two['accuracy'], 100, unit='%')}; "
+            f"difference {margin['mean']:+.2f} ± {margin['std']:.2f} points"
+        )
     lines.append("- std: the sample standard deviation over the seeds; each seed's own report is in " +
                  ", ".join(f"`{run}`" for run in report["runs"]))  # fmt: skip
     timings = [seconds for seconds in report.get("timings_s", []) if seconds is not None]
