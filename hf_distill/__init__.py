@@ -10,6 +10,8 @@ from ._version import __version__
 from .config import DistillationConfig
 from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer
 from .losses import DistillationLoss, available_losses, register_loss
+from .pruning import prune_width, width_importance
+from .quantization import prepare_int8_training, to_int8
 from .teacher import load_teacher
 from .text_augmentation import WordReplacement, build_word_replacement
 from .trainer import DistillationTrainer
@@ -25,7 +27,11 @@ __all__ = [
     "available_losses",
     "build_word_replacement",
     "load_teacher",
+    "prepare_int8_training",
+    "prune_width",
     "register_loss",
+    "to_int8",
+    "width_importance",
     "with_transfer_set",
     "__version__",
 ]

@@ -135,3 +135,19 @@ def test_post_training_quantization_of_an_untouched_model(tmp_path):
     # A tiny model's file is a good part torchao's metadata; at MiniLM's size it is ~4x smaller (docs/results.md).
     sizes = [os.path.getsize(tmp_path / folder / "model.safetensors") for folder in ("ptq", "fp32")]
     assert sizes[0] < 0.6 * sizes[1]
+
+
+def test_weight_bytes_of_an_int8_model_are_those_its_safetensors_file_holds(tmp_path):
+    import json
+    import struct
+
+    from hf_distill.pipeline.evaluation import weights_size_bytes
+
+    int8 = to_int8(bert_classifier(seed=3, width=32).eval())
+    int8.save_pretrained(tmp_path)
+    with open(tmp_path / "model.safetensors", "rb") as handle:
+        header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+    stored = sum(
+        end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]]
+    )
+    assert weights_size_bytes(int8) == stored

@@ -45,6 +45,7 @@ FASHION_MNIST_DIR = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
 PIPELINE_FIELDS = {field.name for field in dataclasses.fields(PipelineArguments)}
 RECIPES = [
     "distilbert",
+    "minilm-distilbert-flow",
     "minilm-mlm",
     "minilm-rotten-tomatoes",
     "minilm-rotten-tomatoes-kinds",

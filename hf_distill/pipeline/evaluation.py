@@ -69,10 +69,10 @@ def _stored(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def weights_size_bytes(model: nn.Module) -> int:
-    """Bytes the model's weights take (each tied tensor once), as in a safetensors file minus its header; a
-    quantized weight counts as its int8 values and scales."""
+    """Bytes the model's saved weights take (each tied tensor once), as in its safetensors file minus the header:
+    parameters and persistent buffers; a quantized weight counts as its int8 values and scales."""
     seen, total = set(), 0
-    for tensor in [inner for weight in [*model.parameters(), *model.buffers()] for inner in _stored(weight)]:
+    for tensor in [inner for weight in model.state_dict().values() for inner in _stored(weight)]:
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()

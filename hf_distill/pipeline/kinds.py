@@ -244,7 +244,8 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
                 if name == "student":
                     cells.append(_plus_minus(combined["summary"][key], unit="x"))
                 else:
-                    ratio = teacher_latency(combined, latency) / row[latency]["mean"] if latency in row else None
+                    teacher_mean = combined["results"]["teacher"][latency]["mean"]
+                    ratio = teacher_mean / row[latency]["mean"] if latency in row else None
                     cells.append("-" if ratio is None else f"{ratio:.2f}x")
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -266,10 +267,6 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     if timings:
         lines.append(f"- time taken: {sum(timings):.0f} s in all ({', '.join(f'{s:.0f} s' for s in timings)})")
     return lines
-
-
-def teacher_latency(combined: dict[str, Any], key: str) -> float:
-    return combined["results"]["teacher"][key]["mean"]
 
 
 def write_kinds_seeds_report(output_dir: str, report: dict[str, Any]) -> None:
