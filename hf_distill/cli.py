@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if "--list-recipes" in argv:
-        for name, description in available_recipes().items():
-            print(f"{name:<24} {description}")
+        recipes = available_recipes()
+        width = max(map(len, recipes)) + 2
+        for name, description in recipes.items():
+            print(f"{name:<{width}}{description}")
         print("\nRun one with `hf-distill --recipe NAME` (flags after it override it), or pass a YAML file's path.")
         print(f"The shipped recipes are in {RECIPES_DIR}.")
         return 0

@@ -94,5 +94,8 @@ def test_list_recipes_prints_every_recipe_with_its_description(capsys):
 
     assert main(["--list-recipes"]) == 0
     printed = capsys.readouterr().out
-    for name, description in available_recipes().items():
-        assert f"{name:<24} {description}" in printed
+    recipes = available_recipes()
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split() and line.split()[0] in recipes}
+    assert sorted(lines) == sorted(recipes)
+    columns = {line.index(recipes[name]) for name, line in lines.items()}  # every description starts in one column
+    assert len(columns) == 1 and min(columns) > max(map(len, recipes))

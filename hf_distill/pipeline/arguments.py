@@ -511,7 +511,9 @@ def available_recipes(recipes_dir: Traversable = RECIPES_DIR) -> dict[str, str]:
 
 def recipe_listing() -> str:
     """One line per shipped recipe: its name and description (what `--help` and `--list-recipes` print)."""
-    return "\n".join(f"  {name:<24} {line}" for name, line in available_recipes().items())
+    recipes = available_recipes()
+    width = max(map(len, recipes)) + 2
+    return "\n".join(f"  {name:<{width}}{line}" for name, line in recipes.items())
 
 
 def _field_names() -> set[str]:
