@@ -14,6 +14,7 @@ the teacher's own network, quantized).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -140,7 +141,12 @@ def kinds_report_lines(report: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for kind, summary in report["summary"].items():
-        closure = f", gap closure {summary['gap_closure']:.2%}" if "gap_closure" in summary else ""
+        # NaN where teacher and baseline tie (post-training quantization can keep the teacher's accuracy exactly).
+        closure = (
+            f", gap closure {summary['gap_closure']:.2%}"
+            if math.isfinite(summary.get("gap_closure", math.nan))
+            else ""
+        )
         lines.append(
             f"- {kind}: retention {summary['retention']:.2%}, {1 / summary['size_ratio']:.2f}x smaller{closure}; "
             f"its baseline: {baseline_kind(report['kinds'][kind])}"
