@@ -19,6 +19,7 @@ import tempfile
 from typing import Any
 
 import torch
+import transformers
 
 from ..config import DistillationConfig
 from ..losses import reads_teacher
@@ -73,10 +74,21 @@ def refine(
 def carry_to_task(model, task: str, data: PreparedData, seed: int):
     """`model`'s weights in a model for `task` (for `data`'s labels): its layers carry over, the new task's head
     starts random (seeded), as `from_pretrained` does for any checkpoint without that head."""
+    verbosity = transformers.logging.get_verbosity()
     with tempfile.TemporaryDirectory(prefix="hf_distill-carry-") as scratch:
         model.save_pretrained(scratch)
         torch.manual_seed(seed)
-        return AUTO_CLASSES[task].from_pretrained(scratch, use_safetensors=True, **_label_kwargs(data))
+        transformers.logging.set_verbosity_error()  # the new head's weights are missing by design: said below
+        try:
+            carried, info = AUTO_CLASSES[task].from_pretrained(
+                scratch, use_safetensors=True, output_loading_info=True, **_label_kwargs(data)
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    logger.info(
+        "The %s model starts from the student's layers; new: %s", task, ", ".join(sorted(info["missing_keys"]))
+    )
+    return carried
 
 
 def task_arguments(args: PipelineArguments) -> PipelineArguments:
