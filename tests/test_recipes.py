@@ -100,7 +100,9 @@ def test_command_line_flags_override_the_recipe(tmp_path):
 
 
 def test_unknown_recipe_and_unknown_keys_fail_with_the_valid_names(tmp_path):
-    with pytest.raises(ValueError, match="unknown recipe 'nope'; choose one of: distilbert, minilm-mlm"):
+    with pytest.raises(
+        ValueError, match="unknown recipe 'nope'; choose one of: distilbert, minilm-distilbert-flow, minilm-mlm"
+    ):
         parse_args(["--recipe", "nope"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("teacher: x\ndataset: y\nlearning_rat: 0.1\n")

@@ -175,3 +175,12 @@ def test_student_kinds_over_seeds_give_each_kinds_spread(tmp_path):
 def test_student_kinds_that_cannot_run_are_refused(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         kinds_run(tmp_path, "--student_kinds", "width", "--student_kind_settings", settings)
+
+
+def test_a_kind_with_bad_settings_is_refused_before_any_kind_trains(tmp_path, monkeypatch):
+    from hf_distill.pipeline import kinds
+
+    monkeypatch.setattr(kinds, "run_pipeline", lambda *args: pytest.fail("a kind trained before all were checked"))
+    settings = '{"width": {"student_width": {"hidden_size": 8, "heads": 2}}}'
+    with pytest.raises(ValueError, match="student_width must be a mapping"):
+        kinds_run(tmp_path, "--student_kinds", "layers", "width", "--student_kind_settings", settings)

@@ -18,11 +18,9 @@ import math
 import os
 from typing import Any
 
-import matplotlib.pyplot as plt
-
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import write_report_files
+from .report import plt, write_report_files  # report sets matplotlib's file-only backend first
 from .run import run_pipeline
 
 #: Kinds that need no settings of their own.
@@ -83,10 +81,9 @@ def run_student_kinds(args: PipelineArguments, config: DistillationConfig, recip
     int8 student, post-training quantization) and write the side-by-side report to `<output_dir>/report.*`."""
     if args.teachers:
         raise ValueError("--student_kinds compares students of one teacher: name one --teacher")
-    kinds = {}
-    for kind, settings in kind_settings(args, config).items():
-        one_args, one_config = kind_run(args, config, kind, settings)
-        kinds[kind] = run_pipeline(one_args, one_config, recipe)
+    # Every kind's arguments are built (and so checked) before the first kind trains.
+    runs = {kind: kind_run(args, config, kind, settings) for kind, settings in kind_settings(args, config).items()}
+    kinds = {kind: run_pipeline(one_args, one_config, recipe) for kind, (one_args, one_config) in runs.items()}
     report = combine_kinds(kinds)
     report.update(recipe=recipe, seed=config.seed)
     write_kinds_report(config.output_dir, report)
