@@ -20,7 +20,12 @@ from typing import Any
 
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import plt, write_report_files  # report sets matplotlib's file-only backend first
+from .report import (
+    markdown_header,
+    markdown_row,
+    plt,
+    write_report_files,
+)  # report sets matplotlib's file-only backend first
 from .run import run_pipeline
 
 #: Kinds that need no settings of their own.
@@ -123,8 +128,7 @@ def kinds_report_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"# Student kinds: {report.get('recipe') or 'custom run'}",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown_header(header),
     ]
     for name, row in results.items():
         # Each kind's rows are timed beside the teacher in that kind's own run: speed-ups are within one run.
@@ -135,7 +139,7 @@ def kinds_report_lines(report: dict[str, Any]) -> list[str]:
             for batch in batches:
                 key = f"{prefix}{batch}"
                 cells.append(f"{row[key]:.1f} ({reference[key] / row[key]:.2f}x)" if key in row else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     lines.append("")
     for kind, summary in report["summary"].items():
         # NaN where teacher and baseline tie (post-training quantization can keep the teacher's accuracy exactly).
@@ -228,8 +232,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"# Student kinds over {len(seeds)} seeds: {report.get('recipe') or 'custom run'}",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown_header(header),
     ]
     teacher = any_kind["results"]["teacher"]
     lines.append(f"| teacher | {_plus_minus(teacher['accuracy'], 100, unit='%')} | "
@@ -250,7 +253,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
                     teacher_mean = combined["results"]["teacher"][latency]["mean"]
                     ratio = teacher_mean / row[latency]["mean"] if latency in row else None
                     cells.append("-" if ratio is None else f"{ratio:.2f}x")
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(markdown_row(cells))
     lines.append("")
     for kind, combined in report["kinds"].items():
         summary = combined["summary"]

@@ -74,6 +74,16 @@ def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> d
     return summary
 
 
+def markdown_row(cells: list[str]) -> str:
+    """One row of a Markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_header(header: list[str]) -> list[str]:
+    """A Markdown table's header row and the rule under it."""
+    return [markdown_row(header), "|" + "---|" * len(header)]
+
+
 def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: dict[str, str]) -> list[str]:
     def batch(key: str) -> str:
         return key.rsplit("_", 1)[1]
@@ -89,7 +99,7 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: di
         *[f"CPU ms, batch {batch(k)}" + (" (noisy)" if batch(k) in untrusted else "") for k in eager],
         *[f"compiled CPU ms, batch {batch(k)}" for k in compiled],
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown_header(header)
     for name in _ordered(results):
         row = results[name]
         cells = [
@@ -99,7 +109,7 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: di
             f"{row['size_bytes'] / 1e6:.1f}",
             *[f"{row[k]:.1f}" for k in latencies],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     return lines
 
 
@@ -189,8 +199,7 @@ def refinement_lines(report: dict[str, Any]) -> list[str]:
             "",
             f"## Refinement on {public_name(stage['dataset'])} ({stage['task']}, {stage['train_examples']:,} labeled examples)",
             "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
+            *markdown_header(header),
         ]
         for name, row in rows.items():
             cells = [
@@ -199,7 +208,7 @@ def refinement_lines(report: dict[str, Any]) -> list[str]:
                 f"{row['parameters'] / 1e6:.2f}",
                 *[f"{row[k]:.1f}" for k in latencies],
             ]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(markdown_row(cells))
         margin = rows["distilled, then refined"]["accuracy"] - rows["refined without distillation"]["accuracy"]
         lines += ["", f"- distilled, then refined - refined without distillation: {100 * margin:+.2f} points"]
     return lines

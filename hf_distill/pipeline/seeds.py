@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 from ..card import public_name
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import _ordered, transfer_lines, write_report_files
+from .report import _ordered, markdown_header, markdown_row, transfer_lines, write_report_files
 from .run import run_pipeline
 
 #: The figures of a model's row whose spread is reported (latencies are added by batch size).
@@ -148,8 +148,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         f"# Distillation report over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
         f"{report.get('recipe') or 'custom run'}",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown_header(header),
     ]
     for name, row in results.items():
         cells = [
@@ -160,7 +159,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
             f"{row['size_bytes']['mean'] / 1e6:.1f}",
             *[_plus_minus(row[key], digits=1) for key in latencies],
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown_row(cells))
     lines.append("")
     if "retention" in summary:
         figure = summary["retention"]
