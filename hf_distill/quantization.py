@@ -74,16 +74,17 @@ def prepare_int8_training(model: nn.Module, embeddings: bool = True) -> nn.Modul
     """
     linears, embedding = int8_module_names(model, embeddings)
     modules = dict(model.named_modules())
+    # Checked before any module changes, so that a refused model is left as it was.
     if not linears:
         raise ValueError(f"a {type(model).__name__} has no nn.Linear layers to train for int8")
+    if embedding is not None and type(modules[embedding]) not in (nn.Embedding, Int8TrainingEmbedding):
+        raise ValueError(
+            f"the input embeddings of a {type(model).__name__} are a {type(modules[embedding]).__name__}, not "
+            "an nn.Embedding: pass embeddings=False to keep them in floating point"
+        )
     for name in linears:
         modules[name].__class__ = Int8TrainingLinear
     if embedding is not None:
-        if type(modules[embedding]) not in (nn.Embedding, Int8TrainingEmbedding):
-            raise ValueError(
-                f"the input embeddings of a {type(model).__name__} are a {type(modules[embedding]).__name__}, not "
-                "an nn.Embedding: pass embeddings=False to keep them in floating point"
-            )
         modules[embedding].__class__ = Int8TrainingEmbedding
     return model
 

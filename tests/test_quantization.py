@@ -151,3 +151,12 @@ def test_weight_bytes_of_an_int8_model_are_those_its_safetensors_file_holds(tmp_
         end - start for key, entry in header.items() if key != "__metadata__" for start, end in [entry["data_offsets"]]
     )
     assert weights_size_bytes(int8) == stored
+
+
+def test_a_model_that_cannot_train_for_int8_is_refused_and_left_as_it_was():
+    bert = bert_classifier()
+    bert.bert.embeddings.word_embeddings = nn.EmbeddingBag(VOCAB, 16)  # not an nn.Embedding
+    bert.get_input_embeddings = lambda: bert.bert.embeddings.word_embeddings
+    with pytest.raises(ValueError, match="embeddings=False"):
+        prepare_int8_training(bert)
+    assert not is_int8_training(bert)  # no linear layer was changed before the refusal
