@@ -189,19 +189,21 @@ def load_initial_teacher(
         teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
         return auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
     # The pipeline reports the missing (task-head) weights itself, with what it does about them (prepare_teacher).
+    return load_reporting_missing(
+        auto_class, resolve_model(args.teacher), trust_remote_code=config.teacher_trust_remote_code, **kwargs
+    )
+
+
+def load_reporting_missing(auto_class, source: str, **kwargs: Any) -> tuple[PreTrainedModel, list[str]]:
+    """`auto_class.from_pretrained(source)` (safetensors only) with transformers' load report silenced, and the
+    names of the weights the checkpoint lacked, for the caller to say what it does about them."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        teacher, info = auto_class.from_pretrained(
-            resolve_model(args.teacher),
-            use_safetensors=True,
-            trust_remote_code=config.teacher_trust_remote_code,
-            output_loading_info=True,
-            **kwargs,
-        )
+        model, info = auto_class.from_pretrained(source, use_safetensors=True, output_loading_info=True, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return teacher, info["missing_keys"]
+    return model, info["missing_keys"]
 
 
 def _save_teacher(teacher: PreTrainedModel, data: PreparedData, record: dict[str, Any], folder: str) -> None:

@@ -19,14 +19,13 @@ import tempfile
 from typing import Any
 
 import torch
-import transformers
 
 from ..config import DistillationConfig
 from ..losses import reads_teacher
 from .arguments import PipelineArguments
 from .data import PreparedData, prepare_data
 from .evaluation import describe_models, evaluate_model
-from .models import AUTO_CLASSES, _label_kwargs, stage_args
+from .models import AUTO_CLASSES, _label_kwargs, load_reporting_missing, stage_args
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +73,12 @@ def refine(
 def carry_to_task(model, task: str, data: PreparedData, seed: int):
     """`model`'s weights in a model for `task` (for `data`'s labels): its layers carry over, the new task's head
     starts random (seeded), as `from_pretrained` does for any checkpoint without that head."""
-    verbosity = transformers.logging.get_verbosity()
     with tempfile.TemporaryDirectory(prefix="hf_distill-carry-") as scratch:
         model.save_pretrained(scratch)
         torch.manual_seed(seed)
-        transformers.logging.set_verbosity_error()  # the new head's weights are missing by design: said below
-        try:
-            carried, info = AUTO_CLASSES[task].from_pretrained(
-                scratch, use_safetensors=True, output_loading_info=True, **_label_kwargs(data)
-            )
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-    logger.info(
-        "The %s model starts from the student's layers; new: %s", task, ", ".join(sorted(info["missing_keys"]))
-    )
+        # The new head's weights are missing by design: said below.
+        carried, missing = load_reporting_missing(AUTO_CLASSES[task], scratch, **_label_kwargs(data))
+    logger.info("The %s model starts from the student's layers; new: %s", task, ", ".join(sorted(missing)))
     return carried
 
 
