@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -12,7 +13,8 @@ from transformers import AutoModelForSequenceClassification
 from hf_distill.pipeline import PipelineArguments
 from hf_distill.pipeline import models as pipeline_models
 
-pytest.importorskip("torchao")
+# Only the int8 students need torchao (the `quantization` extra); width, initialisation and refusals do not.
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="int8 students need torchao")
 
 WIDTH_8 = ["--student_width", '{"hidden_size": 8, "intermediate_size": 16}']
 
@@ -56,6 +58,7 @@ def test_random_initialisation_gives_the_same_shape_without_the_teachers_weights
     assert not torch.allclose(one.bert.embeddings.word_embeddings.weight, two.bert.embeddings.word_embeddings.weight)
 
 
+@needs_torchao
 def test_an_int8_student_of_the_teachers_shape_against_post_training_quantization(tmp_path):
     result, output = tiny_sentiment_run(
         tmp_path, "--student_quantization", "int8", "--student_num_layers", "4", "--baseline", "true"
@@ -72,6 +75,7 @@ def test_an_int8_student_of_the_teachers_shape_against_post_training_quantizatio
     assert 0.0 <= rows["student"]["accuracy"] <= 1.0 and 0.0 <= rows["baseline"]["accuracy"] <= 1.0
 
 
+@needs_torchao
 def test_a_shallower_int8_students_baseline_trains_then_is_quantized(tmp_path):
     result, output = tiny_sentiment_run(tmp_path, "--student_quantization", "int8", "--baseline", "true")
     assert result["training_steps"]["baseline"] == result["training_steps"]["student"] > 0
@@ -122,6 +126,7 @@ def kinds_run(tmp_path, *flags):
 KIND_SETTINGS = '{"width": {"student_width": {"hidden_size": 8}, "max_steps": 2}, "int8": {"student_num_layers": 4}}'
 
 
+@needs_torchao
 def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
     trained = []
     original = pipeline_models.Trainer
@@ -153,6 +158,7 @@ def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
     assert open(os.path.join(output, "report.png"), "rb").read(4) == b"\x89PNG"
 
 
+@needs_torchao
 def test_student_kinds_over_seeds_give_each_kinds_spread(tmp_path):
     report, output = kinds_run(
         tmp_path, "--student_kinds", "layers", "int8", "--seeds", "1", "2", "--num_train_epochs", "0.34"

@@ -140,9 +140,17 @@ def test_image_classification_vit_teacher_mobilenet_student(tmp_path):
     assert projector.out_channels == teacher.config.hidden_size
     before = projector.weight.detach().clone()
     trainer.train()
-    assert_loss_is_weighted_sum(trainer, losses)
+    assert_loss_is_weighted_sum(trainer, losses)  # the four terms combine (each is pinned in test_loss_values.py)
     assert not torch.equal(projector.weight, before)
-    assert "eval_feature_map" in trainer.evaluate()
+    metrics = trainer.evaluate()
+    assert {"eval_feature_map", "eval_relation", "eval_hard_label"} <= set(metrics)
+    # The trained student's soft-target term on the eval set, by hand: T² KL(teacher ‖ student) at T = 5.
+    pixels = image_dataset(8, seed=1).with_format("torch")[:]["pixel_values"]
+    with torch.no_grad():
+        student_logits, teacher_logits = (m.eval()(pixel_values=pixels).logits.double() for m in (trainer.model, teacher))
+    target = torch.softmax(teacher_logits / 5.0, -1)
+    kl = (target * (target.log() - torch.log_softmax(student_logits / 5.0, -1))).sum(-1) * 25.0
+    assert metrics["eval_soft_target"] == pytest.approx(kl.mean().item(), rel=1e-4)
 
 
 def test_attention_maps_with_different_head_counts(tmp_path):
