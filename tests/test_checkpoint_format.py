@@ -26,8 +26,16 @@ def trainer(output_dir) -> DistillationTrainer:
     return DistillationTrainer(
         model=bert_classifier(seed=2, layers=2, width=8, heads=2),
         teacher_model=bert_classifier(seed=1),
-        args=config(output_dir, LOSSES, max_steps=4, save_strategy="steps", save_steps=2, weight_decay=0.01,
-                    trainable_teachers=["teacher"], trainable_teacher_learning_rate=5e-4),  # fmt: skip
+        args=config(
+            output_dir,
+            LOSSES,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            weight_decay=0.01,
+            trainable_teachers=["teacher"],
+            trainable_teacher_learning_rate=5e-4,
+        ),
         train_dataset=text_dataset(16),
     )
 

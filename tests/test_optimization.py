@@ -30,8 +30,15 @@ def test_gradient_accumulation_under_sgd_without_clipping_matches_one_big_batch(
         trainer = DistillationTrainer(
             model=bert_masked_lm(seed=2, layers=2, width=8, heads=2),
             teacher_model=bert_masked_lm(seed=1),
-            args=config(tmp_path / name, losses, max_steps=2, max_grad_norm=0.0, per_device_train_batch_size=batch,
-                        gradient_accumulation_steps=accumulation, **SGD),  # fmt: skip
+            args=config(
+                tmp_path / name,
+                losses,
+                max_steps=2,
+                max_grad_norm=0.0,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                **SGD,
+            ),
             train_dataset=dataset,
         )
         trainer.train()
@@ -63,9 +70,17 @@ def test_one_step_clips_student_and_projectors_together_a_learning_teacher_apart
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
-        args=config(tmp_path, losses, max_steps=1, per_device_train_batch_size=8, max_grad_norm=max_norm,
-                    weight_decay=weight_decay, trainable_teachers=["teacher"],
-                    trainable_teacher_learning_rate=teacher_learning_rate, **SGD),  # fmt: skip
+        args=config(
+            tmp_path,
+            losses,
+            max_steps=1,
+            per_device_train_batch_size=8,
+            max_grad_norm=max_norm,
+            weight_decay=weight_decay,
+            trainable_teachers=["teacher"],
+            trainable_teacher_learning_rate=teacher_learning_rate,
+            **SGD,
+        ),
         train_dataset=dataset,
     )
     projector = trainer.distillation_losses["hidden_state"].projectors[0]

@@ -1,7 +1,7 @@
 """The pipeline's wiring, checked by what each stage is handed: which weights each model starts from, which model
 teaches which, and that what the report says of the saved student is what the student does.
 
-Every call of the training stage (`hf_distill.pipeline.run.distill`, which refinement calls too) is recorded with
+Every call of the training stage (`hf_distill.pipeline.distill`, from the run and from refinement) is recorded with
 the weights of its student and teacher as they arrive and of the student as it leaves.
 """
 
@@ -18,6 +18,8 @@ from test_pipeline import FAST, run
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
 from hf_distill import DistillationTrainer
+from hf_distill.pipeline import models as pipeline_models
+from hf_distill.pipeline import refinement
 from hf_distill.pipeline import run as pipeline_run
 
 
@@ -27,7 +29,7 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 def record_stages(monkeypatch) -> list[dict]:
     """Each call of the training stage, in order: where it trains, what it was given and what it returned."""
-    calls, real = [], pipeline_run.distill
+    calls, real = [], pipeline_models.distill
 
     def recording(student, teacher, data, config, output_dir, resume_from_checkpoint=None, labeled_only=False):
         call = {"folder": os.path.basename(output_dir), "student_start": weights(student), "teacher": teacher,
@@ -37,7 +39,8 @@ def record_stages(monkeypatch) -> list[dict]:
         calls.append(call)
         return trainer
 
-    monkeypatch.setattr(pipeline_run, "distill", recording)
+    for module in (pipeline_run, refinement):  # each holds the stage under its own name
+        monkeypatch.setattr(module, "distill", recording)
     return calls
 
 
@@ -160,7 +163,7 @@ class RecordingTrainer(DistillationTrainer):
 def test_the_moving_average_teacher_is_the_average_of_the_students_steps(tmp_path, monkeypatch):
     momentum = 0.9
     calls = record_stages(monkeypatch)
-    monkeypatch.setattr(pipeline_run, "DistillationTrainer", RecordingTrainer)
+    monkeypatch.setattr(pipeline_models, "DistillationTrainer", RecordingTrainer)
     run(["--teacher", write_encoder_teacher(str(tmp_path / "encoder")), "--dataset",
          write_sentiment_dataset(str(tmp_path / "data")), "--output_dir", str(tmp_path / "run"), *SENTIMENT,
          "--baseline", "false", "--ema_teacher", "true", "--ema_momentum", str(momentum)])  # fmt: skip

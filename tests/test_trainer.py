@@ -147,7 +147,9 @@ def test_image_classification_vit_teacher_mobilenet_student(tmp_path):
     # The trained student's soft-target term on the eval set, by hand: T² KL(teacher ‖ student) at T = 5.
     pixels = image_dataset(8, seed=1).with_format("torch")[:]["pixel_values"]
     with torch.no_grad():
-        student_logits, teacher_logits = (m.eval()(pixel_values=pixels).logits.double() for m in (trainer.model, teacher))
+        student_logits, teacher_logits = (
+            m.eval()(pixel_values=pixels).logits.double() for m in (trainer.model, teacher)
+        )
     target = torch.softmax(teacher_logits / 5.0, -1)
     kl = (target * (target.log() - torch.log_softmax(student_logits / 5.0, -1))).sum(-1) * 25.0
     assert metrics["eval_soft_target"] == pytest.approx(kl.mean().item(), rel=1e-4)

@@ -12,7 +12,7 @@ from .base import DistillationLoss, ModuleOutputs, register_loss
 from .functional import feature_map_loss
 
 
-def _probe_input(model: nn.Module, term: str) -> torch.Tensor:
+def probe_input(model: nn.Module, term: str) -> torch.Tensor:
     """A blank image batch of the size the model's config expects, to read feature shapes before training."""
     config = model.config
     image_size = getattr(config, "image_size", None)
@@ -32,7 +32,7 @@ def _probe(model: nn.Module, **kwargs: Any) -> Any:
     was_training = model.training
     model.eval()
     try:
-        return model(pixel_values=_probe_input(model, kwargs.pop("term")), **kwargs)
+        return model(pixel_values=probe_input(model, kwargs.pop("term")), **kwargs)
     finally:
         model.train(was_training)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..model_kind import describe
 from .base import DistillationLoss, register_loss
-from .feature_map import _probe_input
+from .feature_map import probe_input
 from .functional import deep_to_shallow_loss
 
 
@@ -35,7 +35,7 @@ def _probe_hidden_states(model: nn.Module, term: str) -> tuple[torch.Tensor, ...
     model.eval()
     try:
         if getattr(model.config, "image_size", None) is not None and hasattr(model.config, "num_channels"):
-            outputs = model(pixel_values=_probe_input(model, term), output_hidden_states=True)
+            outputs = model(pixel_values=probe_input(model, term), output_hidden_states=True)
         else:
             device = next(model.parameters()).device
             outputs = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), output_hidden_states=True)

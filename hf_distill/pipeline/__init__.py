@@ -12,15 +12,17 @@ from .kinds import run_student_kinds
 from .models import (
     build_student,
     default_student_layers,
+    distill,
     fresh_student,
     load_initial_teacher,
     prepare_teacher,
     save_atomically,
 )
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
-from .run import distill, losses_with_layer_map, make_student, run_pipeline
-from .seeds import combine_reports, run_seeds
+from .run import losses_with_layer_map, make_student, run_pipeline
+from .seeds import run_seeds
 from .sources import OFFLINE_SOURCES, load_raw_dataset
+from .spread import combine_reports
 
 __all__ = [
     "OFFLINE_SOURCES",

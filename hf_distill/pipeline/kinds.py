@@ -27,6 +27,7 @@ from .report import (
     write_report_files,
 )  # report sets matplotlib's file-only backend first
 from .run import run_pipeline
+from .spread import combine_reports, plus_minus
 
 #: Kinds that need no settings of their own.
 DEFAULT_KINDS: dict[str, dict[str, Any]] = {"layers": {}, "int8": {"student_quantization": "int8"}}
@@ -207,8 +208,6 @@ def write_kinds_report(output_dir: str, report: dict[str, Any]) -> None:
 
 def combine_kinds_over_seeds(reports: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     """Each kind's reports over the seeds combined as `combine_reports` combines one kind's: {kind: combined}."""
-    from .seeds import combine_reports
-
     kinds = list(reports[0]["kinds"])
     return {
         "seeds": list(seeds),
@@ -221,8 +220,6 @@ def combine_kinds_over_seeds(reports: list[dict[str, Any]], seeds: list[int]) ->
 def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     """Every kind's student and baseline as means ± std over the seeds, with retention, the margin over the
     baseline, size and speed-ups, as Markdown lines."""
-    from .seeds import _plus_minus
-
     seeds = report["seeds"]
     any_kind = next(iter(report["kinds"].values()))
     speedups = [key for key in any_kind["summary"] if key.startswith(("speedup_batch_", "compiled_speedup_batch_"))]
@@ -235,7 +232,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
         *markdown_header(header),
     ]
     teacher = any_kind["results"]["teacher"]
-    lines.append(f"| teacher | {_plus_minus(teacher['accuracy'], 100, unit='%')} | "
+    lines.append(f"| teacher | {plus_minus(teacher['accuracy'], 100, unit='%')} | "
                  f"{teacher['parameters']['mean'] / 1e6:.2f} | {teacher['size_bytes']['mean'] / 1e6:.1f} |"
                  + " 1.00x |" * len(speedups))  # fmt: skip
     for kind, combined in report["kinds"].items():
@@ -243,12 +240,12 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
             if name not in combined["results"]:
                 continue
             row = combined["results"][name]
-            cells = [kind if name == "student" else f"{kind} baseline", _plus_minus(row["accuracy"], 100, unit="%"),
+            cells = [kind if name == "student" else f"{kind} baseline", plus_minus(row["accuracy"], 100, unit="%"),
                      f"{row['parameters']['mean'] / 1e6:.2f}", f"{row['size_bytes']['mean'] / 1e6:.1f}"]  # fmt: skip
             for key in speedups:
                 latency = key.replace("speedup_batch_", "latency_ms_batch_")
                 if name == "student":
-                    cells.append(_plus_minus(combined["summary"][key], unit="x"))
+                    cells.append(plus_minus(combined["summary"][key], unit="x"))
                 else:
                     teacher_mean = combined["results"]["teacher"][latency]["mean"]
                     ratio = teacher_mean / row[latency]["mean"] if latency in row else None
@@ -257,7 +254,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     lines.append("")
     for kind, combined in report["kinds"].items():
         summary = combined["summary"]
-        parts = [f"retention {_plus_minus(summary['retention'], 100, unit='%')}"]
+        parts = [f"retention {plus_minus(summary['retention'], 100, unit='%')}"]
         if "student_minus_baseline_points" in summary:
             margin = summary["student_minus_baseline_points"]
             parts.append(f"student - baseline {margin['mean']:+.2f} ± {margin['std']:.2f} points "

@@ -29,6 +29,7 @@ from ..config import DistillationConfig
 from ..pruning import layer_stack, prune_width, pruned_config, width_importance
 from ..quantization import prepare_int8_training
 from ..saving import staged_folder
+from ..trainer import DistillationTrainer
 from .arguments import PipelineArguments
 from .data import PreparedData
 from .sources import resolve_model
@@ -53,7 +54,7 @@ def stage_args(config: DistillationConfig, output_dir: str, **changes: Any) -> D
     )
 
 
-def _label_kwargs(data: PreparedData) -> dict[str, Any]:
+def label_kwargs(data: PreparedData) -> dict[str, Any]:
     if data.label_names is None:
         return {}
     return {
@@ -64,7 +65,7 @@ def _label_kwargs(data: PreparedData) -> dict[str, Any]:
 
 
 def _load_kwargs(data: PreparedData, attn_implementation: str | None) -> dict[str, Any]:
-    kwargs = _label_kwargs(data)
+    kwargs = label_kwargs(data)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     return kwargs
@@ -278,7 +279,7 @@ def build_student(
 
 def fresh_student(student_config: dict | str, data: PreparedData, task: str, seed: int) -> PreTrainedModel:
     """A randomly initialised student from a config: a Hub id or folder holding one, or a mapping with model_type."""
-    kwargs = _label_kwargs(data)
+    kwargs = label_kwargs(data)
     if isinstance(student_config, dict):
         config = AutoConfig.for_model(**{**student_config, **kwargs})
     else:
@@ -306,3 +307,29 @@ def shape_student(
     if quantize and args.student_quantization == "int8":
         prepare_int8_training(student)
     return student
+
+
+def distill(
+    student,
+    teacher,  # a model, or {name: model} for several
+    data: PreparedData,
+    config: DistillationConfig,
+    output_dir: str,
+    resume_from_checkpoint: str | bool | None = None,
+    labeled_only: bool = False,
+) -> DistillationTrainer:
+    """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses,
+    checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last), on
+    the labeled examples and the transfer set, or (`labeled_only`) on the labeled examples alone."""
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=stage_args(config, output_dir),
+        train_dataset=data.train if labeled_only else data.distill_train,
+        # A masked-LM eval split is masked once, ahead of time; the training collator would mask it again.
+        eval_dataset=None if data.task == "masked-lm" else data.eval,
+        data_collator=data.train_collator,
+        processing_class=data.processor,
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return trainer

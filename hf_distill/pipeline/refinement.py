@@ -25,7 +25,7 @@ from ..losses import reads_teacher
 from .arguments import PipelineArguments
 from .data import PreparedData, prepare_data
 from .evaluation import describe_models, evaluate_model
-from .models import AUTO_CLASSES, _label_kwargs, load_reporting_missing, stage_args
+from .models import AUTO_CLASSES, distill, label_kwargs, load_reporting_missing, stage_args
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ def refine(
 ):
     """Train `student` further on `data`'s labeled examples with the refinement settings and `losses` (default
     `refine_losses(args)`); returns the trainer. `teacher` is used only when one of the losses reads it."""
-    from .run import distill  # run imports this module
-
     settings = refine_config(args, config, output_dir, refine_losses(args) if losses is None else losses)
     given = teacher if reads_teacher(settings.losses) else None
     return distill(student, given, data, settings, output_dir, labeled_only=True)
@@ -77,7 +75,7 @@ def carry_to_task(model, task: str, data: PreparedData, seed: int):
         model.save_pretrained(scratch)
         torch.manual_seed(seed)
         # The new head's weights are missing by design: said below.
-        carried, missing = load_reporting_missing(AUTO_CLASSES[task], scratch, **_label_kwargs(data))
+        carried, missing = load_reporting_missing(AUTO_CLASSES[task], scratch, **label_kwargs(data))
     logger.info("The %s model starts from the student's layers; new: %s", task, ", ".join(sorted(missing)))
     return carried
 

@@ -42,7 +42,7 @@ def reference_teacher(results: dict[str, dict[str, Any]], metric: str = "accurac
     return max((results[name] for name in teacher_rows(results)), key=lambda row: row[metric])
 
 
-def _ordered(results: dict[str, Any]) -> list[str]:
+def ordered_rows(results: dict[str, Any]) -> list[str]:
     """Teachers first, then the born-again generations before the last, the student and the baseline."""
     generations = [name for name in results if name.startswith("generation ")]
     return [*teacher_rows(results), *generations, *(name for name in MODEL_ORDER[1:] if name in results)]
@@ -100,7 +100,7 @@ def _table(results: dict[str, dict[str, Any]], metrics: list[str], untrusted: di
         *[f"compiled CPU ms, batch {batch(k)}" for k in compiled],
     ]
     lines = markdown_header(header)
-    for name in _ordered(results):
+    for name in ordered_rows(results):
         row = results[name]
         cells = [
             name,
@@ -120,7 +120,7 @@ def _plot(results: dict[str, dict[str, Any]], metric: str, path: str) -> None:
     ]
     figure, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
     for axis, (key, label, scale) in zip(axes[0], axes_keys, strict=True):
-        for name in _ordered(results):
+        for name in ordered_rows(results):
             if name in results:
                 axis.scatter(results[name][key] * scale, results[name][metric], s=60, label=name)
                 axis.annotate(

@@ -21,13 +21,13 @@ from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
 from ..quantization import to_int8
 from ..teacher_sources import EMA_TEACHER
-from ..trainer import DistillationTrainer
 from . import refinement
 from .arguments import PipelineArguments
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
 from .models import (
     build_student,
+    distill,
     fresh_student,
     load_initial_teacher,
     prepare_teachers,
@@ -101,32 +101,6 @@ def is_teachers_shape(args: PipelineArguments, student, teacher) -> bool:
         and args.student_init == "teacher"
         and student.config.num_hidden_layers == teacher.config.num_hidden_layers
     )
-
-
-def distill(
-    student,
-    teacher,  # a model, or {name: model} for several
-    data: PreparedData,
-    config: DistillationConfig,
-    output_dir: str,
-    resume_from_checkpoint: str | bool | None = None,
-    labeled_only: bool = False,
-) -> DistillationTrainer:
-    """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses,
-    checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last), on
-    the labeled examples and the transfer set, or (`labeled_only`) on the labeled examples alone."""
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=stage_args(config, output_dir),
-        train_dataset=data.train if labeled_only else data.distill_train,
-        # A masked-LM eval split is masked once, ahead of time; the training collator would mask it again.
-        eval_dataset=None if data.task == "masked-lm" else data.eval,
-        data_collator=data.train_collator,
-        processing_class=data.processor,
-    )
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    return trainer
 
 
 def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: str | None = None) -> dict[str, Any]:

@@ -19,30 +19,10 @@ import matplotlib.pyplot as plt
 from ..card import public_name
 from ..config import DistillationConfig
 from .arguments import PipelineArguments
-from .report import _ordered, markdown_header, markdown_row, transfer_lines, write_report_files
+from .kinds import combine_kinds_over_seeds, run_student_kinds, write_kinds_seeds_report
+from .report import markdown_header, markdown_row, transfer_lines, write_report_files
 from .run import run_pipeline
-
-#: The figures of a model's row whose spread is reported (latencies are added by batch size).
-ROW_FIGURES = ("accuracy", "perplexity", "parameters", "size_bytes")
-#: The summary's figures whose spread is reported (speed-ups are added by batch size).
-SUMMARY_FIGURES = ("retention", "gap_closure", "size_ratio")
-#: Latencies (eager, compiled) and speed-ups, by batch size.
-LATENCY_PREFIXES = ("latency_ms_batch_", "compiled_latency_ms_batch_")
-SPEEDUP_PREFIXES = ("speedup_batch_", "compiled_speedup_batch_")
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (0 for one value), min, max and the values themselves (NaN in, NaN out:
-    a gap closure is NaN where teacher and baseline tie)."""
-    mean = sum(values) / len(values)
-    variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {
-        "mean": mean,
-        "std": math.sqrt(variance),
-        "min": min(values),
-        "max": max(values),
-        "values": list(values),
-    }
+from .spread import LATENCY_PREFIXES, SPEEDUP_PREFIXES, combine_reports, plus_minus
 
 
 def run_seeds(
@@ -57,8 +37,6 @@ def run_seeds(
             "--push_to_hub with several --seeds would push one student per seed to one repository: run the seed "
             "you want to publish alone with --push_to_hub"
         )
-    from .kinds import combine_kinds_over_seeds, run_student_kinds, write_kinds_seeds_report
-
     run = run_student_kinds if args.student_kinds else run_pipeline
     reports = []
     for seed in seeds:
@@ -73,53 +51,6 @@ def run_seeds(
     combined["recipe"] = recipe
     write_seeds_report(config.output_dir, combined)
     return combined
-
-
-def combine_reports(reports: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """Each model's figures and the student's summary as spreads over the runs (one report per seed)."""
-    models = [name for name in _ordered(reports[0]["results"]) if all(name in r["results"] for r in reports)]
-    results = {}
-    for name in models:
-        rows = [report["results"][name] for report in reports]
-        keys = [key for key in rows[0] if key in ROW_FIGURES or key.startswith(LATENCY_PREFIXES)]
-        results[name] = {key: spread([float(row[key]) for row in rows]) for key in keys if all(key in r for r in rows)}
-    summary_keys = [key for key in reports[0]["summary"] if key in SUMMARY_FIGURES or key.startswith(SPEEDUP_PREFIXES)]
-    summary = {key: spread([float(report["summary"][key]) for report in reports]) for key in summary_keys}
-    metric = "accuracy" if "accuracy" in results.get("student", {}) else None
-    if metric and "baseline" in results:
-        margins = [
-            100 * (report["results"]["student"][metric] - report["results"]["baseline"][metric]) for report in reports
-        ]
-        summary["student_minus_baseline_points"] = spread(margins)
-        summary["beats_baseline_seeds"] = sum(margin > 0 for margin in margins)
-        margin = summary["student_minus_baseline_points"]
-        summary["margin_beyond_two_std"] = len(margins) > 1 and margin["mean"] > 2 * margin["std"]
-    refinement = None
-    if reports[0].get("refinement"):  # DistilBERT's flow: the second stage's two models, and the margin between
-        names = list(reports[0]["refinement"]["results"])
-        accuracy = {name: [report["refinement"]["results"][name]["accuracy"] for report in reports] for name in names}
-        refinement = {
-            **{key: reports[0]["refinement"][key] for key in ("task", "dataset", "train_examples")},
-            "results": {name: {"accuracy": spread(values)} for name, values in accuracy.items()},
-            "margin_points": spread([100 * (a - b) for a, b in zip(*accuracy.values(), strict=True)]),
-        }
-    return {
-        "seeds": list(seeds),
-        "runs": [os.path.dirname(report["student_dir"]) for report in reports],
-        **({"refinement": refinement} if refinement else {}),
-        "task": reports[0].get("task"),
-        "train_examples": reports[0].get("train_examples"),
-        "transfer_examples": reports[0].get("transfer_examples"),
-        "augmented_examples": reports[0].get("augmented_examples"),
-        "losses": reports[0].get("losses"),
-        "results": results,
-        "summary": summary,
-        "timings_s": [report.get("timings_s", {}).get("total") for report in reports],
-    }
-
-
-def _plus_minus(figure: dict[str, Any], scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
-    return f"{figure['mean'] * scale:.{digits}f}{unit} ± {figure['std'] * scale:.{digits}f}{unit}"
 
 
 def seeds_report_lines(report: dict[str, Any]) -> list[str]:
@@ -153,18 +84,18 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
     for name, row in results.items():
         cells = [
             name,
-            _plus_minus(row[metric], scale, unit=unit),
+            plus_minus(row[metric], scale, unit=unit),
             *[f"{value * scale:.2f}{unit}" for value in row[metric]["values"]],
             f"{row['parameters']['mean'] / 1e6:.2f}",
             f"{row['size_bytes']['mean'] / 1e6:.1f}",
-            *[_plus_minus(row[key], digits=1) for key in latencies],
+            *[plus_minus(row[key], digits=1) for key in latencies],
         ]
         lines.append(markdown_row(cells))
     lines.append("")
     if "retention" in summary:
         figure = summary["retention"]
         lines.append(
-            f"- retention (student / teacher {metric}): {_plus_minus(figure, 100, unit='%')} "
+            f"- retention (student / teacher {metric}): {plus_minus(figure, 100, unit='%')} "
             f"(from {figure['min']:.2%} to {figure['max']:.2%})"
         )
     if "student_minus_baseline_points" in summary:
@@ -176,14 +107,14 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
             "seed-to-seed standard deviation"
         )
     if "gap_closure" in summary and all(math.isfinite(value) for value in summary["gap_closure"]["values"]):
-        lines.append(f"- gap closure: {_plus_minus(summary['gap_closure'], 100, unit='%')}")
+        lines.append(f"- gap closure: {plus_minus(summary['gap_closure'], 100, unit='%')}")
     for key, figure in summary.items():
         if key.startswith(SPEEDUP_PREFIXES):
             both = ", both compiled" if key.startswith("compiled_") else ""
-            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}{both}: {_plus_minus(figure, unit='x')}")
+            lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}{both}: {plus_minus(figure, unit='x')}")
     if "size_ratio" in summary:
         figure = summary["size_ratio"]
-        lines.append(f"- size: the student's weights take {_plus_minus(figure, 100, unit='%')} of the teacher's bytes")
+        lines.append(f"- size: the student's weights take {plus_minus(figure, 100, unit='%')} of the teacher's bytes")
     lines += transfer_lines(report)
     stage = report.get("refinement")
     if stage:
@@ -191,7 +122,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         margin = stage["margin_points"]
         lines.append(
             f"- refinement on {public_name(stage['dataset'])} ({stage['task']}): {first} "
-            f"{_plus_minus(one['accuracy'], 100, unit='%')}, {second} {_plus_minus(two['accuracy'], 100, unit='%')}; "
+            f"{plus_minus(one['accuracy'], 100, unit='%')}, {second} {plus_minus(two['accuracy'], 100, unit='%')}; "
             f"difference {margin['mean']:+.2f} ± {margin['std']:.2f} points"
         )
     lines.append("- std: the sample standard deviation over the seeds; each seed's own report is in " +
