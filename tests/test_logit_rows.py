@@ -66,7 +66,9 @@ def train_with_and_without_rows(tmp_path, make_student, make_teacher, losses, tr
     for a, b in zip(rows.state.log_history, full.state.log_history, strict=True):
         for term in (*losses, "loss"):
             if term in b:
-                assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), term
+                # Float32 sums over other chunkings: a soft_target of ~5e-3 after 5 steps differs in its 5th digit on
+                # some processors (AMD EPYC: 2.9e-5 relative); a wrong row or mask would differ at the first digits.
+                assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-7), term
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(rows.model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
     for key in (f"eval_{term}" for term in losses):

@@ -69,7 +69,9 @@ def test_terms_follow_the_per_decoder_token_formulas_and_the_teacher_sees_no_lab
     labeled = labels.ne(-100)
     teacher_probs = F.softmax(t.logits.double() / 2.0, -1)
     kl = (teacher_probs * (teacher_probs.log() - F.log_softmax(s.logits.double() / 2.0, -1))).sum(-1) * 4.0
-    assert metrics["eval_soft_target"] == pytest.approx(kl[labeled].mean().item(), rel=1e-5)
+    # The library sums this KL of near-uniform distributions (~9e-3) in float32, the test in float64: they agree to
+    # 2.4e-5 relative on some processors (AMD EPYC).
+    assert metrics["eval_soft_target"] == pytest.approx(kl[labeled].mean().item(), rel=1e-4)
     assert metrics["eval_hard_label"] == pytest.approx(own_loss.item(), rel=1e-5)
     projector = trainer.distillation_losses["decoder_hidden"].projectors[0]
     with torch.no_grad():
