@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model_kind import describe
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -149,6 +151,41 @@ class ImageAugmentation:
         one_hot = nn.functional.one_hot(labels.long().where(labeled, 0), num_labels).to(pixels.dtype)
         one_hot = one_hot * labeled.unsqueeze(-1)
         return pixels, weight * one_hot + (1 - weight) * one_hot.flip(0)
+
+
+def checked_augmentation(
+    config: Any, student: nn.Module, roster: Any, losses: Mapping[str, Any]
+) -> ImageAugmentation | None:
+    """`DistillationConfig.image_augmentation` for a run, checked against the student, the teachers (`roster`) and
+    the losses; with mixing, the losses that read labels read them as class probabilities
+    (`DistillationLoss.use_class_probabilities`). None when it is unset."""
+    if config is None:
+        return None
+    augmentation = ImageAugmentation.from_config(config)
+    if getattr(student, "main_input_name", None) != "pixel_values":
+        raise ValueError(
+            f"image_augmentation applies to image models (inputs pixel_values), but the student "
+            f"{type(student).__name__} reads {getattr(student, 'main_input_name', 'other inputs')}: leave "
+            "image_augmentation unset"
+        )
+    if not augmentation.mixes:
+        return augmentation
+    if roster.learning:
+        raise ValueError(
+            "mixup/cutmix turns labels into class probabilities, which a teacher that learns cannot train on "
+            "(its model computes its own loss from integer labels): drop mixup_alpha/cutmix_alpha, or "
+            "trainable_teachers"
+        )
+    if not describe(student).class_labels:
+        raise ValueError("mixup/cutmix needs a classifier student (one class label per image)")
+    refused = [term for term, loss in losses.items() if loss.needs_labels and not loss.use_class_probabilities()]
+    if refused:
+        raise ValueError(
+            f"mixup/cutmix turns labels into class probabilities, and the losses {refused} read labels but do not "
+            "say they can read those (DistillationLoss.use_class_probabilities): drop mixup_alpha/cutmix_alpha, or "
+            "implement use_class_probabilities in the loss"
+        )
+    return augmentation
 
 
 def augment_batch(

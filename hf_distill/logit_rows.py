@@ -299,3 +299,31 @@ def with_teacher(plan: LogitRowsPlan, teacher: Any, losses: list[Any], rows: boo
         teacher_logits_read=any("logits" in loss.teacher_outputs for loss in losses if loss.needs_teacher),
         teacher_deferred=rows and deferral_applies(losses, "teacher", defer) and supports_deferred(teacher),
     )
+
+
+def plan_training_rows(
+    student: nn.Module,
+    terms: Any,
+    sources: list[Any],
+    compact: bool,
+    defer: bool,
+    defer_teachers: bool,
+    building: set[str],
+) -> LogitRowsPlan:
+    """Where each model of a `DistillationTrainer` run projects onto the vocabulary in training: the student's plan,
+    returned (with the first teacher's fields), and each frozen teacher's own, given to its source (`rows_plan`),
+    from the losses of `terms` that read it. `defer` lets the losses run the projections; `defer_teachers` extends
+    that to the teachers (not when `teacher_forward` is overridden), except those in `building` (a cache built first
+    stores projected rows). A teacher that learns computes its task loss from its labels: logits everywhere."""
+    losses = list(terms.losses.values())
+    plan = logit_rows_plan(student, None, losses, compact, defer)  # the student probed once
+    applies = compaction_applies(student, losses, compact)
+    for source in sources:
+        source.rows_plan = with_teacher(
+            plan,
+            source.reference,
+            terms.reading(source.name),
+            rows=applies and not source.trainable,
+            defer=defer and defer_teachers and source.name not in building,
+        )
+    return sources[0].rows_plan if sources else plan

@@ -53,8 +53,8 @@ class TermLog:
 class TermReportingMixin:
     """Logs each distillation term, evaluates each over the whole set, and writes the distillation model card.
 
-    It reads the trainer's public parts: `term_log` ([`TermLog`]), `teachers`, `distillation_losses`,
-    `loss_weights`, `term_computable`, `normalizer`, `teacher_facts` and `teacher_cache`.
+    It reads the trainer's public parts: `term_log` ([`TermLog`]), `terms`, `roster`, `overrides`,
+    `term_computable`, `normalizer` and `teacher_cache`.
     """
 
     term_log: TermLog
@@ -62,10 +62,11 @@ class TermReportingMixin:
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """The Trainer's step; on a batch without labels it also computes the terms that need none."""
         # Evaluation reads no teacher cache.
-        has_teacher = bool(self.teachers) and all(source.serves_evaluation for source in self.teachers.values())
+        sources = self.roster.sources
+        has_teacher = bool(sources) and all(source.serves_evaluation for source in sources.values())
         unlabeled = bool(self.label_names) and any(inputs.get(name) is None for name in self.label_names)
         if not unlabeled or not any(
-            self.term_computable(loss, has_teacher, inputs) for loss in self.distillation_losses.values()
+            self.term_computable(loss, has_teacher, inputs) for loss in self.terms.losses.values()
         ):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # The Trainer computes a loss without labels only for a model with no label names that returns one.
@@ -91,14 +92,14 @@ class TermReportingMixin:
         means = self.term_log.pop_eval(lambda tensor: self.accelerator.reduce(tensor, reduction="sum"))
         for term, mean in means.items():
             output.metrics[f"{metric_key_prefix}_{term}"] = mean
-        weighted = type(self).compute_distillation_loss is type(self)._builtin_combination
+        weights = self.terms.weights
         if (
-            weighted
+            not self.overrides.compute_distillation_loss
             and means
             and f"{metric_key_prefix}_loss" in output.metrics
-            and set(means) <= set(self.loss_weights)
+            and set(means) <= set(weights)
         ):
-            output.metrics[f"{metric_key_prefix}_loss"] = sum(self.loss_weights[term] * means[term] for term in means)
+            output.metrics[f"{metric_key_prefix}_loss"] = sum(weights[term] * means[term] for term in means)
         return output
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -110,7 +111,7 @@ class TermReportingMixin:
         if not self.is_world_process_zero() or not os.path.isfile(path):
             return
         student = model_facts(self.accelerator.unwrap_model(self.model))
-        teachers = {name: facts or {"name_or_path": None, "class": None} for name, facts in self.teacher_facts.items()}
+        teachers = {name: facts or {"name_or_path": None, "class": None} for name, facts in self.roster.facts.items()}
         add_distillation_section(path, student, teachers, self.args.losses, from_cache=self.teacher_cache is not None)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -125,7 +126,7 @@ class TermReportingMixin:
                 self.term_log.add_train(term, value)
                 continue
             # A term added by an override has no item count: it weighs as one item per batch.
-            if term in self.distillation_losses or term in self.peer_terms:
+            if self.terms.counts_items(term):
                 count = self.normalizer(term, inputs).float().to(value.device)
             else:
                 count = torch.ones_like(value)

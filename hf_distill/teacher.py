@@ -137,3 +137,16 @@ def zero_stage(accelerator: Any) -> int | None:
     if plugin is None:
         return None
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
+    """A frozen teacher as a run holds it: eval mode, no gradients, prepared by accelerate in evaluation mode
+    (partitioned by an inference engine under DeepSpeed), in `teacher_dtype` where that applies."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return deepspeed_teacher(teacher, accelerator, args)
+    dtype = teacher_dtype(args)
+    if dtype is not None:
+        teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way
+    return accelerator.prepare_model(teacher, evaluation_mode=True)

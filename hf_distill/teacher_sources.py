@@ -13,13 +13,12 @@
   optimizer step.
 
 A run with one teacher calls it `"teacher"`; several teachers are given as a mapping `{name: model}`
-([`TeacherEnsemble`] is what a loss that mixes them receives).
+([`hf_distill.losses.TeacherEnsemble`] is what a loss that mixes them receives).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -123,7 +122,7 @@ class FrozenTeacher(TeacherSource):
 class TrainableTeacher(FrozenTeacher):
     """A teacher that learns with the student: run with gradients and its labels (it computes its own task loss),
     in training mode while the student trains, projecting onto the vocabulary everywhere. The student's terms read
-    its outputs detached; its own terms (`DistillationTrainer.peer_terms`) read the student's detached."""
+    its outputs detached; its own terms (`DistillationTrainer.terms.peers`) read the student's detached."""
 
     trainable = True
 
@@ -176,21 +175,6 @@ class CachedTeacher(TeacherSource):
         if examples is None:
             return None
         return self.cache.outputs_for(examples.tolist(), inputs, self.device)
-
-
-@dataclass(frozen=True)
-class TeacherEnsemble:
-    """What a loss that mixes several teachers receives as `teacher_outputs`: each teacher's outputs and weight.
-
-    Attributes:
-        names (`tuple[str, ...]`): the teachers, in order.
-        outputs (`tuple`): their outputs for the batch, in the same order.
-        weights (`tuple[float, ...]`): their weights, summing to 1.
-    """
-
-    names: tuple[str, ...]
-    outputs: tuple[Any, ...]
-    weights: tuple[float, ...]
 
 
 def detached(outputs: Any) -> Any:

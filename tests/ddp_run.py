@@ -55,7 +55,7 @@ if __name__ == "__main__":
     if trainer.args.process_index == 0:
         state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
         state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})
-        for name, teacher in trainer._teachers_with_state().items():
+        for name, teacher in trainer.roster.with_state().items():
             state.update({f"teacher.{name}.{k}": v for k, v in teacher.state_dict().items()})
         save_file({k: v.clone().contiguous() for k, v in state.items()}, str(output_dir / "final.safetensors"))
     end_launched_process()

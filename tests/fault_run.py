@@ -76,7 +76,7 @@ def final_state(trained: DistillationTrainer) -> dict[str, torch.Tensor]:
     """The student, the projectors and the teachers that changed in training, as one flat state."""
     state = {f"student.{k}": v.contiguous() for k, v in trained.model.state_dict().items()}
     state.update({f"losses.{k}": v.contiguous() for k, v in trained.distillation_losses.state_dict().items()})
-    for name, teacher in trained._teachers_with_state().items():
+    for name, teacher in trained.roster.with_state().items():
         state.update({f"teacher.{name}.{k}": v.clone().contiguous() for k, v in teacher.state_dict().items()})
     return state
 

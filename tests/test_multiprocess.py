@@ -43,7 +43,7 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
         torch.testing.assert_close(two_processes[f"student.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
     for key, value in single.distillation_losses.state_dict().items():
         torch.testing.assert_close(two_processes[f"losses.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
-    for name, model in single._teachers_with_state().items():
+    for name, model in single.roster.with_state().items():
         for key, value in model.state_dict().items():
             torch.testing.assert_close(two_processes[f"teacher.{name}.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
     assert (teacher == "mutual") == any(key.startswith("teacher.") for key in two_processes)

@@ -76,6 +76,12 @@ def test_no_private_name_is_imported_from_another_module():
     assert not private, private
 
 
+def test_modules_stay_readable_in_size():
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in modules().items()}
+    assert sizes["hf_distill.trainer"] <= TRAINER, sizes["hf_distill.trainer"]
+    assert {name: size for name, size in sizes.items() if size > LARGEST_MODULE} == {}
+
+
 def test_a_cycle_and_a_private_import_are_seen(tmp_path):
     """The checks above on a made-up package: they can fail."""
     for module, text in {"a": "from .b import _helper\n", "b": "def f():\n    from . import a\n"}.items():

@@ -12,9 +12,8 @@ from helpers import bert_classifier, bert_masked_lm, config, masked_lm_dataset, 
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import TeacherCache
-from hf_distill.losses import SoftTargetLoss
+from hf_distill.losses import SoftTargetLoss, TeacherEnsemble
 from hf_distill.losses.functional import mix_teacher_logits
-from hf_distill.teacher_sources import TeacherEnsemble
 
 # The classic mixture plus one hidden-state match per teacher, each with its own projector (widths 8 -> 16, 24).
 MLM_LOSSES = {

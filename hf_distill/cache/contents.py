@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..losses import DistillationLoss, SoftTargetLoss
+from ..losses import DistillationLoss
 from ..losses.functional import teacher_top_k
 from ..model_kind import describe
 from ..positions import position_mask, token_mask
@@ -42,23 +42,25 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
             "modules, probes, or attention maps too large to store): train them online (teacher_cache=None) or "
             "drop them"
         )
-    soft_targets = [loss for loss in teacher_losses if isinstance(loss, SoftTargetLoss)]
-    span = any(loss.span for loss in soft_targets)
-    token_level = any(loss.token_level for loss in soft_targets)
+    requests = [request for request in (loss.cached_logits() for loss in teacher_losses) if request is not None]
+    span = any(request.level == "span" for request in requests)
+    token_level = any(request.level == "token" for request in requests)
     reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
-    if token_level and any("logits" in loss.teacher_outputs for loss in teacher_losses if loss not in soft_targets):
+    if token_level and any(
+        "logits" in loss.teacher_outputs and loss.cached_logits() is None for loss in teacher_losses
+    ):
         raise ValueError(
-            "only soft_target can read a token-level teacher's logits from a cache (it stores the counted positions "
-            "only); train the other logit losses online"
+            "only losses that say how they read a cache's logits (cached_logits: soft_target) can read a token-level "
+            "teacher's logits from a cache (it stores the counted positions only); train the other logit losses online"
         )
     dense = not token_level or top_k <= 0
     kind = "span" if span else ("dense" if dense else "top_k")
     contents = {
         "logits": kind if reads_logits else None,
         "token_level": token_level,
-        "shift": any(loss.shift for loss in soft_targets),
+        "shift": any(request.shift for request in requests),
         "top_k": None if dense or not reads_logits else int(top_k),
-        "temperatures": [] if dense or not reads_logits else sorted({loss.temperature for loss in soft_targets}),
+        "temperatures": [] if dense or not reads_logits else sorted({request.temperature for request in requests}),
         "seq2seq": describe(teacher).seq2seq,
     }
     # An encoder-decoder's hidden states come per stack (the losses name theirs); other models have one.
@@ -168,8 +170,11 @@ def same_inputs(stored: torch.Tensor, seen: torch.Tensor, exact: bool) -> torch.
 class OutputExtractor:
     """Turns one batch's teacher outputs into the per-example tensors a shard stores (see `store`)."""
 
-    def __init__(self, contents: dict[str, Any], soft_target: SoftTargetLoss | None):
-        self.contents, self.soft_target = contents, soft_target
+    def __init__(self, contents: dict[str, Any], losses: list[DistillationLoss]):
+        self.contents = contents
+        # The counted positions of token-level logits, by the rule of the losses that read them.
+        requests = [request for request in (loss.cached_logits() for loss in losses) if request is not None]
+        self.position_mask = next((r.position_mask for r in requests if r.position_mask is not None), None)
 
     def __call__(self, inputs: Mapping[str, Any], outputs: Any) -> dict[str, torch.Tensor]:
         contents = self.contents
@@ -186,7 +191,7 @@ class OutputExtractor:
         elif contents["logits"] is not None and not contents["token_level"]:
             stored["logits"] = outputs.logits.float()
         elif contents["logits"] is not None:
-            mask = self.soft_target.position_mask(inputs)
+            mask = self.position_mask(inputs)
             stored["rows"] = mask.sum(1)
             rows = outputs.logits
             if rows.dim() != 2:  # not already the counted rows (hf_distill.logit_rows)

@@ -16,12 +16,11 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling
 
-from ..losses import SoftTargetLoss
 from ..losses.base import batch_size
 from ..model_kind import describe
 from ..seq2seq import with_decoder_inputs
 from ..teacher import zero_stage
-from ..teacher_sources import DEFAULT_TEACHER, CachedTeacher
+from ..teacher_sources import DEFAULT_TEACHER
 from .contents import OutputExtractor, cache_contents
 from .store import BUILDING_NAME, read_json, write_json_atomically
 from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
@@ -101,19 +100,20 @@ def cached_reference(cache: TeacherCache | None) -> ConfigOnly | None:
 class TeacherCacheMixin:
     """Opens `args.teacher_cache` for a `DistillationTrainer`, building (or finishing) it first when needed.
 
-    It reads the trainer's public parts: `teachers` (run to build a cache), `teacher_facts`,
-    `distillation_losses` and `term_teachers`, and the Trainer's own datasets, collator and accelerator.
+    It reads the trainer's `terms` (which losses read which teacher) and `roster` (the teachers, run to build a
+    cache, and their facts), and the Trainer's own datasets, collator and accelerator; the trainer hands the opened
+    caches to its roster, which reads the teachers from them from then on.
     """
 
     #: The teacher cache in use (None when distilling online); with several teachers, `teacher_caches` holds each.
     teacher_cache: TeacherCache | None = None
-    teacher_caches: dict[str, TeacherCache] = {}
     #: Examples per shard of a cache built here: at most this much teacher work is lost to an interruption.
     teacher_cache_shard_size: int = 1024
 
-    def _use_teacher_caches(self, caches: dict[str, TeacherCache | None], references: dict[str, Any]) -> TeacherCache:
-        """Open every teacher's cache, building (or finishing) it first if needed; the teachers are then read from
-        their caches (`CachedTeacher`). Returns the first."""
+    def _use_teacher_caches(
+        self, caches: dict[str, TeacherCache | None], references: dict[str, Any]
+    ) -> dict[str, TeacherCache]:
+        """Open every teacher's cache, building (or finishing) it first if needed; returns them by teacher."""
         names = list(caches)
         directories = cache_directories(self.args.teacher_cache, names)
         if len(names) > 1 and self.args.should_save:
@@ -121,11 +121,12 @@ class TeacherCacheMixin:
             write_json_atomically(os.path.join(self.args.teacher_cache, TEACHERS_INDEX), {"teachers": names})
         opened = {}
         for name in names:
-            losses = [loss for term, loss in self.distillation_losses.items() if name in self.term_teachers[term]]
+            losses = self.terms.reading(name)
             if len(names) > 1:
+                requests = {loss.term: loss.cached_logits() for loss in losses}
                 top_k_mix = [
-                    loss.term for loss in losses
-                    if isinstance(loss, SoftTargetLoss) and loss.token_level and loss.teacher_name is None
+                    term for term, request in requests.items()
+                    if request is not None and request.level == "token" and request.mixes_teachers
                 ]  # fmt: skip
                 if top_k_mix and self.args.teacher_cache_top_k > 0:
                     raise ValueError(
@@ -133,18 +134,14 @@ class TeacherCacheMixin:
                         f"give (teacher_cache_top_k={self.args.teacher_cache_top_k}): set teacher_cache_top_k=0 (every "
                         "logit, exact), or give each teacher its own soft_target term ('teacher': name)"
                     )
-            source = self.teachers.get(name)
+            source = self.roster.sources.get(name)
             if caches[name] is None and source is None:
                 raise ValueError(
                     f"the teacher cache {directories[name]} of teacher {name!r} is not finished, and that teacher was "
                     "not given: pass it in teacher_model to build (or finish) its cache"
                 )
             opened[name] = self._use_teacher_cache(directories[name], caches[name], source, references[name], losses)
-            self.teachers[name] = CachedTeacher(
-                name, opened[name], references[name], self.teacher_facts.get(name), self.args.device
-            )
-        self.teacher_caches = opened
-        return opened[names[0]]
+        return opened
 
     def _use_teacher_cache(
         self, directory: str, cache: TeacherCache | None, source: Any, reference: Any, losses: list[Any]
@@ -166,13 +163,12 @@ class TeacherCacheMixin:
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts)
         with self.args.main_process_first(local=False, desc="teacher cache"):
             if cache is None and not TeacherCache.is_finished(directory):
-                soft_target = next((loss for loss in losses if isinstance(loss, SoftTargetLoss)), None)
                 cache = build_teacher_cache(
                     directory,
                     record,
                     self._cache_batches,
                     lambda inputs: source.outputs(inputs, None, training=True, deferred=False),
-                    OutputExtractor(contents, soft_target),
+                    OutputExtractor(contents, losses),
                     shard_size=self.teacher_cache_shard_size,
                 )
             elif cache is None:

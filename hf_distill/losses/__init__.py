@@ -6,10 +6,13 @@ Importing this package registers the built-in losses: `soft_target`, `hard_label
 
 from . import functional
 from .base import (
+    CachedLogits,
     DistillationLoss,
+    TeacherEnsemble,
     available_losses,
     build_losses,
     needs_attention_maps,
+    output_flags,
     reads_teacher,
     register_loss,
 )
@@ -21,6 +24,7 @@ from .self_distillation import DeepToShallowLoss
 
 __all__ = [
     "AttentionLoss",
+    "CachedLogits",
     "DeepToShallowLoss",
     "DistillationLoss",
     "FeatureMapLoss",
@@ -28,6 +32,7 @@ __all__ = [
     "HiddenStateLoss",
     "RelationLoss",
     "SoftTargetLoss",
+    "TeacherEnsemble",
     "available_losses",
     "build_losses",
     "chunked_soft_target_loss",
@@ -35,6 +40,7 @@ __all__ = [
     "projected_rows_loss",
     "functional",
     "needs_attention_maps",
+    "output_flags",
     "reads_teacher",
     "register_loss",
 ]

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,8 +55,13 @@ class DistillationLoss(nn.Module):
     model's projection is left to them (`DistillationConfig.fused_token_logits`).
 
     With several teachers, a loss reads the one its `"teacher"` entry names (`teacher_name`); a loss with
-    `mixes_teachers` True that names none reads them all, as a [`~hf_distill.teacher_sources.TeacherEnsemble`]
+    `mixes_teachers` True that names none reads them all, as a [`TeacherEnsemble`]
     (its `setup` is then called once per teacher).
+
+    Three methods say what else a loss takes part in; the trainer and the teacher cache ask every loss, built-in
+    or registered, the same way: `use_class_probabilities` (labels mixed by mixup/cutmix), `mirror` (the same
+    term for a teacher that learns, deep mutual learning) and `cached_logits` (what it reads of a teacher cache's
+    stored logits).
     """
 
     student_outputs: frozenset[str] = frozenset()
@@ -85,6 +91,31 @@ class DistillationLoss(nn.Module):
         """
         return torch.tensor(float(batch_size(inputs)))
 
+    def use_class_probabilities(self) -> bool:
+        """Called before training when mixup or cutmix turn the labels into class probabilities `[batch, classes]`:
+        return True once the loss reads them so (and counts each row by its probability mass). The default, False,
+        says it cannot; the trainer then refuses mixing for a loss that reads labels (`needs_labels`)."""
+        return False
+
+    def mirror(self, teacher: str) -> DistillationLoss | None:
+        """The same term for the teacher `teacher` when it learns alongside the student (deep mutual learning): a
+        new loss with this one's options, set up by the trainer with the teacher as its student and named
+        `<teacher>_<term>`; that teacher then optimises it toward the other models' detached predictions. None (the
+        default): this term has no counterpart for a learning teacher."""
+        return None
+
+    def mirror_for(self, teacher: str, term: str) -> DistillationLoss | None:
+        """`mirror(teacher)`, named `term` (`<teacher>_<term>`) as `build_loss` names a configured term."""
+        mirrored = self.mirror(teacher)
+        if mirrored is not None:
+            mirrored.term = term
+        return mirrored
+
+    def cached_logits(self) -> CachedLogits | None:
+        """What this loss reads of the teacher's logits from a teacher cache, known after `setup`; None (the
+        default) when it reads them there as the model returns them, or not at all."""
+        return None
+
     def teacher_hidden_layers(self) -> list[int] | None:
         """The indices into the teacher's `hidden_states` that `forward` reads, known after `setup`; None for all.
 
@@ -95,6 +126,41 @@ class DistillationLoss(nn.Module):
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Return the sum of the loss over this batch's items (see `count_items`)."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CachedLogits:
+    """How a loss reads the teacher's logits from a teacher cache ([`hf_distill.cache`]).
+
+    Args:
+        level (`str`): `"example"` (one distribution per example), `"span"` (start and end distributions over the
+            positions) or `"token"` (one per counted position; the cache stores those rows only).
+        temperature (`float`): the temperature the loss applies (a top-k cache stores its normaliser and tail).
+        shift (`bool`): position i predicts token i + 1 (causal LM).
+        position_mask (`Callable`, *optional*): for `"token"`, `[batch, length]` positions whose rows are stored.
+        mixes_teachers (`bool`): it reads several teachers' rows at once (a mixture), which top-k rows cannot give.
+    """
+
+    level: str
+    temperature: float = 1.0
+    shift: bool = False
+    position_mask: Callable[[Mapping[str, Any]], torch.Tensor] | None = None
+    mixes_teachers: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherEnsemble:
+    """What a loss that mixes several teachers receives as `teacher_outputs`: each teacher's outputs and weight.
+
+    Attributes:
+        names (`tuple[str, ...]`): the teachers, in order.
+        outputs (`tuple`): their outputs for the batch, in the same order.
+        weights (`tuple[float, ...]`): their weights, summing to 1.
+    """
+
+    names: tuple[str, ...]
+    outputs: tuple[Any, ...]
+    weights: tuple[float, ...]
 
 
 def register_loss(name: str):
@@ -174,6 +240,13 @@ def build_losses(losses: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[flo
 def reads_teacher(losses: Mapping[str, Mapping[str, Any]]) -> bool:
     """Whether any entry of a `losses` mapping reads a teacher (a plain `hard_label` does not)."""
     return any(loss.needs_teacher for _, loss in build_losses(losses).values())
+
+
+def output_flags(needs: Any) -> dict[str, bool]:
+    """`output_hidden_states` / `output_attentions` for the union of what some losses read of one model (each an
+    element of `needs`, a set such as `loss.teacher_outputs`)."""
+    wanted = set().union(*needs)
+    return {f"output_{name}": True for name in ("hidden_states", "attentions") if name in wanted}
 
 
 def needs_attention_maps(terms: Mapping[str, tuple[float, DistillationLoss]]) -> bool:

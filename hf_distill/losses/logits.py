@@ -14,8 +14,7 @@ from ..logit_rows import ProjectedRows, label_rows
 from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
-from ..teacher_sources import TeacherEnsemble
-from .base import DistillationLoss, batch_size, register_loss
+from .base import CachedLogits, DistillationLoss, TeacherEnsemble, batch_size, register_loss
 from .chunked import chunked_rows_loss, chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
 from .functional import DIVERGENCES, TEACHER_MIXTURES, mix_teacher_logits, soft_target_loss, topk_soft_target_loss
 
@@ -160,6 +159,16 @@ class SoftTargetLoss(DistillationLoss):
         return (
             f"temperature={self.temperature}, divergence={self.divergence!r}, teacher_mixture={self.teacher_mixture!r}"
         )
+
+    def mirror(self, teacher: str) -> SoftTargetLoss | None:
+        if self.teacher_name not in (None, teacher):
+            return None  # a term that follows another teacher has no counterpart for this one
+        return SoftTargetLoss(self.temperature, self.divergence, self.chunk_size, self.teacher_mixture)
+
+    def cached_logits(self) -> CachedLogits:
+        level = "span" if self.span else ("token" if self.token_level else "example")
+        return CachedLogits(level, self.temperature, self.shift, self.position_mask if self.token_level else None,
+                            mixes_teachers=self.teacher_name is None)  # fmt: skip
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_same_outputs(student, teacher)
@@ -362,12 +371,19 @@ class HardLabelLoss(DistillationLoss):
 
     def __init__(self):
         super().__init__()
-        #: Set by the trainer under mixup/cutmix ([`hf_distill.augmentation`]): float labels `[batch, classes]` are
-        #: class probabilities, and each row counts for its probability mass.
+        #: Under mixup/cutmix ([`hf_distill.augmentation`], `use_class_probabilities`): float labels
+        #: `[batch, classes]` are class probabilities, and each row counts for its probability mass.
         self.class_probabilities = False
         self.shift = False
         self.language_model = False
         self.span = False
+
+    def use_class_probabilities(self) -> bool:
+        self.class_probabilities = True
+        return True
+
+    def mirror(self, teacher: str) -> HardLabelLoss:
+        return HardLabelLoss()  # the teacher's own task loss on the labels
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         kind = describe(student)
