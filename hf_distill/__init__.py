@@ -6,6 +6,8 @@ args = DistillationConfig(output_dir="out", losses={"hard_label": {"weight": 0.5
 DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train).train()
 """
 
+# First: drops import-time lines of dependencies that no user can act on (see _console).
+from . import _console  # noqa: F401
 from ._version import __version__
 from .config import DistillationConfig
 from .generation import DistillationSeq2SeqConfig, DistillationSeq2SeqTrainer

@@ -42,7 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the recipe and flags, run every stage, print the table. Returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     try:  # the pipeline's own dependencies are an extra: the trainer needs none of them
-        from .pipeline import RECIPES_DIR, available_recipes, parse_args, report_lines, run_pipeline, run_seeds
+        from .pipeline import (
+            RECIPES_DIR,
+            UsageError,
+            available_recipes,
+            parse_args,
+            report_lines,
+            run_pipeline,
+            run_seeds,
+        )
         from .pipeline.kinds import kinds_report_lines, kinds_seeds_report_lines, run_student_kinds
         from .pipeline.seeds import seeds_report_lines
     except ModuleNotFoundError as error:
@@ -63,23 +71,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"The shipped recipes are in {RECIPES_DIR}.")
         return 0
     _quiet_console()
-    args, config, recipe = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.logging.set_verbosity_warning()
-    if args.seeds:
-        report = run_seeds(args, config, args.seeds, recipe)
-        lines = kinds_seeds_report_lines(report) if args.student_kinds else seeds_report_lines(report)
-        print("\n" + "\n".join(lines))
-        print(f"\nEach seed's student is in <run>/student; the report over all is in {config.output_dir}/report.md")
-        return 0
-    if args.student_kinds:
-        report = run_student_kinds(args, config, recipe)
-        print("\n" + "\n".join(kinds_report_lines(report)))
-        print(
-            f"\nEach kind's student is in {config.output_dir}/<kind>/student; the report in {config.output_dir}/report.md"
-        )
-        return 0
-    report = run_pipeline(args, config, recipe)
+    try:
+        args, config, recipe = parse_args(argv)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        transformers.logging.set_verbosity_warning()
+        if args.seeds:
+            report = run_seeds(args, config, args.seeds, recipe)
+            lines = kinds_seeds_report_lines(report) if args.student_kinds else seeds_report_lines(report)
+            print("\n" + "\n".join(lines))
+            print(
+                f"\nEach seed's student is in <run>/student; the report over all is in {config.output_dir}/report.md"
+            )
+            return 0
+        if args.student_kinds:
+            report = run_student_kinds(args, config, recipe)
+            print("\n" + "\n".join(kinds_report_lines(report)))
+            print(f"\nEach kind's student is in {config.output_dir}/<kind>/student; the report in "
+                  f"{config.output_dir}/report.md")  # fmt: skip
+            return 0
+        report = run_pipeline(args, config, recipe)
+    except UsageError as error:  # the user's to fix (a flag, a recipe, a name): one line, no traceback, no usage
+        print(f"hf-distill: error: {error}", file=sys.stderr)
+        return 2
     print("\n" + "\n".join(report_lines(report)))
     print(f"\nStudent saved to {report['student_dir']}; report in {os.path.join(config.output_dir, 'report.md')}")
     return 0

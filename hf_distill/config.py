@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import TrainingArguments
 
 from .augmentation import ImageAugmentation
@@ -49,6 +50,10 @@ class DistillationConfig(TrainingArguments):
         save_trained_teachers (`bool`, *optional*, defaults to `False`):
             `save_model` also writes each trainable teacher to `<output_dir>/teachers/<name>`, loadable with
             `AutoModel*.from_pretrained`.
+        resume_with_changed_objective (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint written with other losses, options, teachers or teacher weights
+            ([`hf_distill.objective`]); without it that is refused, naming each change. With it, what still fits
+            (projectors of matching shapes, optimizer state of matching parameter groups) is loaded and the rest named.
         ema_momentum (`float`, *optional*, defaults to 0.999):
             For `teacher_model="ema"` (a teacher that is an exponential moving average of the student), the share of
             the teacher's weights kept at each optimizer step: `θ_t ← m · θ_t + (1 − m) · θ_student`.
@@ -60,6 +65,10 @@ class DistillationConfig(TrainingArguments):
             (resuming an interrupted build), then training runs from it with no teacher in memory. Refused
             when it does not match the teacher, data, preprocessing or losses, or when the inputs are random
             (masking or augmentation at batch time).
+        teacher_cache_verify (`bool`, *optional*, defaults to `False`):
+            Check every shard of the teacher cache against the sha256 recorded when it was built, all at once when
+            it is opened. Without it each shard is still checked, before its first read in the run; a damaged,
+            truncated or missing file is an error that names it.
         teacher_cache_top_k (`int`, *optional*, defaults to 64):
             For token-level tasks, how many of the teacher's largest logits a cache keeps per counted position,
             with the rest merged into one bucket (an approximation); 0 keeps every logit (the exact loss, a
@@ -138,6 +147,13 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "save_model also writes each trainable teacher to <output_dir>/teachers/<name>."},
     )
+    resume_with_changed_objective: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint written with other losses, options or teachers: loads what still fits "
+            "and names the rest. Without it such a resume is refused, naming each changed setting."
+        },
+    )
     ema_momentum: float = field(
         default=0.999,
         metadata={
@@ -159,6 +175,13 @@ class DistillationConfig(TrainingArguments):
             "help": "Folder of precomputed teacher outputs on the training set: built on first use (an interrupted "
             "build resumes), then reused with no teacher in memory. Refused if teacher, data, preprocessing or "
             "losses differ."
+        },
+    )
+    teacher_cache_verify: bool = field(
+        default=False,
+        metadata={
+            "help": "Check every shard of the teacher cache against its recorded sha256 when it is opened, in one pass "
+            "(otherwise each shard is checked before its first read)."
         },
     )
     teacher_cache_top_k: int = field(
@@ -227,6 +250,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"trainable_teacher_learning_rate must be > 0, got {self.trainable_teacher_learning_rate!r}"
             )
+        if isinstance(self.teacher_cache, str) and not self.teacher_cache.strip():
+            raise ValueError("teacher_cache is an empty path: give the folder of the cache, or leave it unset (None)")
         self.image_augmentation = _json_mapping(
             "image_augmentation", self.image_augmentation, '{"crop_scale": [0.35, 1.0], "flip": true}'
         )
@@ -268,3 +293,25 @@ def _json_mapping(name: str, value: Any, example: str) -> Any:
         raise ValueError(
             f"{name} must be a JSON mapping such as '{example}'; could not parse {value!r}: {error}"
         ) from None
+
+
+def checked_trainer_args(
+    args: DistillationConfig | None, model: nn.Module | None, kwargs: dict[str, Any]
+) -> DistillationConfig:
+    """`DistillationTrainer`'s config (a default one for None), after refusing what the trainer does not apply."""
+    args = DistillationConfig() if args is None else args
+    if not isinstance(args, DistillationConfig):
+        raise TypeError(
+            f"DistillationTrainer takes a DistillationConfig as args, not {type(args).__name__}: build "
+            "hf_distill.DistillationConfig(**your_training_arguments, losses={...})"
+        )
+    if model is None:
+        raise ValueError("pass the student as model=...; DistillationTrainer does not support model_init")
+    if args.label_smoothing_factor:
+        raise ValueError(
+            "label_smoothing_factor is not applied by DistillationTrainer (soft targets already smooth the "
+            "labels); set it to 0"
+        )
+    if kwargs.get("compute_loss_func") is not None:
+        raise ValueError("compute_loss_func is not used by DistillationTrainer; register a loss with register_loss")
+    return args

@@ -14,6 +14,7 @@ for all of them, and the trainer's hooks call it:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +27,11 @@ from torch import nn
 
 from .config import DistillationConfig
 from .guards import check_finite_weights
+from .objective import load_matching
 from .saving import staged_folder
 from .teacher_roster import TeacherRoster
+
+logger = logging.getLogger(__name__)
 
 #: File in each checkpoint holding the losses' learnable parts (projectors): training state, not the student.
 LOSS_STATE_NAME = "distillation_losses.safetensors"
@@ -117,23 +121,27 @@ class ExtraTrainedParts:
             safetensors_save_model(module, path + ".tmp")
             os.replace(path + ".tmp", path)
 
-    def load(self, checkpoint: str, device: torch.device) -> None:
-        if self.losses.state_dict():
-            path = os.path.join(checkpoint, LOSS_STATE_NAME)
-            if not os.path.isfile(path):
+    def load(self, checkpoint: str, device: torch.device, changed: bool = False) -> None:
+        """Restore every part from `checkpoint`; with a `changed` objective (`hf_distill.objective`), what still fits
+        and nothing else, the rest named in the log."""
+        parts = [(self.losses, LOSS_STATE_NAME, "the losses' projectors")] if self.losses.state_dict() else []
+        parts += [(module, TEACHER_STATE_NAME.format(name=name), f"the weights teacher {name!r} learnt")
+                  for name, module in self.roster.with_state().items()]  # fmt: skip
+        for module, file, what in parts:
+            path = os.path.join(checkpoint, file)
+            if not os.path.isfile(path) and changed:
+                logger.warning("%s has no %s: %s start afresh", checkpoint, file, what)
+            elif not os.path.isfile(path):
                 raise FileNotFoundError(
-                    f"{checkpoint} has no {LOSS_STATE_NAME}, so the losses' projectors cannot be restored; resume "
-                    "from a checkpoint written by DistillationTrainer with the same losses"
+                    f"{checkpoint} has no {file}, so {what} cannot be restored; resume from a checkpoint written by "
+                    "DistillationTrainer with the same losses and teachers"
                 )
-            self.losses.load_state_dict(load_file(path, device=str(device)))
-        for name, module in self.roster.with_state().items():
-            path = os.path.join(checkpoint, TEACHER_STATE_NAME.format(name=name))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{checkpoint} has no {os.path.basename(path)}, so the weights teacher {name!r} learnt cannot be "
-                    "restored; resume from a checkpoint written by DistillationTrainer with the same teachers"
-                )
-            safetensors_load_model(module, path, device=str(device))
+            elif changed:
+                load_matching(module, load_file(path, device=str(device)), what)
+            elif module is self.losses:
+                module.load_state_dict(load_file(path, device=str(device)))
+            else:  # save_model wrote tied weights once (a language model's embeddings and output projection)
+                safetensors_load_model(module, path, device=str(device))
 
 
 def save_state(state: dict[str, torch.Tensor], path: str) -> None:

@@ -14,6 +14,7 @@ objects it holds (`terms`, `roster`, `extra_parts`; docs/architecture.md).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from functools import partial
@@ -28,12 +29,14 @@ from .cache import INDEX_KEY, IndexedDataset
 from .cache.training import TeacherCacheMixin, cached_reference, check_cache_use
 from .card import cached_teacher_facts, model_facts
 from .checks import check_data
-from .config import DistillationConfig
+from .config import DistillationConfig, checked_trainer_args
 from .guards import NonFiniteGuard, check_finite_weights
 from .logit_rows import plan_training_rows, project_rows
 from .losses import DistillationLoss, build_losses, needs_attention_maps
 from .model_kind import describe, use_channels_last
+from .objective import check_resume, objective_record, write_objective
 from .overrides import Overrides
+from .randomness import preserved_random_state
 from .reporting import TermLog, TermReportingMixin
 from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
@@ -51,6 +54,7 @@ from .teacher_sources import FrozenTeacher, TeacherSource, normalized_weights, t
 from .terms import TermSet
 from .trained_parts import ExtraTrainedParts
 
+logger = logging.getLogger(__name__)
 #: Where `save_model` writes the teachers that learnt, with `save_trained_teachers`.
 TRAINED_TEACHERS_DIR = "teachers"
 # What the losses asked the models for (encoder-decoders return each per stack); not predictions.
@@ -105,7 +109,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         args: DistillationConfig | None = None,
         **kwargs: Any,
     ):
-        args = _checked_args(args, model, kwargs)
+        args = checked_trainer_args(args, model, kwargs)
         self.overrides = Overrides.of(type(self), DistillationTrainer)
         built = build_losses(args.losses)
         # 1. Which teachers there are, where their outputs come from, and which terms read which.
@@ -133,8 +137,12 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         if teacher_terms:
             check_teacher_inputs(model, given, models, caches, kwargs.get("processing_class"))
 
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model=model, args=args, **kwargs)  # seeds the random streams training draws from
+        with preserved_random_state():  # probes and a cache build draw nothing training would
+            self._set_up(model, args, kwargs, teacher_terms, names, models, caches)
 
+    def _set_up(self, model, args, kwargs, teacher_terms, names, models, caches) -> None:
+        """Everything built after the Trainer: sources, losses, logit rows, a teacher cache (see `__init__`)."""
         # 3. One source per teacher, the losses set up against them, and the mirrored terms of teachers that learn.
         student = self.accelerator.unwrap_model(self.model)
         self.seq2seq = describe(student).seq2seq
@@ -428,8 +436,14 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             super()._save(staging, state_dict)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """The Trainer's `train`; `resume_from_checkpoint=True` takes the last checkpoint whose save completed."""
-        return super().train(checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir), *args, **kwargs)
+        """The Trainer's `train`; `resume_from_checkpoint=True` takes the last checkpoint whose save completed, whose
+        objective must be this run's ([`hf_distill.objective`])."""
+        checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir)
+        self.objective_changes = []
+        if isinstance(checkpoint, str):
+            record, allow = objective_record(self.args, self.roster), self.args.resume_with_changed_objective
+            self.objective_changes = check_resume(checkpoint, record, allow)
+        return super().train(checkpoint, *args, **kwargs)
 
     def _clip_grad_norm(self, model: nn.Module):
         """Clip the student's and the projectors' gradients together, as one model's would be, and each learning
@@ -452,6 +466,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
             self.extra_parts.save(output_dir)
+            write_objective(objective_record(self.args, self.roster), output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(self.model if model is None else model)
@@ -459,31 +474,15 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        changed = bool(getattr(self, "objective_changes", None))
         if checkpoint is not None:
-            self.extra_parts.load(checkpoint, self.args.device)
-        super()._load_optimizer_and_scheduler(checkpoint)
-
-
-def _checked_args(
-    args: DistillationConfig | None, model: nn.Module | None, kwargs: dict[str, Any]
-) -> DistillationConfig:
-    """The config, after refusing what `DistillationTrainer` does not apply."""
-    args = DistillationConfig() if args is None else args
-    if not isinstance(args, DistillationConfig):
-        raise TypeError(
-            f"DistillationTrainer takes a DistillationConfig as args, not {type(args).__name__}: build "
-            "hf_distill.DistillationConfig(**your_training_arguments, losses={...})"
-        )
-    if model is None:
-        raise ValueError("pass the student as model=...; DistillationTrainer does not support model_init")
-    if args.label_smoothing_factor:
-        raise ValueError(
-            "label_smoothing_factor is not applied by DistillationTrainer (soft targets already smooth the "
-            "labels); set it to 0"
-        )
-    if kwargs.get("compute_loss_func") is not None:
-        raise ValueError("compute_loss_func is not used by DistillationTrainer; register a loss with register_loss")
-    return args
+            self.extra_parts.load(checkpoint, self.args.device, changed)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as error:  # other parameter groups: a changed objective starts the optimizer afresh
+            if not changed:
+                raise
+            logger.warning("The optimizer and scheduler start afresh: their state does not fit (%s)", error)
 
 
 class _MovingAverage(TrainerCallback):

@@ -49,6 +49,7 @@ def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, st
     assert f"CARD {sum(p.numel() for p in reference.model.parameters())}" in output
 
 
+@pytest.mark.slow  # DeepSpeed launches
 def test_what_deepspeed_cannot_do_yet_is_refused_before_training(tmp_path):
     projectors = launch(tmp_path / "projectors", 2, "refuse_projectors").stdout
     assert "REFUSED" in projectors and "learn projectors" in projectors
@@ -57,6 +58,7 @@ def test_what_deepspeed_cannot_do_yet_is_refused_before_training(tmp_path):
     assert not (tmp_path / "cache" / "cache").exists()
 
 
+@pytest.mark.slow  # DeepSpeed launches
 def test_zero3_trains_from_a_cache_built_without_it(tmp_path):
     # The cache's record is checked against the run, but a ZeRO-3 teacher's weights (a shard per process) are not
     # hashed: passing the teacher again must not read as "the teacher's weights differ".

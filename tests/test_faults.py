@@ -1,5 +1,10 @@
 """Faults injected on purpose lose nothing: a real SIGKILL in training, in a checkpoint, in a cache build and in a
-save, and a full disk. Each run is a subprocess (tests/fault_run.py) that kills itself at a chosen moment."""
+save, and a full disk. Each run is a subprocess (tests/fault_run.py) that kills itself at a chosen moment.
+
+The kills are end-to-end runs of a minute and more: they are `slow` (`make test-slow`, and CI runs them). In the
+default suite the same properties are held in one process: resuming reproduces the uninterrupted run
+(tests/test_trainer.py, tests/test_online.py, tests/test_checkpoint_format.py), an interrupted cache build resumes
+to the same cache (tests/test_cache.py), saves are staged and a full disk changes nothing (below)."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def assert_same(state: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
         torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_killed_in_training_then_resumed_gives_the_uninterrupted_student_and_projectors(tmp_path, uninterrupted):
     launch(tmp_path, "train", kill_at=5, killed=True)  # after step 5: the last checkpoint is step 4
     assert (tmp_path / "run" / "checkpoint-4").is_dir() and not (tmp_path / "final.safetensors").exists()
@@ -52,6 +58,7 @@ def test_killed_in_training_then_resumed_gives_the_uninterrupted_student_and_pro
     assert_same(load_file(tmp_path / "final.safetensors"), uninterrupted)
 
 
+@pytest.mark.slow
 def test_teachers_that_learn_resume_after_a_kill_to_the_uninterrupted_run(tmp_path):
     """A trainable teacher (its weights and its optimizer groups) and a moving-average teacher come back exactly."""
     uninterrupted = trainer(tmp_path / "whole", teacher="learning")
@@ -69,6 +76,7 @@ def test_teachers_that_learn_resume_after_a_kill_to_the_uninterrupted_run(tmp_pa
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path, uninterrupted):
     launch(tmp_path, "ckpt", kill_at=4, killed=True)
     half_written = tmp_path / "run" / "checkpoint-4"
@@ -85,6 +93,7 @@ def cache_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
+@pytest.mark.slow
 def test_killed_while_building_the_teacher_cache_resumes_to_the_same_cache(tmp_path):
     launch(tmp_path / "whole", "cache")
     launch(tmp_path / "killed", "cache", kill_at=4, killed=True)  # batches of 4, shards of 8: dies in shard 2
@@ -99,6 +108,7 @@ def test_killed_while_building_the_teacher_cache_resumes_to_the_same_cache(tmp_p
         assert torch.equal(whole[key], resumed[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["save", "pipeline"])
 def test_killed_while_saving_leaves_the_previous_student_loadable(tmp_path, mode):
     launch(tmp_path, mode, killed=True)

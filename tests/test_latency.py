@@ -68,6 +68,7 @@ def test_a_slow_spell_is_flagged_in_the_table_and_the_summary(monkeypatch):
     assert "rerun with nothing else running" in advice
 
 
+@pytest.mark.slow  # torch.compile of four models: most of a minute
 def test_compiled_latency_runs_compiled_and_is_reported_beside_eager():
     import torch._dynamo
 

@@ -15,7 +15,11 @@ TESTS = Path(__file__).parent
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
-@pytest.mark.parametrize("teacher", ["online", "cache", "several", "mutual"])
+# One pair of launches in the default suite; the other teacher kinds are the same check, each a minute of launches
+# (`make test-slow`, and CI).
+@pytest.mark.parametrize(
+    "teacher", ["online", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("cache", "several", "mutual"))]
+)
 def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teacher):
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,21 @@ def installed(tmp_path_factory):
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(source)], root)  # fmt: skip
     (wheel,) = (root / "dist").glob("hf_distill-*.whl")
     venv = root / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], root)
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root)
     python = venv / "bin" / "python"
+    # The dependencies are those of the interpreter running the tests: in a virtual environment, that environment's
+    # (`venv --system-site-packages` would give its base interpreter's instead), in a conda prefix or a plain
+    # install, its own. Each of its site folders is added after the new environment's own, so the wheel comes first.
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], root).strip()
+    folders = "".join(f"import site; site.addsitedir({folder!r})\n" for folder in site.getsitepackages())
+    Path(purelib, "running_interpreter.pth").write_text(folders)
     run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)], root)  # fmt: skip
     outside = root / "elsewhere"  # a working folder with no checkout in sight
     outside.mkdir()
     return venv, outside
 
 
+@pytest.mark.slow  # builds and installs a wheel into a new environment (a minute)
 def test_the_wheel_installs_the_package_its_recipes_and_the_command(installed):
     venv, outside = installed
     where = run([str(venv / "bin" / "python"), "-c", "import hf_distill.pipeline as p; print(p.__file__, p.RECIPES_DIR)"], outside)  # fmt: skip
@@ -66,6 +74,7 @@ def test_the_wheel_installs_the_package_its_recipes_and_the_command(installed):
     assert "--recipe" in usage and "--list-recipes" in usage and "minilm-rotten-tomatoes" in usage
 
 
+@pytest.mark.slow  # builds and installs a wheel into a new environment (a minute)
 def test_a_shipped_recipe_runs_from_the_wheel_outside_the_checkout_and_prints_only_what_matters(installed):
     venv, outside = installed
     teacher = write_encoder_teacher(str(outside / "encoder"))
@@ -83,6 +92,7 @@ def test_a_shipped_recipe_runs_from_the_wheel_outside_the_checkout_and_prints_on
     assert [line for line in NOISE if line in output] == []
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_command_names_the_extra_when_the_pipeline_dependencies_are_missing():
     code = "import sys; sys.modules['matplotlib'] = None; from hf_distill.cli import main; sys.exit(main(['--help']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -14,6 +14,7 @@ pytest.importorskip("trl", reason="the peers benchmark needs the [bench] extra (
 PEERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "peers.py")
 
 
+@pytest.mark.slow  # the whole benchmark at small shapes; TRL's divergence is checked against ours below
 def test_quick_peers_prints_every_ratio_and_the_contenders_agree():
     result = subprocess.run([sys.executable, PEERS, "--quick"], capture_output=True, text=True, check=True)
     lines = result.stdout.strip().splitlines()

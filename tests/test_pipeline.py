@@ -149,7 +149,7 @@ def test_text_classification_trains_a_headless_teacher_once_then_reuses_it(tmp_p
             raise AssertionError("the teacher was trained again")
 
     monkeypatch.setattr(pipeline_models, "Trainer", NoTraining)
-    second, _ = run([*argv, "--push_to_hub", "false", "--baseline", "false"])
+    second, _ = run([*argv, "--push_to_hub", "false", "--baseline", "false", "--overwrite_output_dir", "true"])
     assert second["teacher_used"] == os.path.join(output, "teacher")
     assert second["results"]["teacher"]["accuracy"] == first["results"]["teacher"]["accuracy"]
 
@@ -335,7 +335,7 @@ def test_word_replacement_copies_join_the_transfer_set_and_are_reused(tmp_path, 
         raise AssertionError("the saved copies should have been reused")
 
     monkeypatch.setattr(text_augmentation, "replacement_candidates", no_rebuild)
-    again, _ = tiny_sentiment_run(tmp_path, *flags)  # same output folder, texts, masked LM and settings
+    again, _ = tiny_sentiment_run(tmp_path, *flags, "--overwrite_output_dir", "true")  # same folder, texts, settings
     assert again["augmented_examples"] == 24
 
 
@@ -455,3 +455,18 @@ def test_several_seeds_give_one_report_of_means_and_spreads(tmp_path):
     assert os.path.getsize(os.path.join(output, "report.png")) > 0
     with pytest.raises(ValueError, match="distinct"):
         parse_args([*argv[:-2], "1", "1"])
+
+
+def test_the_report_says_whether_the_margin_is_beyond_what_seeds_vary_it_by():
+    results = {"teacher": {"accuracy": 0.80}, "student": {"accuracy": 0.77}, "baseline": {"accuracy": 0.75}}
+    measured = {"mean": 1.93, "std": 0.95, "seeds": [1, 2, 3]}
+    beyond = report.margin_line(results, measured)
+    assert beyond.startswith("- student - baseline: +2.00 points; seeds vary it by 0.95 points")
+    assert "(seeds 1, 2, 3: +1.93 ± 0.95, docs/results.md)" in beyond and beyond.endswith("beyond twice that (1.90)")
+    within = report.margin_line({**results, "student": {"accuracy": 0.76}}, measured)
+    assert within.startswith("- student - baseline: +1.00 points") and "within twice that" in within
+    assert report.margin_line(results, None).endswith("run with --seeds 1 2 3 to see what seeds vary it by")
+    parsed = PipelineArguments(teacher="t", dataset="d", seeds_margin='{"mean": 1, "std": 0.5, "seeds": [1, 2]}')
+    assert parsed.seeds_margin == {"mean": 1, "std": 0.5, "seeds": [1, 2]}
+    with pytest.raises(ValueError, match="seeds_margin must be a mapping"):
+        PipelineArguments(teacher="t", dataset="d", seeds_margin='{"mean": 1}')

@@ -85,7 +85,7 @@ def sentiment_runs(tmp_path_factory):
         report, _ = run([*common, "--generations", "2", "--baseline", "true"])
         runs["first"] = (report, list(calls))
         calls.clear()
-        report, _ = run([*common, "--baseline", "false"])
+        report, _ = run([*common, "--baseline", "false", "--overwrite_output_dir", "true"])
         runs["second"] = (report, list(calls))
     return {"encoder": encoder, "data": data, "output": output, **runs}
 

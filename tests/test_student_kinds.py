@@ -158,6 +158,7 @@ def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
     assert open(os.path.join(output, "report.png"), "rb").read(4) == b"\x89PNG"
 
 
+@pytest.mark.slow  # several pipelines; one kinds run stays in the default suite
 @needs_torchao
 def test_student_kinds_over_seeds_give_each_kinds_spread(tmp_path):
     report, output = kinds_run(

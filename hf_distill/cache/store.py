@@ -4,7 +4,8 @@
         building.json                       the record, while the cache is being built (not readable as a cache)
         shard-000000000-000000512.safetensors  outputs of examples [0, 512), written to a .tmp file then renamed
         ...
-        cache.json                          the record plus the shard list: written last, the mark of a whole cache
+        cache.json                          the record plus the shard list (each shard's sha256): written last, the
+                                            mark of a whole cache
 
 Each shard holds, for its examples in order: `checksum` (one number per example's inputs), and the teacher
 outputs the losses need: `logits` `[examples, classes]`; or, token-level, `rows` (counted positions per
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -58,10 +60,14 @@ def write_json_atomically(path: str, content: dict[str, Any]) -> None:
 
 
 def read_json(path: str) -> dict[str, Any] | None:
+    """The JSON file at `path`, None when there is none; a damaged one is an error that names it."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise damaged(path, f"is not valid JSON ({error})", os.path.dirname(path) or ".") from None
 
 
 def finished_shards(directory: str) -> list[tuple[int, int]]:
@@ -116,10 +122,35 @@ class ShardWriter:
         self.start, self.pending, self.pending_examples = end, {}, 0
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damaged(path: str, problem: str, directory: str) -> ValueError:
+    """The error for a damaged or missing file of the cache in `directory`: it names the file and the fix."""
+    return ValueError(
+        f"the teacher cache file {path} {problem}: the cache cannot be trusted. Delete {directory} and build it again "
+        "(pass the teacher with the same teacher_cache), or point teacher_cache at another folder"
+    )
+
+
 class _Shard:
-    def __init__(self, path: str, start: int, end: int):
-        self.start, self.end = start, end
-        self.file = safe_open(path, framework="pt")
+    """One shard, memory-mapped; its bytes are checked against the record's sha256 before its first read."""
+
+    def __init__(self, path: str, start: int, end: int, sha256: str | None, directory: str):
+        self.path, self.start, self.end, self.sha256, self.directory = path, start, end, sha256, directory
+        self.verified = sha256 is None  # a cache written before shards carried checksums is read as it is
+        if not os.path.isfile(path):
+            raise damaged(path, "is missing", directory)
+        try:
+            self.file = safe_open(path, framework="pt")
+        except Exception as error:  # safetensors' own error type: a truncated or overwritten header
+            raise damaged(path, f"is not a whole safetensors file ({error})", directory) from None
         self.names = set(self.file.keys())
         # Offsets of each example's rows, for the tensors stored by rows rather than by example.
         self.offsets = {}
@@ -128,8 +159,18 @@ class _Shard:
                 rows = self.file.get_tensor(counts).long()
                 self.offsets[counts] = torch.cat([torch.zeros(1, dtype=torch.long), rows.cumsum(0)]).tolist()
 
+    def verify(self) -> None:
+        """Compare the shard's bytes with the sha256 recorded when it was written (once per run)."""
+        if not self.verified:
+            if file_sha256(self.path) != self.sha256:
+                raise damaged(
+                    self.path, "does not hold the bytes it was written with (its sha256 differs)", self.directory
+                )
+            self.verified = True
+
     def read(self, name: str, example: int) -> torch.Tensor:
         """The part of tensor `name` that belongs to `example` (an index into the whole cache)."""
+        self.verify()
         local = example - self.start
         counts = next((c for prefix, c in ROW_COUNTS.items() if name.startswith(prefix) and c in self.offsets), None)
         if counts is None:
@@ -143,11 +184,20 @@ class CacheReader:
 
     def __init__(self, directory: str, record: dict[str, Any]):
         self.shards = [
-            _Shard(os.path.join(directory, shard["file"]), shard["start"], shard["end"]) for shard in record["shards"]
+            _Shard(
+                os.path.join(directory, shard["file"]), shard["start"], shard["end"], shard.get("sha256"), directory
+            )
+            for shard in record["shards"]
         ]
         self.starts = [shard.start for shard in self.shards]
         self.names = sorted(self.shards[0].names) if self.shards else []
         self.num_examples = self.shards[-1].end if self.shards else 0
+
+    def verify(self) -> None:
+        """Check every shard's bytes against its recorded sha256 now, in one pass (reads check each shard anyway,
+        before their first use)."""
+        for shard in self.shards:
+            shard.verify()
 
     def gather(self, examples: list[int]) -> dict[str, torch.Tensor]:
         """Every stored tensor for `examples`, concatenated in their order (rows of an example stay together)."""

@@ -31,6 +31,7 @@ from .store import (
     RECORD_NAME,
     CacheReader,
     ShardWriter,
+    file_sha256,
     finished_shards,
     read_json,
     shard_name,
@@ -138,6 +139,11 @@ class TeacherCache:
             raise ValueError(f"the teacher cache {self.directory} records no usable teacher config; pass the teacher")
         return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
+    def verify(self) -> None:
+        """Check every shard against the sha256 recorded when the cache was built, in one pass; a damaged or changed
+        shard is an error that names it (reads check each shard before its first use anyway)."""
+        self.reader.verify()
+
     def check(self, current: dict[str, Any]) -> None:
         """Refuse this cache for a run whose record (teacher, data, preprocessing, contents) does not match."""
         problems = _mismatches(self.record, current)
@@ -234,7 +240,9 @@ def build_teacher_cache(
         )
     finished = {**fingerprint, "hf_distill_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "shards": [{"file": shard_name(s, e), "start": s, "end": e} for s, e in shards]}  # fmt: skip
+                "shards": [{"file": shard_name(s, e), "start": s, "end": e,
+                            "sha256": file_sha256(os.path.join(directory, shard_name(s, e)))}
+                           for s, e in shards]}  # fmt: skip
     write_json_atomically(os.path.join(directory, RECORD_NAME), finished)
     os.remove(building_path)
     return TeacherCache(directory)

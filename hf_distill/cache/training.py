@@ -174,6 +174,8 @@ class TeacherCacheMixin:
             elif cache is None:
                 cache = TeacherCache(directory)
         cache.check(record)
+        if self.args.teacher_cache_verify:
+            cache.verify()
         # Before any step: the first examples, prepared again, must be the inputs the teacher saw.
         first = next(iter(self._cache_batches(0, batch_size=min(8, len(self.train_dataset)))))
         cache.outputs_for(list(range(batch_size(first))), first, self.args.device)

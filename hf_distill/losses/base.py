@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -175,9 +176,17 @@ def register_loss(name: str):
     def decorator(cls: type[DistillationLoss]) -> type[DistillationLoss]:
         if not (isinstance(cls, type) and issubclass(cls, DistillationLoss)):
             raise TypeError(f"register_loss({name!r}) decorates subclasses of DistillationLoss, not {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(
-                f"a loss named {name!r} is already registered ({_REGISTRY[name].__qualname__}); choose another name"
+        registered = _REGISTRY.get(name)
+        if registered is not None and registered is not cls:
+            if (registered.__module__, registered.__qualname__) != (cls.__module__, cls.__qualname__):
+                raise ValueError(
+                    f"a loss named {name!r} is already registered ({registered.__module__}.{registered.__qualname__}); "
+                    "choose another name"
+                )
+            # The same class defined again where it was (a notebook cell run twice, a module reloaded): the new one.
+            warnings.warn(
+                f"loss {name!r} is registered again ({cls.__qualname__}); the new definition replaces the old",
+                stacklevel=2,
             )
         _REGISTRY[name] = cls
         return cls

