@@ -29,10 +29,10 @@ def launch(output_dir: Path, stage: int, *mode: str, processes: int = 1) -> subp
     return result
 
 
-# ZeRO-3 over two processes is the default check (partitioned student and teacher); the others run with the slow ones.
+# Launches of DeepSpeed processes: slow (`make test-slow`, and CI); ZeRO-3 over two processes is the main check.
 @pytest.mark.parametrize(
     "stage, processes",
-    [pytest.param(2, 2, marks=pytest.mark.slow), pytest.param(3, 1, marks=pytest.mark.slow), (3, 2)],
+    [pytest.param(stage, processes, marks=pytest.mark.slow) for stage, processes in ((2, 2), (3, 1), (3, 2))],
 )
 def test_zero_trains_like_one_plain_process_with_the_combined_batch(tmp_path, stage, processes):
     # Under ZeRO-3 the teacher's weights are partitioned too, by an inference engine that gathers them per layer;

@@ -16,6 +16,7 @@ def test_the_examples_folder_holds_the_subclassing_notebook():
     assert "subclassing.ipynb" in [path.name for path in EXAMPLES]
 
 
+@pytest.mark.slow  # a Jupyter kernel runs the whole notebook; its snippets' API is run by tests/test_docs.py
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

@@ -354,3 +354,14 @@ def test_with_dropout_a_cache_reproduces_online_training(tmp_path, task):
                 assert actual[term] == pytest.approx(expected[term], rel=1e-6, abs=1e-6), (name, term)
         for key, value in runs["online"].model.state_dict().items():
             torch.testing.assert_close(runs[name].model.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("dataset", ["./no-such-data", "someone/no-such-data"])
+def test_a_data_set_that_is_neither_here_nor_reachable_is_one_line(capsys, tmp_path, dataset):
+    from pipeline_assets import write_encoder_teacher
+
+    teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", dataset,
+            "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    line = cli_error(capsys, argv)
+    assert f"could not load the data set {dataset!r}" in line and "the Hub lookup is off" in line

@@ -126,6 +126,7 @@ def kinds_run(tmp_path, *flags):
 KIND_SETTINGS = '{"width": {"student_width": {"hidden_size": 8}, "max_steps": 2}, "int8": {"student_num_layers": 4}}'
 
 
+@pytest.mark.slow  # three kinds and their baselines, end to end; each kind's pieces are tested on their own above
 @needs_torchao
 def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
     trained = []
@@ -158,7 +159,7 @@ def test_student_kinds_side_by_side_on_one_teacher(tmp_path, monkeypatch):
     assert open(os.path.join(output, "report.png"), "rb").read(4) == b"\x89PNG"
 
 
-@pytest.mark.slow  # several pipelines; one kinds run stays in the default suite
+@pytest.mark.slow  # several pipelines over seeds
 @needs_torchao
 def test_student_kinds_over_seeds_give_each_kinds_spread(tmp_path):
     report, output = kinds_run(

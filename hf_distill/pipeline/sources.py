@@ -249,11 +249,19 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> DatasetDict |
     files = _text_files(name)
     if files is not None:
         return load_dataset("text", data_files={"train": files})
+    where = "there is no such folder or file here" if is_local(name) else "it is no folder or file here"
+    if huggingface_hub.constants.HF_HUB_OFFLINE and not os.path.exists(name):
+        raise UsageError(
+            f"could not load the data set {name!r}: {where}, and the Hub lookup is off (HF_HUB_OFFLINE is set). Pass a "
+            "folder written by Dataset.save_to_disk, local text files (masked LM), or one of "
+            + ", ".join(OFFLINE_PREFIX + key for key in OFFLINE_SOURCES)
+        )
     try:
         return load_dataset(name, config_name)
     except Exception as error:  # the Hub raises many types; the message below says what to do for all of them
-        raise ValueError(
-            f"could not load the data set {name!r}: {error}. Offline, pass a folder written by "
-            "Dataset.save_to_disk, local text files (masked LM), or one of "
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"could not load the data set {name!r}: {where}, and loading it from the Hub failed ({first_line}). "
+            "Offline, pass a folder written by Dataset.save_to_disk, local text files (masked LM), or one of "
             + ", ".join(OFFLINE_PREFIX + key for key in OFFLINE_SOURCES)
         ) from error
