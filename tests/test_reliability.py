@@ -361,6 +361,7 @@ def test_a_data_set_that_is_neither_here_nor_reachable_is_one_line(capsys, tmp_p
     from pipeline_assets import write_encoder_teacher
 
     teacher = write_encoder_teacher(str(tmp_path / "encoder"))
+    capsys.readouterr()  # what writing the teacher printed
     argv = ["--recipe", "minilm-rotten-tomatoes", "--teacher", teacher, "--dataset", dataset,
             "--output_dir", str(tmp_path / "run")]  # fmt: skip
     line = cli_error(capsys, argv)
