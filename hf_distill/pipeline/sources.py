@@ -249,7 +249,7 @@ def load_raw_dataset(name: str, config_name: str | None = None) -> DatasetDict |
     files = _text_files(name)
     if files is not None:
         return load_dataset("text", data_files={"train": files})
-    where = "there is no such folder or file here" if is_local(name) else "it is no folder or file here"
+    where = "there is no such folder or file here"
     if huggingface_hub.constants.HF_HUB_OFFLINE and not os.path.exists(name):
         raise UsageError(
             f"could not load the data set {name!r}: {where}, and the Hub lookup is off (HF_HUB_OFFLINE is set). Pass a "
