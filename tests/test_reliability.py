@@ -294,7 +294,7 @@ def test_a_damaged_shard_is_an_error_naming_it_before_any_step(tmp_path, built_c
     damage(shard)
     with pytest.raises(ValueError, match=message) as refused:
         trainer_from_cache(tmp_path, built_cache)
-    assert str(shard) in str(refused.value) and "build it again" in str(refused.value)
+    assert str(shard) in str(refused.value) and "the build resumes" in str(refused.value)
 
 
 def test_a_damaged_later_shard_is_caught_before_its_examples_are_read_and_by_verify(tmp_path, built_cache):
@@ -366,3 +366,31 @@ def test_a_data_set_that_is_neither_here_nor_reachable_is_one_line(capsys, tmp_p
             "--output_dir", str(tmp_path / "run")]  # fmt: skip
     line = cli_error(capsys, argv)
     assert f"could not load the data set {dataset!r}" in line and "the Hub lookup is off" in line
+
+
+def test_after_damage_a_rebuild_keeps_the_intact_shards_and_rebuilds_the_rest(tmp_path, built_cache, caplog):
+    from helpers import bert_classifier, config, text_dataset
+    from safetensors.torch import load_file
+
+    from hf_distill import DistillationTrainer
+
+    first, second = (built_cache / f"shard-{a:09d}-{b:09d}.safetensors" for a, b in ((0, 16), (16, 32)))
+    intact, original = first.read_bytes(), load_file(second)
+    overwrite_logits(second)
+    with pytest.raises(ValueError, match=r"Delete .*cache.json and build again .*: the build resumes") as refused:
+        trainer_from_cache(tmp_path, built_cache, teacher_cache_verify=True)
+    assert str(second) in str(refused.value)
+    (built_cache / "cache.json").unlink()  # as the message says
+    with caplog.at_level("INFO"):
+        DistillationTrainer(
+            model=bert_classifier(seed=2, layers=2),
+            teacher_model=bert_classifier(seed=1),
+            args=config(
+                tmp_path / "rebuild", {"soft_target": {}}, teacher_cache=str(built_cache), teacher_cache_verify=True
+            ),  # fmt: skip
+            train_dataset=text_dataset(32),
+        )
+    assert "Resuming the teacher cache" in caplog.text and "at example 16 of 32" in caplog.text
+    assert first.read_bytes() == intact  # kept as it was
+    for name, tensor in load_file(second).items():  # rebuilt: the teacher's outputs again
+        torch.testing.assert_close(tensor, original[name], msg=name)

@@ -1,7 +1,8 @@
 """The on-disk form of a teacher-output cache: safetensors shards of whole examples and a JSON record.
 
     <directory>/
-        building.json                       the record, while the cache is being built (not readable as a cache)
+        building.json                       the build's record, with each shard's sha256 as it is written: a build
+                                            (and a rebuild after damage) resumes from the shards that still match
         shard-000000000-000000512.safetensors  outputs of examples [0, 512), written to a .tmp file then renamed
         ...
         cache.json                          the record plus the shard list (each shard's sha256): written last, the
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,10 +87,11 @@ def finished_shards(directory: str) -> list[tuple[int, int]]:
 
 
 class ShardWriter:
-    """Collects per-batch outputs and writes them as shards of at least `shard_size` whole examples."""
+    """Collects per-batch outputs and writes them as shards of at least `shard_size` whole examples; `written(name,
+    sha256)` is told of each shard once it is in place."""
 
-    def __init__(self, directory: str, start: int, shard_size: int):
-        self.directory, self.start, self.shard_size = directory, start, shard_size
+    def __init__(self, directory: str, start: int, shard_size: int, written: Callable[[str, str], None]):
+        self.directory, self.start, self.shard_size, self.written = directory, start, shard_size, written
         self.pending: dict[str, list[torch.Tensor]] = {}
         self.pending_examples = 0
 
@@ -118,7 +121,9 @@ class ShardWriter:
                 "shards written before are kept: free space (or choose another teacher_cache) and build again, "
                 "which resumes after them",
             ) from error
+        digest = file_sha256(path + ".tmp")
         os.replace(path + ".tmp", path)  # a shard is either absent or whole
+        self.written(os.path.basename(path), digest)
         self.start, self.pending, self.pending_examples = end, {}, 0
 
 
@@ -133,10 +138,15 @@ def file_sha256(path: str) -> str:
 
 def damaged(path: str, problem: str, directory: str) -> ValueError:
     """The error for a damaged or missing file of the cache in `directory`: it names the file and the fix."""
-    return ValueError(
-        f"the teacher cache file {path} {problem}: the cache cannot be trusted. Delete {directory} and build it again "
-        "(pass the teacher with the same teacher_cache), or point teacher_cache at another folder"
-    )
+    if os.path.basename(path) != BUILDING_NAME and os.path.isfile(os.path.join(directory, BUILDING_NAME)):
+        fix = (
+            f"Delete {os.path.join(directory, RECORD_NAME)} and build again (pass the teacher with the same "
+            "teacher_cache): the build resumes, keeping the shards that still match their checksums and rebuilding "
+            "the rest"
+        )
+    else:  # written before builds kept their record
+        fix = f"Delete {directory} and build it again (pass the teacher with the same teacher_cache)"
+    return ValueError(f"the teacher cache file {path} {problem}: the cache cannot be trusted. {fix}")
 
 
 class _Shard:

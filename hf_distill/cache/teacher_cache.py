@@ -204,9 +204,20 @@ def build_teacher_cache(
                 "delete it or choose another directory"
             )
     else:
-        write_json_atomically(building_path, fingerprint)
+        building = {**fingerprint, "shard_sha256": {}}
+        write_json_atomically(building_path, building)
     total = record["dataset"]["num_examples"]
-    shards = finished_shards(directory)
+    # A build resumes after the shards that still hold what was written (a build record of an earlier version has
+    # no checksums: its shards are trusted as they are, and hashed now).
+    recorded = building.get("shard_sha256")
+    shards, hashes = [], {}
+    for shard in finished_shards(directory):
+        name = shard_name(*shard)
+        digest = file_sha256(os.path.join(directory, name))
+        if recorded is not None and recorded.get(name) != digest:
+            break  # damaged, or written but not recorded: rebuilt from here
+        shards.append(shard)
+        hashes[name] = digest
     start = shards[-1][1] if shards else 0
     kept = {shard_name(*shard) for shard in shards}
     for name in os.listdir(directory):  # half-written .tmp files and shards past a gap are not trusted
@@ -214,7 +225,13 @@ def build_teacher_cache(
             os.remove(os.path.join(directory, name))
     if start:
         logger.info("Resuming the teacher cache in %s at example %d of %d", directory, start, total)
-    writer = ShardWriter(directory, start, shard_size)
+
+    def written(name: str, digest: str) -> None:
+        hashes[name] = digest
+        write_json_atomically(building_path, {**fingerprint, "shard_sha256": hashes})
+
+    write_json_atomically(building_path, {**fingerprint, "shard_sha256": hashes})
+    writer = ShardWriter(directory, start, shard_size, written)
     with tqdm(total=total, initial=start, desc="Building the teacher cache", unit="example") as progress:
         with torch.inference_mode():
             seen = start
@@ -240,11 +257,10 @@ def build_teacher_cache(
         )
     finished = {**fingerprint, "hf_distill_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "shards": [{"file": shard_name(s, e), "start": s, "end": e,
-                            "sha256": file_sha256(os.path.join(directory, shard_name(s, e)))}
+                "shards": [{"file": shard_name(s, e), "start": s, "end": e, "sha256": hashes[shard_name(s, e)]}
                            for s, e in shards]}  # fmt: skip
+    # The build record stays: after damage, deleting cache.json and building again resumes from it.
     write_json_atomically(os.path.join(directory, RECORD_NAME), finished)
-    os.remove(building_path)
     return TeacherCache(directory)
 
 
