@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache.store import write_json_atomically
+
 #: File in each checkpoint holding the objective the run optimised.
 OBJECTIVE_NAME = "distillation_objective.json"
 
@@ -38,10 +40,7 @@ def objective_record(args: Any, roster: Any) -> dict[str, Any]:
 
 
 def write_objective(record: dict[str, Any], checkpoint: str) -> None:
-    path = os.path.join(checkpoint, OBJECTIVE_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomically(os.path.join(checkpoint, OBJECTIVE_NAME), record)
 
 
 def changes(before: Any, now: Any, where: str = "") -> list[str]:

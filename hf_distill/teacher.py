@@ -144,7 +144,7 @@ def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> n
     (partitioned by an inference engine under DeepSpeed), in `teacher_dtype` where that applies."""
     teacher.requires_grad_(False)
     teacher.eval()
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+    if zero_stage(accelerator) is not None:
         return deepspeed_teacher(teacher, accelerator, args)
     dtype = teacher_dtype(args)
     if dtype is not None:

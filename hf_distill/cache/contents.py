@@ -42,13 +42,12 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
             "modules, probes, or attention maps too large to store): train them online (teacher_cache=None) or "
             "drop them"
         )
-    requests = [request for request in (loss.cached_logits() for loss in teacher_losses) if request is not None]
+    asked = {loss.term: loss.cached_logits() for loss in teacher_losses}
+    requests = [request for request in asked.values() if request is not None]
     span = any(request.level == "span" for request in requests)
     token_level = any(request.level == "token" for request in requests)
     reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
-    if token_level and any(
-        "logits" in loss.teacher_outputs and loss.cached_logits() is None for loss in teacher_losses
-    ):
+    if token_level and any("logits" in loss.teacher_outputs and asked[loss.term] is None for loss in teacher_losses):
         raise ValueError(
             "only losses that say how they read a cache's logits (cached_logits: soft_target) can read a token-level "
             "teacher's logits from a cache (it stores the counted positions only); train the other logit losses online"

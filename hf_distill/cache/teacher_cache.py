@@ -204,8 +204,7 @@ def build_teacher_cache(
                 "delete it or choose another directory"
             )
     else:
-        building = {**fingerprint, "shard_sha256": {}}
-        write_json_atomically(building_path, building)
+        building = {**fingerprint, "shard_sha256": {}}  # written below, with the shards kept
     total = record["dataset"]["num_examples"]
     # A build resumes after the shards that still hold what was written (a build record of an earlier version has
     # no checksums: its shards are trusted as they are, and hashed now).

@@ -73,9 +73,10 @@ def load_recipe(name: str, recipes_dir: Traversable = RECIPES_DIR) -> dict[str, 
     settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(settings, dict):
         raise UsageError(f"recipe {path} must be a mapping of setting to value")
-    unknown = sorted(set(settings) - field_names())
+    valid = field_names()
+    unknown = sorted(set(settings) - valid)
     if unknown:
-        hints = "".join(f"; {key}{nearest(key, field_names())}" for key in unknown)
+        hints = "".join(f"; {key}{nearest(key, valid)}" for key in unknown)
         raise UsageError(
             f"recipe {path} sets unknown keys {unknown}{hints}: fix or remove them (`hf-distill --help` lists every "
             "setting)"
