@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[PipelineArguments, Distil
         flag = re.match(r"argument --(\w+)", message)
         if flag and flag.group(1) in settings and flag.group(1) not in given:
             message = f"recipe {known.recipe}: {flag.group(1)}: {message.split(': ', 1)[-1]}"
-        raise UsageError(message)
+        raise UsageError(f"{message}: fix the value (`hf-distill --help` gives each setting's type)")
 
     parser.error = error
     try:
