@@ -14,6 +14,21 @@ from huggingface_hub import ModelCard
 from torch import nn
 
 TAGS = ("distillation", "hf_distill")
+#: What only a pipeline run knows: its recipe, data, transfer set, measured summary and refinement (None elsewhere).
+RUN_KEYS = ("recipe", "dataset", "transfer_examples", "augmented_examples", "summary", "refinement")
+#: The keys of the `hf_distill` metadata entry of every card hf_distill writes, the trainer's and the pipeline's.
+CARD_KEYS = (
+    "teacher",
+    "teacher_class",
+    "teacher_parameters",
+    "teacher_config",
+    "teachers",
+    "student_parameters",
+    "parameter_ratio",
+    "losses",
+    "teacher_cache",
+    *RUN_KEYS,
+)
 
 
 def public_name(name: str | None) -> str | None:
@@ -59,6 +74,50 @@ def cached_teacher_facts(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def distillation_metadata(
+    student: dict[str, Any],
+    teachers: dict[str, dict[str, Any]],
+    losses: dict[str, dict],
+    from_cache: bool,
+    reference: str | None = None,
+    teacher_config: dict | None = None,
+    **run: Any,
+) -> dict[str, Any]:
+    """The `hf_distill` metadata entry of a model card, with the keys of `CARD_KEYS` whoever writes it.
+
+    `student` and `teachers` are `model_facts`; `teacher` names the first teacher (by its public name), `teachers`
+    lists every one when there are several (else None), and `parameter_ratio` is the student's parameters over
+    those of `reference` (the teacher it is measured against; default the largest). `run` holds the `RUN_KEYS`
+    a pipeline run knows.
+    """
+    unknown = set(run) - set(RUN_KEYS)
+    if unknown:
+        raise TypeError(f"not keys of the hf_distill card metadata: {sorted(unknown)} (known: {', '.join(CARD_KEYS)})")
+    sizes = [facts.get("parameters") for facts in teachers.values()]
+    if reference is not None:
+        against = teachers[reference].get("parameters")
+    else:
+        against = max(sizes) if sizes and all(sizes) else None
+    first = next(iter(teachers.values()), {"name_or_path": None, "class": None})
+    several = [
+        {"name": name, "teacher": public_name(facts["name_or_path"]), "class": facts["class"],
+         "parameters": facts.get("parameters")}
+        for name, facts in teachers.items()
+    ]  # fmt: skip
+    return {
+        "teacher": public_name(first["name_or_path"]),
+        "teacher_class": first["class"],
+        "teacher_parameters": first.get("parameters"),
+        "teacher_config": teacher_config,
+        "teachers": several if len(several) > 1 else None,
+        "student_parameters": student["parameters"],
+        "parameter_ratio": None if not against else student["parameters"] / against,
+        "losses": losses,
+        "teacher_cache": from_cache,
+        **{key: run.get(key) for key in RUN_KEYS},
+    }
+
+
 def add_distillation_section(
     path: str,
     student: dict[str, Any],
@@ -78,27 +137,10 @@ def add_distillation_section(
     """
     card = ModelCard.load(path)
     card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *TAGS]))
-    sizes = [facts.get("parameters") for facts in teachers.values()]
-    largest = max(sizes) if sizes and all(sizes) else None
-    ratio = None if largest is None else student["parameters"] / largest
-    first = next(iter(teachers.values()), {"name_or_path": None, "class": None})
-    metadata = {
-        "teacher": public_name(first["name_or_path"]),
-        "teacher_class": first["class"],
-        "teacher_parameters": first.get("parameters"),
-        "student_parameters": student["parameters"],
-        "parameter_ratio": ratio,
-        "losses": losses,
-        "teacher_cache": from_cache,
-    }
-    several = len(teachers) > 1
-    if several:
-        metadata["teachers"] = [
-            {"name": name, "teacher": public_name(facts["name_or_path"]), "class": facts["class"],
-             "parameters": facts.get("parameters")}
-            for name, facts in teachers.items()
-        ]  # fmt: skip
+    metadata = distillation_metadata(student, teachers, losses, from_cache)
     card.data.hf_distill = metadata
+    ratio, several = metadata["parameter_ratio"], len(teachers) > 1
+    first = next(iter(teachers.values()), {"name_or_path": None, "class": None})
 
     def named(facts: dict[str, Any]) -> str:
         where = (

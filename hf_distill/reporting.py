@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from transformers.trainer_pt_utils import nested_detach
 
 from .card import add_distillation_section, model_facts
 
@@ -69,14 +70,22 @@ class TermReportingMixin:
             self.term_computable(loss, has_teacher, inputs) for loss in self.terms.losses.values()
         ):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        # The Trainer computes a loss without labels only for a model with no label names that returns one.
-        label_names, can_return_loss = self.label_names, self.can_return_loss
-        self.label_names, self.can_return_loss = [], True
-        try:
-            loss, logits, _ = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        finally:
-            self.label_names, self.can_return_loss = label_names, can_return_loss
-        return loss, logits, None
+        # The Trainer computes a loss without labels only for a model with no label names: compute it here.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        if ignore_keys is None:  # as the Trainer's own step
+            config = getattr(self.model, "config", None)
+            ignore_keys = [] if config is None else getattr(config, "keys_to_ignore_at_inference", ["past_key_values"])
+        if isinstance(outputs, Mapping):
+            logits = tuple(value for key, value in outputs.items() if key not in [*ignore_keys, "loss"])
+        else:
+            logits = tuple(outputs[1:])
+        logits = nested_detach(logits)
+        return loss, logits[0] if len(logits) == 1 else logits, None
 
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from helpers import bert_classifier, config, text_dataset
 from huggingface_hub import ModelCard
 
 from hf_distill import DistillationTrainer
+from hf_distill.card import CARD_KEYS, distillation_metadata
 
 LOSSES = {"soft_target": {"weight": 0.5, "temperature": 3.0}, "hard_label": {"weight": 0.5}}
 
@@ -34,6 +36,8 @@ def test_card_records_the_teacher_the_losses_and_the_compression(tmp_path):
     assert facts["student_parameters"] == parameters(student)
     assert facts["parameter_ratio"] == parameters(student) / parameters(teacher)
     assert facts["losses"] == LOSSES and facts["teacher_cache"] is False
+    # The pipeline's card has the same keys (tests/test_pipeline.py); what only a pipeline run knows is None here.
+    assert tuple(facts) == CARD_KEYS and facts["recipe"] is None and facts["teachers"] is None
     assert "## Distillation" in card.text and "`soft_target`, weight 0.5: temperature 3.0" in card.text
     assert f"| student | `BertForSequenceClassification` | {parameters(student):,} |" in card.text
     assert "tiny-student" in card.text  # the Trainer's own card is kept above
@@ -81,3 +85,14 @@ def test_the_card_of_a_run_without_a_teacher_says_so(tmp_path):
     card = ModelCard.load(tmp_path / "README.md")
     assert "Trained with hf_distill without a teacher" in card.text
     assert card.data.hf_distill["teacher"] is None and card.data.hf_distill["parameter_ratio"] is None
+
+
+def test_the_card_metadata_refuses_a_key_outside_the_schema():
+    student = {"name_or_path": None, "class": "S", "parameters": 10, "weight_bytes": 40}
+    teachers = {"a": {"name_or_path": "org/a", "class": "T", "parameters": 40}, "b": {"name_or_path": "/x/b",
+                "class": "T", "parameters": 20}}  # fmt: skip
+    metadata = distillation_metadata(student, teachers, {}, from_cache=False, reference="b")
+    assert metadata["parameter_ratio"] == 0.5 and [t["teacher"] for t in metadata["teachers"]] == ["org/a", "b"]
+    assert distillation_metadata(student, teachers, {}, from_cache=False)["parameter_ratio"] == 0.25  # the largest
+    with pytest.raises(TypeError, match="accuracy.*known: teacher"):
+        distillation_metadata(student, teachers, {}, from_cache=False, accuracy=0.9)

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from hf_distill import text_augmentation
+from hf_distill.card import CARD_KEYS
 from hf_distill.pipeline import PipelineArguments, parse_args, report, run_pipeline, run_seeds
 from hf_distill.pipeline import models as pipeline_models
 from hf_distill.pipeline import run as pipeline_run
@@ -131,6 +132,10 @@ def test_text_classification_trains_a_headless_teacher_once_then_reuses_it(tmp_p
     assert "AutoModelForSequenceClassification.from_pretrained" in text
     assert front_matter["hf_distill"]["losses"]["soft_target"] == {"weight": 0.5, "temperature": 2.0}
     assert front_matter["hf_distill"]["dataset"] == "data"
+    # One card schema: the keys of a DistillationTrainer's card, with the run's own facts filled in.
+    card_facts = front_matter["hf_distill"]
+    assert tuple(card_facts) == CARD_KEYS and card_facts["teacher_class"] == "BertForSequenceClassification"
+    assert card_facts["parameter_ratio"] == saved["summary"]["parameter_ratio"] and card_facts["recipe"]
     assert f"{saved['results']['student']['accuracy']:.4f}" in text
     assert f"{saved['results']['student']['parameters']:,}" in text
 

@@ -2,7 +2,8 @@
 
 from hf_distill.pipeline import parse_args, prepare_data, prepare_teacher, make_student, distill, ...
 args, config, recipe = parse_args(["--recipe", "minilm-rotten-tomatoes", "--max_train_samples", "500"])
-report = run_pipeline(args, config, recipe)     # or call the stages one by one, as run_pipeline does
+report = run_pipeline(args, config, recipe)     # or call the stages one by one, as run_pipeline does:
+data = prepare_data(args.data_settings, config.seed)   # each stage takes its group of the settings
 """
 
 from .arguments import PipelineArguments
@@ -22,14 +23,28 @@ from .models import (
 from .report import build_report, model_card, push_student, report_lines, save_student, write_report
 from .run import losses_with_layer_map, make_student, run_pipeline
 from .seeds import run_seeds
+from .settings import (
+    DataSettings,
+    DistillationSettings,
+    MeasurementSettings,
+    RefinementSettings,
+    StudentSettings,
+    TeacherSettings,
+)
 from .sources import OFFLINE_SOURCES, load_raw_dataset
 from .spread import combine_reports
 
 __all__ = [
+    "DataSettings",
+    "DistillationSettings",
+    "MeasurementSettings",
     "OFFLINE_SOURCES",
     "PipelineArguments",
     "RECIPES_DIR",
     "PreparedData",
+    "RefinementSettings",
+    "StudentSettings",
+    "TeacherSettings",
     "UsageError",
     "available_recipes",
     "build_report",

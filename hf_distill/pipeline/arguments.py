@@ -9,8 +9,18 @@ from typing import Any
 
 from ..augmentation import ImageAugmentation
 from ..text_augmentation import WordReplacement
-
-TASKS = ("text-classification", "masked-lm", "image-classification")
+from .settings import (
+    TASKS,
+    TEACHER_MLM,
+    UNUSED_EXAMPLES,
+    DataSettings,
+    DistillationSettings,
+    MeasurementSettings,
+    RefinementSettings,
+    StudentSettings,
+    TeacherSettings,
+    read_image_copies,
+)
 
 
 class UsageError(ValueError):
@@ -18,19 +28,17 @@ class UsageError(ValueError):
     `hf-distill` prints it on one line instead of a traceback."""
 
 
-#: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
-UNUSED_EXAMPLES = "unused"
 #: The value that turns off a recipe's transfer set or augmentation on the command line (`--transfer_dataset none`).
 OFF = "none"
-#: `--word_replacement_mlm` value: the teacher's own checkpoint, when it has a masked-LM head.
-TEACHER_MLM = "teacher"
 
 
 @dataclass
 class PipelineArguments:
     """What the pipeline distils: the task, the teacher, the student and the data.
 
-    Every field is a command-line flag of `scripts/distill.py` and a key of a recipe file.
+    Every field is a command-line flag of `scripts/distill.py` and a key of a recipe file. The stages do not read
+    this object: each receives its group (`data_settings`, `teacher_settings`, `student_settings`,
+    `distillation_settings`, `refinement_settings`, `measurement_settings`; [`hf_distill.pipeline.settings`]).
     """
 
     task: str = field(
@@ -376,6 +384,11 @@ class PipelineArguments:
             if self.task != "image-classification":
                 raise ValueError(f"--image_augmentation_copies augments images, but the task is {self.task}")
             self.image_copies()  # refuses bad keys and values before any stage
+        if self.word_replacement_mlm == TEACHER_MLM and self.teacher is None:
+            raise ValueError(
+                "--word_replacement_mlm teacher names the teacher's checkpoint, but this run's teacher is built from "
+                "--teacher_config (no masked-LM head): give a masked-LM folder or Hub id instead"
+            )
         if self.word_replacement_mlm is not None:
             self.word_replacement(seed=0)  # refuses a rate, candidate or copy count out of range, before any stage
         if self.word_replacement_mlm is not None and self.task != "text-classification":
@@ -468,26 +481,41 @@ class PipelineArguments:
 
     def image_copies(self) -> tuple[int, ImageAugmentation]:
         """`--image_augmentation_copies` read: the copies per image and the augmentation that draws them."""
-        options = self.image_augmentation_copies
-        if not isinstance(options, dict) or "copies" not in options:
-            raise ValueError(
-                "image_augmentation_copies must be a mapping with copies and image_augmentation keys (in YAML, or "
-                f'a JSON string such as \'{{"copies": 4, "crop_scale": [0.35, 1.0], "flip": true}}\'), got {options!r}'
-            )
-        copies = options["copies"]
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ValueError(f"image_augmentation_copies copies must be an integer >= 1, got {copies!r}")
-        return copies, ImageAugmentation.from_config({k: v for k, v in options.items() if k != "copies"})
+        return read_image_copies(self.image_augmentation_copies)
 
     def word_replacement(self, seed: int) -> WordReplacement:
         """The word-replacement settings of the `--word_replacement_*` flags, drawing with `seed`."""
-        return WordReplacement(
-            rate=self.word_replacement_rate,
-            candidates=self.word_replacement_candidates,
-            copies=self.word_replacement_copies,
-            seed=seed,
-            max_length=self.max_length,
-        )
+        return self.data_settings.word_replacement(seed)
+
+    @property
+    def data_settings(self) -> DataSettings:
+        """What the data stage reads (`prepare_data`)."""
+        return DataSettings.from_arguments(self)
+
+    @property
+    def teacher_settings(self) -> TeacherSettings:
+        """What the teacher stage reads (`prepare_teachers`, `load_initial_teacher`)."""
+        return TeacherSettings.from_arguments(self)
+
+    @property
+    def student_settings(self) -> StudentSettings:
+        """What the student stage reads (`make_student`)."""
+        return StudentSettings.from_arguments(self)
+
+    @property
+    def distillation_settings(self) -> DistillationSettings:
+        """What the distillation stage reads besides `DistillationConfig`."""
+        return DistillationSettings.from_arguments(self)
+
+    @property
+    def refinement_settings(self) -> RefinementSettings:
+        """What refinement reads (`refinement.refine`, `refinement.refine_on_task`)."""
+        return RefinementSettings.from_arguments(self)
+
+    @property
+    def measurement_settings(self) -> MeasurementSettings:
+        """What evaluation and the report read."""
+        return MeasurementSettings.from_arguments(self)
 
     def _read_teachers(self, value: Any) -> str | None:
         """`teacher` as given (a string, a list of one, name=path pairs, or a mapping): the first teacher's path,

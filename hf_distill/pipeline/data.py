@@ -1,6 +1,6 @@
 """Stage 0: the data, tokenised or turned into pixels once, with the collators each task trains and tests with.
 
-    data = prepare_data(args, seed=42)   # PreparedData: train / teacher_train / eval splits, collators, processor
+    data = prepare_data(args.data_settings, seed=42)   # PreparedData: train / teacher_train / eval splits, collators
 
 Masked LM: training batches are masked afresh by `DataCollatorForLanguageModeling`; the held-out split is
 masked once, with a fixed seed, so that teacher, student and baseline are scored on the same masked tokens.
@@ -29,7 +29,7 @@ from transformers.utils import is_torchvision_available
 from ..augmentation import augmented_image_copies
 from ..text_augmentation import build_word_replacement
 from ..transfer import with_transfer_set
-from .arguments import TEACHER_MLM, UNUSED_EXAMPLES, PipelineArguments
+from .settings import IMAGE_CLASSIFICATION, MASKED_LM, TEXT_CLASSIFICATION, UNUSED_EXAMPLES, DataSettings
 from .sources import load_raw_dataset, resolve_model
 
 # Held-out share carved from the training split when a data set has no validation or test split.
@@ -53,6 +53,8 @@ class PreparedData:
     train_with_transfer: Dataset | None = None
     #: How many of the transfer examples are augmented copies of `train`'s examples (word replacement, images).
     augmented_examples: int = 0
+    #: The settings the data was prepared with.
+    settings: DataSettings | None = None
 
     @property
     def distill_train(self) -> Dataset:
@@ -81,11 +83,12 @@ class PreparedData:
         return batches
 
 
-def load_processor(args: PipelineArguments):
-    """The tokenizer or image processor: `args.processor`, else the teacher's, else (a teacher built here) a
-    ViT-style processor that resizes to `args.image_size` and scales pixels to [-1, 1]."""
-    source = resolve_model(args.processor or args.teacher)
-    if args.task == "image-classification":
+def load_processor(settings: DataSettings):
+    """The tokenizer or image processor: `--processor`, else the teacher's, else (a teacher built here) a
+    ViT-style processor that resizes to `--image_size` and scales pixels to [-1, 1]."""
+    args = DataSettings.of(settings)
+    source = resolve_model(args.processor)
+    if args.task == IMAGE_CLASSIFICATION:
         if source is None:
             # Imported here, by backend: naming ViTImageProcessor without torchvision warns, even for text runs.
             if is_torchvision_available():
@@ -104,7 +107,7 @@ def load_processor(args: PipelineArguments):
     return AutoTokenizer.from_pretrained(source)
 
 
-def _splits(args: PipelineArguments, raw: DatasetDict | Dataset, seed: int) -> tuple[Dataset, Dataset]:
+def _splits(args: DataSettings, raw: DatasetDict | Dataset, seed: int) -> tuple[Dataset, Dataset]:
     if isinstance(raw, Dataset):
         raw = DatasetDict({args.train_split: raw})
     if args.train_split not in raw:
@@ -133,7 +136,7 @@ def _label_names(train: Dataset, column: str) -> list[str]:
     return [str(value) for value in sorted(set(train[column]))]
 
 
-def _transfer_examples(args: PipelineArguments, full_train: Dataset, used: int, seed: int) -> Dataset | None:
+def _transfer_examples(args: DataSettings, full_train: Dataset, used: int, seed: int) -> Dataset | None:
     """The raw transfer set (`--transfer_dataset`), shuffled with `seed` and cut to `--transfer_max_samples`."""
     if args.transfer_dataset is None:
         return None
@@ -163,36 +166,32 @@ def _transfer_examples(args: PipelineArguments, full_train: Dataset, used: int, 
             )
         raw = raw[split]
         transfer = raw.shuffle(seed=seed)
-    column = args.image_column if args.task == "image-classification" else args.text_column
+    column = args.image_column if args.task == IMAGE_CLASSIFICATION else args.text_column
     _check_columns(transfer, [column], ["--image_column" if column == args.image_column else "--text_column"])
     if args.transfer_max_samples is not None:
         transfer = transfer.select(range(min(args.transfer_max_samples, len(transfer))))
     return transfer.select_columns([column])
 
 
-def _held_out_name(raw: DatasetDict, args: PipelineArguments) -> str | None:
+def _held_out_name(raw: DatasetDict, args: DataSettings) -> str | None:
     """The split `_splits` evaluates on when --eval_split is not given (None: carved from the training split)."""
     return next((name for name in ("validation", "test") if name in raw and name != args.train_split), None)
 
 
-def _word_replacement_copies(args: PipelineArguments, train: Dataset, seed: int, save_dir: str | None) -> Dataset:
+def _word_replacement_copies(args: DataSettings, train: Dataset, seed: int, save_dir: str | None) -> Dataset:
     """The word-replacement copies of the labeled training texts (`--word_replacement_mlm`), built or reused."""
-    mlm = args.teacher if args.word_replacement_mlm == TEACHER_MLM else args.word_replacement_mlm
-    if mlm is None:
-        raise ValueError(
-            "--word_replacement_mlm teacher names the teacher's checkpoint, but this run's teacher is built from "
-            "--teacher_config (no masked-LM head): give a masked-LM folder or Hub id instead"
-        )
     save_dir = args.word_replacement_dir or save_dir
     texts = train.select_columns([args.text_column])
-    return build_word_replacement(texts, args.text_column, resolve_model(mlm), args.word_replacement(seed), save_dir)
+    mlm = resolve_model(args.word_replacement_mlm)
+    return build_word_replacement(texts, args.text_column, mlm, args.word_replacement(seed), save_dir)
 
 
 def prepare_data(
-    args: PipelineArguments, seed: int, processor=None, word_replacement_dir: str | None = None
+    settings: DataSettings, seed: int, processor=None, word_replacement_dir: str | None = None
 ) -> PreparedData:
-    """Load, split, subsample and preprocess the data for `args.task`; word-replacement copies are saved in
+    """Load, split, subsample and preprocess the data for `settings.task`; word-replacement copies are saved in
     `word_replacement_dir` unless `--word_replacement_dir` names another folder."""
+    args = DataSettings.of(settings)
     processor = load_processor(args) if processor is None else processor
     train, held_out = _splits(args, load_raw_dataset(args.dataset, args.dataset_config_name), seed)
     train = train.shuffle(seed=seed)
@@ -206,7 +205,7 @@ def prepare_data(
         teacher_train = full_train.select(range(min(args.teacher_max_train_samples, len(full_train))))
     transfer = _transfer_examples(args, full_train, len(train), seed)
 
-    if args.task == "image-classification":
+    if args.task == IMAGE_CLASSIFICATION:
         _check_columns(train, [args.image_column, args.label_column], ["--image_column", "--label_column"])
         label_names = _label_names(train, args.label_column)
 
@@ -237,7 +236,7 @@ def prepare_data(
         collator = DefaultDataCollator()
         return PreparedData(
             args.task, processor, *splits[:3], collator, collator, label_names, size, *splits[3:],
-            augmented_examples=augmented,
+            augmented_examples=augmented, settings=args,
         )  # fmt: skip
 
     _check_columns(train, [args.text_column], ["--text_column"])
@@ -245,7 +244,7 @@ def prepare_data(
     def tokenize(batch):
         return processor(batch[args.text_column], truncation=True, max_length=args.max_length)
 
-    if args.task == "text-classification":
+    if args.task == TEXT_CLASSIFICATION:
         _check_columns(train, [args.label_column], ["--label_column"])
         augmented = 0
         if args.word_replacement_mlm is not None:
@@ -273,7 +272,7 @@ def prepare_data(
         collator = DataCollatorWithPadding(processor)
         return PreparedData(
             args.task, processor, *splits[:3], collator, collator, label_names, None, *splits[3:],
-            augmented_examples=augmented,
+            augmented_examples=augmented, settings=args,
         )  # fmt: skip
 
     # Masked LM: drop empty lines, tokenise; the eval split is masked once with a fixed seed.
@@ -291,13 +290,14 @@ def prepare_data(
             )
     masking = DataCollatorForLanguageModeling(processor, mlm_probability=args.mlm_probability)
     splits[2] = mask_once(splits[2], masking, seed)
-    return PreparedData(args.task, processor, *splits, masking, DataCollatorForTokenClassification(processor), None)
+    eval_collator = DataCollatorForTokenClassification(processor)
+    return PreparedData(args.task, processor, *splits, masking, eval_collator, None, settings=args)
 
 
 def fix_training_masks(data: PreparedData, seed: int) -> PreparedData:
     """Mask a masked-LM training split once with a fixed seed and pad it without masking again, for a teacher
     cache. Other tasks are returned as they are (their preprocessing has no randomness)."""
-    if data.task != "masked-lm":
+    if data.task != MASKED_LM:
         return data
     return dataclasses.replace(
         data, train=mask_once(data.train, data.train_collator, seed), train_collator=data.eval_collator

@@ -1,6 +1,6 @@
 """Stages 1 and 2: the teacher (loaded, or trained first when it has no task head) and the student.
 
-teacher = prepare_teacher(args, config, data, processor)
+teachers = prepare_teachers(args.teacher_settings, config, data)   # {name: (teacher, where it came from)}
 student, layer_map = build_student(teacher, layers=[0, 2, 4, 7, 9, 11])
 """
 
@@ -30,16 +30,16 @@ from ..pruning import layer_stack, prune_width, pruned_config, width_importance
 from ..quantization import prepare_int8_training
 from ..saving import staged_folder
 from ..trainer import DistillationTrainer
-from .arguments import PipelineArguments
 from .data import PreparedData
+from .settings import IMAGE_CLASSIFICATION, MASKED_LM, TEXT_CLASSIFICATION, StudentSettings, TeacherSettings
 from .sources import resolve_model
 
 logger = logging.getLogger(__name__)
 
 AUTO_CLASSES = {
-    "text-classification": AutoModelForSequenceClassification,
-    "masked-lm": AutoModelForMaskedLM,
-    "image-classification": AutoModelForImageClassification,
+    TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
+    MASKED_LM: AutoModelForMaskedLM,
+    IMAGE_CLASSIFICATION: AutoModelForImageClassification,
 }
 #: Written next to a teacher trained by the pipeline: what it was trained from, so a rerun can reuse it.
 TEACHER_RECORD = "hf_distill_teacher.json"
@@ -71,27 +71,29 @@ def _load_kwargs(data: PreparedData, attn_implementation: str | None) -> dict[st
     return kwargs
 
 
-def _teacher_record(args: PipelineArguments, config: DistillationConfig, data: PreparedData) -> dict[str, Any]:
+def _teacher_record(args: TeacherSettings, config: DistillationConfig, data: PreparedData) -> dict[str, Any]:
+    """What a teacher trained here was trained from: its own settings and those of the data it was trained on."""
+    prepared = data.settings
     return {
         "teacher": args.teacher,
         "teacher_config": args.teacher_config,
         "task": args.task,
-        "dataset": args.dataset,
-        "dataset_config_name": args.dataset_config_name,
+        "dataset": None if prepared is None else prepared.dataset,
+        "dataset_config_name": None if prepared is None else prepared.dataset_config_name,
         "train_examples": len(data.teacher_train),
-        "max_length": args.max_length,
-        "mlm_probability": args.mlm_probability,
-        "image_size": args.image_size,
+        "max_length": None if prepared is None else prepared.max_length,
+        "mlm_probability": None if prepared is None else prepared.mlm_probability,
+        "image_size": None if prepared is None else prepared.image_size,
         "labels": data.label_names,
-        "epochs": args.teacher_num_train_epochs,
-        "learning_rate": args.teacher_learning_rate,
-        "new_weights_only": args.teacher_train_new_weights_only,
+        "epochs": args.num_train_epochs,
+        "learning_rate": args.learning_rate,
+        "new_weights_only": args.train_new_weights_only,
         "seed": config.seed,
     }
 
 
 def prepare_teacher(
-    args: PipelineArguments,
+    settings: TeacherSettings,
     config: DistillationConfig,
     data: PreparedData,
     attn_implementation: str | None = None,
@@ -100,12 +102,13 @@ def prepare_teacher(
     """Load the teacher, or train it first when it has no trained head for the task.
 
     A teacher whose checkpoint lacks task-head weights (the load report lists them as missing), or one built
-    from `args.teacher_config`, is fine-tuned on the training split and saved in `<output_dir>/teacher` with a
+    from `teacher_config`, is fine-tuned on the training split and saved in `<output_dir>/teacher` with a
     record of its settings; a later run with the same settings loads it from there instead of training again.
 
     Returns the teacher (in eval mode) and where it came from (a Hub id or folder, for the model card).
     `trained_dir` is where a teacher trained here is kept (default `<output_dir>/teacher`).
     """
+    args = TeacherSettings.of(settings)
     trained_dir = trained_dir or os.path.join(config.output_dir, "teacher")
     record = _teacher_record(args, config, data)
     record_path = os.path.join(trained_dir, TEACHER_RECORD)
@@ -127,21 +130,21 @@ def prepare_teacher(
         "The teacher has untrained weights (%s); training it first for %s epochs (the record in %s lets later runs "
         "reuse it)",
         ", ".join(sorted(missing)[:6]) + (" ..." if len(missing) > 6 else ""),
-        args.teacher_num_train_epochs,
+        args.num_train_epochs,
         trained_dir,
     )
     teacher_args = stage_args(
         config,
         os.path.join(config.output_dir, "checkpoints", "teacher"),
-        num_train_epochs=args.teacher_num_train_epochs,
-        learning_rate=args.teacher_learning_rate,
+        num_train_epochs=args.num_train_epochs,
+        learning_rate=args.learning_rate,
         max_steps=-1,
         eval_strategy="no",
         save_strategy="no",
         load_best_model_at_end=False,
     )
     teacher.train()
-    if args.teacher_train_new_weights_only and args.teacher_config is None:
+    if args.train_new_weights_only and args.teacher_config is None:
         for name, parameter in teacher.named_parameters():
             parameter.requires_grad_(name in missing)
     Trainer(
@@ -158,11 +161,12 @@ def prepare_teacher(
 
 
 def prepare_teachers(
-    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+    settings: TeacherSettings, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
 ) -> dict[str, tuple[PreTrainedModel, str]]:
-    """`prepare_teacher` for each of several teachers (`args.teachers`), in order: `{name: (teacher, source)}`,
+    """`prepare_teacher` for each of several teachers (`teachers`), in order: `{name: (teacher, source)}`,
     each trained one kept in `<output_dir>/teachers/<name>`. One teacher is called "teacher" and kept in
-    `args.teacher_dir` (default `<output_dir>/teacher`)."""
+    `teacher_dir` (default `<output_dir>/teacher`)."""
+    args = TeacherSettings.of(settings)
     if not args.teachers:
         return {"teacher": prepare_teacher(args, config, data, attn_implementation, args.teacher_dir)}
     prepared = {}
@@ -175,7 +179,7 @@ def prepare_teachers(
 
 
 def load_initial_teacher(
-    args: PipelineArguments, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
+    settings: TeacherSettings, config: DistillationConfig, data: PreparedData, attn_implementation: str | None = None
 ) -> tuple[PreTrainedModel, list[str]]:
     """The teacher as its checkpoint (or `teacher_config`) gives it, before any training here, and the names of
     the weights that were freshly initialised (seeded with `config.seed`).
@@ -183,6 +187,7 @@ def load_initial_teacher(
     Besides being where teacher training starts, this is what a baseline built "without the teacher" starts
     from: the pretrained layers, not the ones the pipeline fine-tuned.
     """
+    args = TeacherSettings.of(settings)
     auto_class = AUTO_CLASSES[args.task]
     kwargs = _load_kwargs(data, attn_implementation)
     torch.manual_seed(config.seed)
@@ -284,27 +289,27 @@ def fresh_student(student_config: dict | str, data: PreparedData, task: str, see
         config = AutoConfig.for_model(**{**student_config, **kwargs})
     else:
         config = AutoConfig.from_pretrained(student_config, **kwargs)
-    if task == "image-classification" and data.image_size is not None and hasattr(config, "image_size"):
+    if task == IMAGE_CLASSIFICATION and data.image_size is not None and hasattr(config, "image_size"):
         config.image_size = data.image_size
     torch.manual_seed(seed)
     return AUTO_CLASSES[task].from_config(config)
 
 
 def shape_student(
-    student: PreTrainedModel, args: PipelineArguments, data: PreparedData, seed: int, quantize: bool = True
+    student: PreTrainedModel, settings: StudentSettings, data: PreparedData, seed: int, quantize: bool = True
 ) -> PreTrainedModel:
-    """The student built from the teacher's layers, given its kind: narrowed to `args.student_width` (the units
-    that matter most on `args.calibration_examples` training examples), randomly re-initialised at that shape
-    (`args.student_init == "random"`), and prepared for int8 training (`args.student_quantization`, when
-    `quantize`)."""
-    if args.student_width is not None and args.student_init == "teacher":
+    """The student built from the teacher's layers, given its kind: narrowed to `width` (the units that matter
+    most on `calibration_examples` training examples), randomly re-initialised at that shape (`init == "random"`),
+    and prepared for int8 training (`quantization`, when `quantize`)."""
+    args = StudentSettings.of(settings)
+    if args.width is not None and args.init == "teacher":
         batches = data.calibration_batches(args.calibration_examples)
-        student = prune_width(student, width_importance(student, batches), **args.student_width)
-    elif args.student_init == "random":
-        config = student.config if args.student_width is None else pruned_config(student, **args.student_width)
+        student = prune_width(student, width_importance(student, batches), **args.width)
+    elif args.init == "random":
+        config = student.config if args.width is None else pruned_config(student, **args.width)
         torch.manual_seed(seed)
         student = type(student)(config)
-    if quantize and args.student_quantization == "int8":
+    if quantize and args.quantization == "int8":
         prepare_int8_training(student)
     return student
 
@@ -327,7 +332,7 @@ def distill(
         args=stage_args(config, output_dir),
         train_dataset=data.train if labeled_only else data.distill_train,
         # A masked-LM eval split is masked once, ahead of time; the training collator would mask it again.
-        eval_dataset=None if data.task == "masked-lm" else data.eval,
+        eval_dataset=None if data.task == MASKED_LM else data.eval,
         data_collator=data.train_collator,
         processing_class=data.processor,
     )

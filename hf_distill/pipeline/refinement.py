@@ -12,7 +12,6 @@ the report compares the two on D's held-out split.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import tempfile
@@ -22,32 +21,34 @@ import torch
 
 from ..config import DistillationConfig
 from ..losses import reads_teacher
-from .arguments import PipelineArguments
 from .data import PreparedData, prepare_data
 from .evaluation import describe_models, evaluate_model
 from .models import AUTO_CLASSES, distill, label_kwargs, load_reporting_missing, stage_args
+from .settings import DataSettings, MeasurementSettings, RefinementSettings
 
 logger = logging.getLogger(__name__)
 
 HARD_LABELS_ONLY = {"hard_label": {"weight": 1.0}}
 
 
-def refine_losses(args: PipelineArguments) -> dict[str, Any]:
+def refine_losses(settings: RefinementSettings) -> dict[str, Any]:
     """The refinement stage's losses: `--refine_losses`, or the task labels alone."""
-    return copy.deepcopy(args.refine_losses) if args.refine_losses else copy.deepcopy(HARD_LABELS_ONLY)
+    losses = RefinementSettings.of(settings).losses
+    return copy.deepcopy(losses) if losses else copy.deepcopy(HARD_LABELS_ONLY)
 
 
 def refine_config(
-    args: PipelineArguments, config: DistillationConfig, output_dir: str, losses: dict[str, Any]
+    settings: RefinementSettings, config: DistillationConfig, output_dir: str, losses: dict[str, Any]
 ) -> DistillationConfig:
     """The distillation settings with refinement's own epochs, learning rate and `losses`, and no teacher cache."""
+    settings = RefinementSettings.of(settings)
     return stage_args(
         config,
         output_dir,
         losses=losses,
-        num_train_epochs=args.refine_epochs,
+        num_train_epochs=settings.epochs,
         max_steps=-1,
-        learning_rate=args.refine_learning_rate or config.learning_rate,
+        learning_rate=settings.learning_rate or config.learning_rate,
         teacher_cache=None,
     )
 
@@ -56,14 +57,15 @@ def refine(
     student,
     teacher,
     data: PreparedData,
-    args: PipelineArguments,
+    settings: RefinementSettings,
     config: DistillationConfig,
     output_dir: str,
     losses: dict[str, Any] | None = None,
 ):
     """Train `student` further on `data`'s labeled examples with the refinement settings and `losses` (default
-    `refine_losses(args)`); returns the trainer. `teacher` is used only when one of the losses reads it."""
-    settings = refine_config(args, config, output_dir, refine_losses(args) if losses is None else losses)
+    `refine_losses(settings)`); returns the trainer. `teacher` is used only when one of the losses reads it."""
+    losses = refine_losses(settings) if losses is None else losses
+    settings = refine_config(settings, config, output_dir, losses)
     given = teacher if reads_teacher(settings.losses) else None
     return distill(student, given, data, settings, output_dir, labeled_only=True)
 
@@ -80,43 +82,48 @@ def carry_to_task(model, task: str, data: PreparedData, seed: int):
     return carried
 
 
-def task_arguments(args: PipelineArguments) -> PipelineArguments:
-    """The arguments of the refinement task's data: its data set, task and sample cap, nothing of the first
-    stage's transfer sets or augmentation."""
-    return dataclasses.replace(
-        args,
-        task=args.refine_task,
-        dataset=args.refine_dataset,
-        dataset_config_name=None,
-        eval_split=None,
-        max_train_samples=args.refine_max_train_samples,
-        max_eval_samples=None,
-        teacher_max_train_samples=args.refine_max_train_samples,
-        transfer_dataset=None,
-        word_replacement_mlm=None,
-        image_augmentation_copies=None,
-        refine_dataset=None,
-        refine_epochs=0.0,
+#: What the refinement task's data keeps of the first stage's data settings: how examples are read and encoded.
+CARRIED_DATA_SETTINGS = ("train_split", "text_column", "label_column", "image_column", "max_length", "processor",
+                         "image_size")  # fmt: skip
+
+
+def task_data_settings(settings: RefinementSettings, data: DataSettings) -> DataSettings:
+    """The data settings of the refinement task: its data set, task and sample cap, the first stage's splits,
+    columns and encoding, nothing of its transfer sets or augmentation."""
+    settings = RefinementSettings.of(settings)
+    carried = {name: getattr(DataSettings.of(data), name) for name in CARRIED_DATA_SETTINGS}
+    return DataSettings(
+        task=settings.task,
+        dataset=settings.dataset,
+        max_train_samples=settings.max_train_samples,
+        teacher_max_train_samples=settings.max_train_samples,
+        **carried,
     )
 
 
 def refine_on_task(
-    args: PipelineArguments, config: DistillationConfig, distilled, undistilled
+    settings: RefinementSettings,
+    data_settings: DataSettings,
+    measurement: MeasurementSettings,
+    config: DistillationConfig,
+    distilled,
+    undistilled,
 ) -> dict[str, dict[str, Any]]:
     """DistilBERT's flow, second stage: `distilled` (the general-distilled student) and `undistilled` (the same
-    architecture from the teacher's layers, never distilled) each carried into `args.refine_task` and fine-tuned
-    on `args.refine_dataset` the same way; their accuracy, size and latency on its held-out split."""
-    task_args = task_arguments(args)
-    data = prepare_data(task_args, config.seed)
+    architecture from the teacher's layers, never distilled) each carried into `settings.task` and fine-tuned
+    on `settings.dataset` the same way; their accuracy, size and latency on its held-out split."""
+    settings, measurement = RefinementSettings.of(settings), MeasurementSettings.of(measurement)
+    data = prepare_data(task_data_settings(settings, data_settings), config.seed)
     models = {}
     for name, model in (("distilled, then refined", distilled), ("refined without distillation", undistilled)):
-        carried = carry_to_task(model, args.refine_task, data, config.seed)
+        carried = carry_to_task(model, settings.task, data, config.seed)
         folder = os.path.join(config.output_dir, "checkpoints", "refine-" + name.split(",")[0].split()[0])
-        models[name] = refine(carried, None, data, args, config, folder).model
+        models[name] = refine(carried, None, data, settings, config, folder).model
     results = {
         name: evaluate_model(model, data, config.per_device_eval_batch_size, name) for name, model in models.items()
     }
-    for name, description in describe_models(models, data, args.latency_batch_sizes, args.latency_repeats).items():
+    batch_sizes, repeats = list(measurement.latency_batch_sizes), measurement.latency_repeats
+    for name, description in describe_models(models, data, batch_sizes, repeats).items():
         results[name].update(description)
-    return {"task": args.refine_task, "dataset": args.refine_dataset, "train_examples": len(data.train),
+    return {"task": settings.task, "dataset": settings.dataset, "train_examples": len(data.train),
             "results": results, "models": models, "processor": data.processor}  # fmt: skip

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from huggingface_hub import HfApi, ModelCard, ModelCardData  # noqa: E402
 
-from ..card import loss_lines, public_name  # noqa: E402
+from ..card import distillation_metadata, loss_lines, public_name  # noqa: E402
 from ..guards import check_finite_weights  # noqa: E402
 from .evaluation import untrusted_latencies  # noqa: E402
 from .models import AUTO_CLASSES, save_atomically  # noqa: E402
@@ -318,17 +318,48 @@ def _card_refinement(stage: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_card(
-    report: dict[str, Any], recipe: str | None, dataset: str, teacher: str | None, losses: dict
+    report: dict[str, Any],
+    recipe: str | None,
+    dataset: str,
+    teacher: str | None,
+    losses: dict,
+    classes: dict[str, str] | None = None,
 ) -> ModelCard:
     """A model card that records the teacher, the losses, the data and the measured metrics and compression.
 
     `teacher` is the `--teacher` value (None for a teacher built from a config); `base_model` names its Hub id,
     or the Hub copy of an offline model, and is left out for local folders. A card may be pushed: local folders
-    and files are named by their last path component, never by their path on this machine."""
+    and files are named by their last path component, never by their path on this machine. `classes` names each
+    result row's model class. The `hf_distill` metadata has the keys of every hf_distill card
+    ([`hf_distill.card.distillation_metadata`])."""
     results, summary = report["results"], report["summary"]
     reference = reference_teacher(results)
     base_model, hub_dataset = hub_id(teacher), hub_id(dataset)
     trained_here = report.get("teacher_used") != teacher
+    several = report.get("teachers") or {}
+    given = {name: entry["given"] for name, entry in several.items()} or {"teacher": teacher}
+    classes = classes or {}
+
+    def facts(row: str, name_or_path: str | None) -> dict[str, Any]:
+        return {"name_or_path": name_or_path, "class": classes.get(row), "parameters": results[row]["parameters"],
+                "weight_bytes": results[row]["size_bytes"]}  # fmt: skip
+
+    teachers = {name: facts(teacher_row(name, several), path) for name, path in given.items()}
+    reference_name = next(name for name in given if results[teacher_row(name, several)] is reference)
+    metadata = distillation_metadata(
+        facts("student", None),
+        teachers,
+        losses,
+        from_cache=report.get("teacher_cache") is not None,
+        reference=reference_name,
+        teacher_config=report.get("teacher_config"),
+        recipe=recipe,
+        dataset=public_name(dataset),
+        transfer_examples=report.get("transfer_examples", 0),
+        augmented_examples=report.get("augmented_examples", 0),
+        summary=summary,
+        refinement=_card_refinement(report["refinement"]) if report.get("refinement") else None,
+    )
     teacher, dataset = public_name(teacher), public_name(dataset)
     data = ModelCardData(
         base_model=base_model,
@@ -336,25 +367,8 @@ def model_card(
         tags=["distillation", "hf_distill", *([f"recipe:{recipe}"] if recipe else [])],
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=["accuracy"] + (["perplexity"] if "perplexity" in results["student"] else []),
-        hf_distill={
-            "teacher": teacher,
-            "teacher_config": report.get("teacher_config"),
-            "recipe": recipe,
-            "dataset": dataset,
-            "transfer_examples": report.get("transfer_examples", 0),
-            "augmented_examples": report.get("augmented_examples", 0),
-            "losses": losses,
-            "summary": summary,
-            **({"refinement": _card_refinement(report["refinement"])} if report.get("refinement") else {}),
-        },
+        hf_distill=metadata,
     )
-    several = report.get("teachers") or {}
-    if several:
-        data.hf_distill["teachers"] = [
-            {"name": name, "teacher": public_name(given["given"]),
-             "parameters": results[teacher_row(name, several)]["parameters"]}
-            for name, given in several.items()
-        ]  # fmt: skip
     if several:
         teacher_words = f"{len(several)} teachers, " + "; ".join(
             f"`{name}`: `{public_name(given['given'])}` ({results[teacher_row(name, several)]['parameters']:,} "

@@ -35,6 +35,7 @@ from .models import (
     stage_args,
 )
 from .report import build_report, model_card, push_student, save_student, teacher_row, write_report
+from .settings import StudentSettings, TeacherSettings
 from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -71,42 +72,54 @@ def born_again_losses(losses: dict[str, Any]) -> dict[str, Any]:
     return again
 
 
-def make_student(args: PipelineArguments, teacher, data: PreparedData, seed: int, quantize: bool = True):
-    """The student and its layer map: a fresh model from `student_config`, or one built from teacher layers (then
+def make_student(settings: StudentSettings, teacher, data: PreparedData, seed: int, quantize: bool = True):
+    """The student and its layer map: a fresh model from `config`, or one built from teacher layers (then
     narrowed, re-initialised or, when `quantize`, prepared for int8 by `shape_student`)."""
-    if args.student_config is not None:
-        return fresh_student(args.student_config, data, args.task, seed), None
-    student, layer_map = build_student(teacher, layers=args.student_layers, num_layers=args.student_num_layers)
+    args = StudentSettings.of(settings)
+    if args.config is not None:
+        return fresh_student(args.config, data, args.task, seed), None
+    student, layer_map = build_student(teacher, layers=args.layers, num_layers=args.num_layers)
     return shape_student(student, args, data, seed, quantize), layer_map
 
 
-def undistilled_student(args: PipelineArguments, config: DistillationConfig, data, teacher, teacher_source, attention):
+def undistilled_student(
+    student: StudentSettings, teachers: TeacherSettings, config: DistillationConfig, data, teacher, source, attention
+):
     """The student as it is before any distillation, in floating point: the baseline's start, and in DistilBERT's
     flow the model refined without the distillation stage. Without the teacher means without what it learnt here
     too: a student built from teacher layers starts from the checkpoint's pretrained layers, not from the ones
-    the teacher stage fine-tuned."""
-    if args.student_config is not None or teacher_source == args.teacher:
+    the teacher stage fine-tuned (`source`: where the teacher came from)."""
+    if student.config is not None or source == teachers.teacher:
         initial = teacher  # a fresh student ignores it; an untouched checkpoint is the teacher itself
     else:
-        initial = load_initial_teacher(args, config, data, attention)[0]
+        initial = load_initial_teacher(teachers, config, data, attention)[0]
     set_seed(config.seed)
-    return make_student(args, initial, data, config.seed, quantize=False)[0]
+    return make_student(student, initial, data, config.seed, quantize=False)[0]
 
 
-def is_teachers_shape(args: PipelineArguments, student, teacher) -> bool:
+def is_teachers_shape(settings: StudentSettings, student, teacher) -> bool:
     """Whether the student is the teacher's own network (every layer, every unit, the teacher's weights): then
     the int8 student's baseline is the teacher quantized after training, with no training of its own."""
     return (
-        args.student_config is None
-        and args.student_width is None
-        and args.student_init == "teacher"
+        settings.config is None
+        and settings.width is None
+        and settings.init == "teacher"
         and student.config.num_hidden_layers == teacher.config.num_hidden_layers
     )
 
 
 def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: str | None = None) -> dict[str, Any]:
-    """Run every stage and return the report (also written to `<output_dir>/report.{json,md,png}`)."""
+    """Run every stage and return the report (also written to `<output_dir>/report.{json,md,png}`).
+
+    Each stage receives its group of `args` ([`hf_distill.pipeline.settings`]); this function alone reads them all.
+    """
     timings, started = {}, time.perf_counter()
+    data_settings, teacher_settings, student_settings = (
+        args.data_settings,
+        args.teacher_settings,
+        args.student_settings,
+    )
+    stage, refining, measuring = args.distillation_settings, args.refinement_settings, args.measurement_settings
 
     def lap(stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -114,10 +127,12 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         logger.info("Stage %s took %.1f s", stage, now - since)
         return now
 
-    for name, source in (args.teachers or {"": args.teacher}).items():  # before any stage: not found is a usage error
+    for name, source in (
+        teacher_settings.teachers or {"": teacher_settings.teacher}
+    ).items():  # before any stage: not found is a usage error
         check_model_source(source, f"--teacher {name}=" if name else "--teacher")
-    if isinstance(args.student_config, str):
-        check_model_source(args.student_config, "--student_config")
+    if isinstance(student_settings.config, str):
+        check_model_source(student_settings.config, "--student_config")
     previous = os.path.join(config.output_dir, "report.json")
     if os.path.isfile(previous) and not args.overwrite_output_dir:
         raise UsageError(
@@ -126,60 +141,65 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         )
     set_seed(config.seed)
     clock = time.perf_counter()
-    data = prepare_data(args, config.seed, word_replacement_dir=os.path.join(config.output_dir, "word-replacement"))
+    data = prepare_data(
+        data_settings, config.seed, word_replacement_dir=os.path.join(config.output_dir, "word-replacement")
+    )
     clock = lap("data", clock)
 
     attention = "eager" if needs_attention_maps(build_losses(config.losses)) else None
-    prepared = prepare_teachers(args, config, data, attn_implementation=attention)
+    prepared = prepare_teachers(teacher_settings, config, data, attn_implementation=attention)
     teachers = {name: teacher for name, (teacher, _) in prepared.items()}
     # The first teacher is the one the student is built from (and the only one, usually).
     teacher, teacher_source = next(iter(prepared.values()))
     clock = lap("teacher", clock)
 
     set_seed(config.seed)
-    student, layer_map = make_student(args, teacher, data, config.seed)
-    losses = losses_with_layer_map(config.losses, layer_map, next(iter(args.teachers)) if args.teachers else None)
+    student, layer_map = make_student(student_settings, teacher, data, config.seed)
+    several = teacher_settings.teachers
+    losses = losses_with_layer_map(config.losses, layer_map, next(iter(several)) if several else None)
     distill_config = stage_args(config, config.output_dir, losses=losses)
     clock = lap("student", clock)
 
     checkpoints = os.path.join(config.output_dir, "checkpoints", "distill")
     # A teacher cache holds the teacher's outputs for one masking of each example: fix it (same seed every run).
     distill_data = data if config.teacher_cache is None else fix_training_masks(data, config.seed)
-    given = teachers if args.teachers else teacher
-    if args.ema_teacher:  # the student's own moving average, of its depth: layer maps as between equal depths
+    given = teachers if several else teacher
+    if stage.ema_teacher:  # the student's own moving average, of its depth: layer maps as between equal depths
         given, losses = EMA_TEACHER, born_again_losses(config.losses)
         distill_config = stage_args(config, config.output_dir, losses=losses)
     trainer = distill(student, given, distill_data, distill_config, checkpoints, config.resume_from_checkpoint)
     clock = lap("distill", clock)
 
-    models = {teacher_row(name, args.teachers): model for name, model in teachers.items()}
+    models = {teacher_row(name, several): model for name, model in teachers.items()}
     # Born-again generations (Furlanello et al., 2018): each next student, of the same architecture, learns from the
     # one before, frozen; "student" is the last, earlier ones are reported as "generation k".
-    for generation in range(2, args.generations + 1):
+    for generation in range(2, stage.generations + 1):
         models[f"generation {generation - 1}"] = trainer.model
         set_seed(config.seed)
-        fresh, _ = make_student(args, teacher, data, config.seed)
+        fresh, _ = make_student(student_settings, teacher, data, config.seed)
         born_again = stage_args(config, config.output_dir, losses=born_again_losses(config.losses), teacher_cache=None)
         folder = os.path.join(config.output_dir, "checkpoints", f"generation-{generation}")
         trainer = distill(fresh, trainer.model, data, born_again, folder)
         clock = lap(f"generation {generation}", clock)
-    int8 = args.student_quantization == "int8"
+    int8 = student_settings.quantization == "int8"
     steps = {"student": trainer.state.global_step}
-    if args.refine_epochs and args.refine_dataset is None:  # refinement on the task labels, after distillation
+    if refining.on_the_same_task:  # refinement on the task labels, after distillation
         models["student before refinement"] = to_int8(trainer.model) if int8 else copy.deepcopy(trainer.model)
-        refine_losses = losses_with_layer_map(refinement.refine_losses(args), layer_map)
+        refine_losses = losses_with_layer_map(refinement.refine_losses(refining), layer_map)
         folder = os.path.join(config.output_dir, "checkpoints", "refine")
-        refined = refinement.refine(trainer.model, given, data, args, config, folder, refine_losses)
+        refined = refinement.refine(trainer.model, given, data, refining, config, folder, refine_losses)
         steps = {"student": steps["student"] + refined.state.global_step, "refinement": refined.state.global_step}
         clock = lap("refine", clock)
     # An int8 student is scored, timed and saved as the real int8 model, not the fake-quantized one it trained as.
     models["student"] = to_int8(trainer.model) if int8 else trainer.model
-    if args.baseline and int8 and is_teachers_shape(args, trainer.model, teacher):
+    if stage.baseline and int8 and is_teachers_shape(student_settings, trainer.model, teacher):
         models["baseline"], steps["baseline"] = to_int8(teacher), 0  # post-training quantization of the teacher
         clock = lap("baseline", clock)
-    elif args.baseline:
+    elif stage.baseline:
         # An int8 student's baseline trains in floating point and is quantized afterwards.
-        baseline = undistilled_student(args, config, data, teacher, teacher_source, attention)
+        baseline = undistilled_student(
+            student_settings, teacher_settings, config, data, teacher, teacher_source, attention
+        )
         # As many steps as the student took (refinement included): with a transfer set the student's epochs are
         # longer, and the baseline repeats its labeled examples to match.
         baseline_config = stage_args(
@@ -204,27 +224,31 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     batch_size = config.per_device_eval_batch_size
     results = {name: evaluate_model(model, data, batch_size=batch_size, name=name) for name, model in models.items()}
     for name, description in describe_models(
-        models, data, args.latency_batch_sizes, args.latency_repeats, args.latency_compiled
+        models, data, list(measuring.latency_batch_sizes), measuring.latency_repeats, measuring.latency_compiled
     ).items():
         results[name].update(description)
     clock = lap("evaluate", clock)
     task_refinement = None
-    if args.refine_dataset is not None:  # DistilBERT's flow: general distillation here, then the labeled task
-        undistilled = undistilled_student(args, config, data, teacher, teacher_source, attention)
-        task_refinement = refinement.refine_on_task(args, config, trainer.model, undistilled)
+    if refining.on_another_task:  # DistilBERT's flow: general distillation here, then the labeled task
+        undistilled = undistilled_student(
+            student_settings, teacher_settings, config, data, teacher, teacher_source, attention
+        )
+        task_refinement = refinement.refine_on_task(
+            refining, data_settings, measuring, config, trainer.model, undistilled
+        )
         clock = lap("refine", clock)
 
     report = build_report(
         results,
         recipe=recipe,
-        task=args.task,
-        teacher=args.teacher,
-        teacher_config=args.teacher_config,
+        task=data_settings.task,
+        teacher=teacher_settings.teacher,
+        teacher_config=teacher_settings.teacher_config,
         teacher_used=teacher_source,
         teachers=None
-        if not args.teachers
-        else {name: {"given": args.teachers[name], "used": source} for name, (_, source) in prepared.items()},
-        dataset=args.dataset,
+        if not several
+        else {name: {"given": several[name], "used": source} for name, (_, source) in prepared.items()},
+        dataset=data_settings.dataset,
         train_examples=len(data.train),
         transfer_examples=data.transfer_examples,
         augmented_examples=data.augmented_examples,
@@ -233,9 +257,9 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         losses=losses,
         teacher_cache=config.teacher_cache,
         seed=config.seed,
-        generations=args.generations,
-        ema_teacher=args.ema_teacher,
-        seeds_margin=args.seeds_margin,
+        generations=stage.generations,
+        ema_teacher=stage.ema_teacher,
+        seeds_margin=measuring.seeds_margin,
         machine={
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
@@ -249,7 +273,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         report["refinement"] = {
             key: value for key, value in task_refinement.items() if key not in ("models", "processor")
         }
-    card = model_card(report, recipe, args.dataset, args.teacher, losses)
+    classes = {row: type(model).__name__ for row, model in models.items()}
+    card = model_card(report, recipe, data_settings.dataset, teacher_settings.teacher, losses, classes)
     student_dir = save_student(models["student"], data.processor, os.path.join(config.output_dir, "student"), card)
     if task_refinement is not None:
         refined = task_refinement["models"]["distilled, then refined"]
