@@ -195,7 +195,17 @@ def test_feature_map_loss_pools_to_the_smaller_grid():
         L.feature_map_loss(torch.zeros(2, 3, 2, 2), teacher)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "divergence",
+    [
+        "forward_kl",
+        "reverse_kl",
+        "jsd",
+        L.Divergence("generalized_jsd", beta=0.2),
+        L.Divergence("skew_kl", alpha=0.1),
+        L.Divergence("skew_reverse_kl", alpha=0.3),
+    ],
+)
 @pytest.mark.parametrize("chunk_size", [1, 7, 4096])
 def test_chunked_soft_target_matches_the_plain_loss_in_value_and_gradient(divergence, chunk_size):
     generator = torch.Generator().manual_seed(0)
@@ -265,3 +275,82 @@ def test_top_k_tail_equals_the_exact_loss_when_the_tails_are_proportional():
     student.scatter_(-1, indices, torch.randn(8, 10, generator=generator) * 3)
     exact = soft_target_loss(student, teacher, 1.0, reduction="sum")
     torch.testing.assert_close(_top_k_loss(student, teacher, 10, 1.0), exact, rtol=1e-5, atol=1e-6)
+
+
+def kl_of_probabilities(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ prediction) of probability rows, written from its definition."""
+    return (target * (target / prediction).log()).sum(-1)
+
+
+GKD_AND_DISTILLM = [
+    # (divergence, its formula by hand from p = teacher, q = student)
+    (L.Divergence("generalized_jsd", beta=0.0), lambda p, q: kl_of_probabilities(p, q)),
+    (L.Divergence("generalized_jsd", beta=1.0), lambda p, q: kl_of_probabilities(q, p)),
+    *[
+        (
+            L.Divergence("generalized_jsd", beta=beta),
+            lambda p, q, b=beta: (
+                b * kl_of_probabilities(p, b * p + (1 - b) * q) + (1 - b) * kl_of_probabilities(q, b * p + (1 - b) * q)
+            ),
+        )
+        for beta in (0.1, 0.5, 0.9)
+    ],
+    *[
+        (L.Divergence("skew_kl", alpha=alpha), lambda p, q, a=alpha: kl_of_probabilities(p, a * p + (1 - a) * q))
+        for alpha in (0.0, 0.1, 0.6)
+    ],
+    *[
+        (
+            L.Divergence("skew_reverse_kl", alpha=alpha),
+            lambda p, q, a=alpha: kl_of_probabilities(q, (1 - a) * p + a * q),
+        )
+        for alpha in (0.0, 0.1, 0.6)
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    ("divergence", "by_hand"), GKD_AND_DISTILLM, ids=lambda d: repr(d) if isinstance(d, L.Divergence) else ""
+)
+def test_generalized_and_skewed_divergences_equal_their_published_formulas(divergence, by_hand):
+    generator = torch.Generator().manual_seed(3)
+    student = 2 * torch.randn(5, 9, 30, generator=generator, dtype=torch.float64)
+    teacher = 2 * torch.randn(5, 9, 30, generator=generator, dtype=torch.float64)
+    mask = torch.rand(5, 9, generator=generator) < 0.7
+    temperature = 1.5
+    p, q = F.softmax(teacher / temperature, -1), F.softmax(student / temperature, -1)
+    expected = (temperature**2 * by_hand(p, q))[mask].sum() / mask.sum()
+    ours = soft_target_loss(student, teacher, temperature, divergence, mask=mask, reduction="mean")
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)  # the loss computes in float32
+
+
+def test_divergence_names_and_parameters():
+    student, teacher = torch.randn(4, 12), torch.randn(4, 12)
+    same = [
+        (L.Divergence("jsd"), L.Divergence("generalized_jsd")),  # beta 0.5 by default
+        (L.Divergence("forward_kl"), L.Divergence("skew_kl", alpha=0.0)),
+        (L.Divergence("reverse_kl"), L.Divergence("skew_reverse_kl", alpha=0.0)),
+    ]
+    for one, other in same:
+        torch.testing.assert_close(
+            soft_target_loss(student, teacher, 1.0, one), soft_target_loss(student, teacher, 1.0, other)
+        )
+    # DistiLLM's default skew is 0.1: the name alone means alpha 0.1.
+    torch.testing.assert_close(
+        soft_target_loss(student, teacher, 1.0, "skew_kl"),
+        soft_target_loss(student, teacher, 1.0, L.Divergence("skew_kl", alpha=0.1)),
+    )
+    # The skew bounds the divergence (by log 1/alpha) where the student puts almost no mass on the teacher's choice,
+    # which forward KL does not.
+    teacher_sure, student_elsewhere = torch.tensor([[60.0, 0.0, 0.0]]), torch.tensor([[0.0, 90.0, 90.0]])
+    assert soft_target_loss(student_elsewhere, teacher_sure, 1.0, "forward_kl").item() > 80
+    assert soft_target_loss(student_elsewhere, teacher_sure, 1.0, "skew_kl").item() <= math.log(1 / 0.1) + 1e-5
+    for bad, message in [
+        (dict(name="jsd", beta=0.3), "beta is an option of the generalized_jsd"),
+        (dict(name="forward_kl", alpha=0.3), "alpha is an option of the skew_kl and skew_reverse_kl"),
+        (dict(name="generalized_jsd", beta=1.2), r"beta must be a number in \[0, 1\]"),
+        (dict(name="skew_reverse_kl", alpha=1.0), r"alpha must be a number in \[0, 1\)"),
+        (dict(name="skew", alpha=0.1), "divergence must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            L.Divergence(**bad)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    VOCAB,
     bert_classifier,
     bert_masked_lm,
     bert_qa,
@@ -371,3 +372,50 @@ def test_two_teachers_weighted_two_to_one_per_answer_span(tmp_path, how):
         target = mixture([getattr(first, name), getattr(second, name)], how, mask)
         per_example = per_example + soft_target_by_hand(target, getattr(student_out, name), mask) / 2
     check_term(trainer, "soft_target", dataset, per_example.mean().item())
+
+
+# ---- causal-LM soft targets with GKD's and DistiLLM's divergences ---------------------------------------------
+
+
+def tiny_gpt2(seed: int, layers: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=layers, n_head=2)
+    return GPT2LMHeadModel(GPT2Config(**settings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def causal_lm_dataset(size: int = 8):
+    data = text_dataset(size, labels=False)
+    input_ids, attention_mask = torch.tensor(data["input_ids"]), torch.tensor(data["attention_mask"])
+    labels = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, -100))
+    return data.add_column("labels", labels.tolist())
+
+
+@pytest.mark.parametrize(
+    ("options", "by_hand"),
+    [
+        ({"divergence": "generalized_jsd", "beta": 0.3},
+         lambda p, q: 0.3 * kl_rows(p, 0.3 * p + 0.7 * q) + 0.7 * kl_rows(q, 0.3 * p + 0.7 * q)),
+        ({"divergence": "skew_kl", "alpha": 0.2}, lambda p, q: kl_rows(p, 0.2 * p + 0.8 * q)),
+        ({"divergence": "skew_reverse_kl"}, lambda p, q: kl_rows(q, 0.9 * p + 0.1 * q)),  # alpha 0.1 by default
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_lm_soft_target_with_gkd_and_distillm_divergences_equals_its_formula(tmp_path, options, by_hand, fused):
+    """Per counted token (position i predicts token i + 1, labels -100 on padding), in chunks of 5 positions, with
+    the vocabulary projection fused into the loss or not. A randomly initialised GPT-2 predicts almost uniformly:
+    T = 0.1 sharpens both distributions so that float32 can tell the formulas apart."""
+    student, teacher = tiny_gpt2(seed=2, layers=2), tiny_gpt2(seed=1, layers=3)
+    dataset = causal_lm_dataset(8)
+    losses = {"soft_target": {"weight": WEIGHT, "temperature": 0.1, "chunk_size": 5, **options}}
+    trainer = trainer_for(tmp_path, student, teacher, losses, dataset, fused_token_logits=fused)
+    batch = as_batch(dataset)
+    with torch.no_grad():
+        inputs = model_inputs(batch)
+        student_logits, teacher_logits = student(**inputs).logits.double(), teacher(**inputs).logits.double()
+    counted = batch["labels"][:, 1:] != -100
+    p = F.softmax(teacher_logits[:, :-1][counted] / 0.1, -1)
+    q = F.softmax(student_logits[:, :-1][counted] / 0.1, -1)
+    expected = (0.1**2 * by_hand(p, q)).mean().item()
+    check_term(trainer, "soft_target", dataset, expected)

@@ -34,20 +34,33 @@ def test_quick_peers_prints_every_ratio_and_the_contenders_agree():
     assert "warning: the vision start" not in result.stdout
 
 
-@pytest.mark.parametrize(("beta", "divergence"), [(0.5, "jsd"), (0.0, "forward_kl"), (1.0, "reverse_kl")])
-def test_trl_generalized_jsd_is_hf_distill_divergence(beta, divergence):
-    """TRL's GKD loss at beta 0.5 / 0 / 1 and hf_distill's jsd / forward_kl / reverse_kl at T = 1: the same per-token
-    divergence. TRL sums over the labeled shifted positions and divides by `num_items_in_batch`; given the same count
-    the two agree."""
+@pytest.mark.parametrize(
+    ("beta", "divergence"),
+    [
+        (0.5, "jsd"),
+        (0.0, "forward_kl"),
+        (1.0, "reverse_kl"),
+        *[(beta, ("generalized_jsd", beta)) for beta in (0.0, 0.1, 0.5, 0.9, 1.0)],
+    ],
+)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_trl_generalized_jsd_is_hf_distill_divergence(beta, divergence, temperature):
+    """TRL's GKD loss at beta 0.5 / 0 / 1 and hf_distill's jsd / forward_kl / reverse_kl, and at any beta hf_distill's
+    generalized_jsd with that beta: the same per-token divergence. TRL sums over the labeled shifted positions and
+    divides by `num_items_in_batch`; given the same count the two agree. TRL has no T² factor: at T = 2 hf_distill's
+    loss is 4 times TRL's."""
     import torch
 
-    from hf_distill.losses.functional import soft_target_loss
+    from hf_distill.losses.functional import Divergence, soft_target_loss
+
+    if isinstance(divergence, tuple):
+        divergence = Divergence(divergence[0], beta=divergence[1])
 
     gkd = pytest.importorskip("trl.experimental.gkd")
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 6, 40, generator=generator), torch.randn(2, 6, 40, generator=generator)
     labels = torch.randint(0, 40, (2, 6), generator=generator)
     labels[0, :2] = -100
-    trl_loss = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta)
-    ours = soft_target_loss(student, teacher, 1.0, divergence, mask=labels != -100, reduction="mean")
-    torch.testing.assert_close(trl_loss, ours, rtol=1e-5, atol=1e-7)
+    trl_loss = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+    ours = soft_target_loss(student, teacher, temperature, divergence, mask=labels != -100, reduction="mean")
+    torch.testing.assert_close(temperature**2 * trl_loss, ours, rtol=1e-5, atol=1e-7)

@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from ..logit_rows import ProjectedRows
-from .functional import check_same_logits, soft_target_loss
+from .functional import Divergence, check_same_logits, soft_target_loss
 
 #: The float32 logits one chunk may hold by default (`rows_per_chunk`): 16 MiB. Kept under the C allocator's
 #: largest mmap threshold (32 MiB in glibc), a chunk's temporaries are reused from the heap, not mapped afresh.
@@ -108,7 +108,7 @@ def chunked_soft_target_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
-    divergence: str = "forward_kl",
+    divergence: str | Divergence = "forward_kl",
     mask: torch.Tensor | None = None,
     chunk_size: int = 256,
 ) -> torch.Tensor:

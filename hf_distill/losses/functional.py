@@ -13,11 +13,12 @@ accumulated batch, which keeps gradient accumulation exact.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "generalized_jsd", "skew_kl", "skew_reverse_kl")
 TEACHER_MIXTURES = ("probabilities", "logits")
 HIDDEN_DISTANCES = ("mse", "cosine")
 ATTENTION_DISTANCES = ("kl", "mse")
@@ -53,24 +54,96 @@ def check_same_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         )
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence between the teacher's distribution p and the student's q, with its parameter.
+
+    - `forward_kl`: KL(p || q), the published soft-target loss (mode covering).
+    - `reverse_kl`: KL(q || p) (mode seeking; MiniLLM's objective).
+    - `jsd`: the Jensen-Shannon divergence, ½ KL(p || m) + ½ KL(q || m) with m = ½ (p + q).
+    - `generalized_jsd` (GKD, Agarwal et al., 2024, with TRL's convention): with m = β p + (1 - β) q,
+      β KL(p || m) + (1 - β) KL(q || m); `beta` 0.5 is `jsd`. At the ends, where that expression vanishes, it is
+      taken as its limit divided by β (resp. 1 - β): β = 0 is `forward_kl` and β = 1 is `reverse_kl`.
+    - `skew_kl` (DistiLLM, Ko et al., 2024): KL(p || α p + (1 - α) q); α = 0 is `forward_kl`.
+    - `skew_reverse_kl` (DistiLLM): KL(q || (1 - α) p + α q); α = 0 is `reverse_kl`.
+
+    `beta` (in [0, 1], default 0.5) belongs to `generalized_jsd` alone and `alpha` (in [0, 1), default 0.1, DistiLLM's)
+    to the skewed ones; giving either to another divergence is refused.
+    """
+
+    name: str = "forward_kl"
+    beta: float | None = None
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.name!r}")
+        for option, owners, low, high, closed in (
+            ("beta", ("generalized_jsd",), 0.0, 1.0, True),
+            ("alpha", ("skew_kl", "skew_reverse_kl"), 0.0, 1.0, False),
+        ):
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if self.name not in owners:
+                raise ValueError(f"{option} is an option of the {' and '.join(owners)} divergence, not {self.name}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (low <= value <= high if closed else low <= value < high):
+                interval = f"[{low:g}, {high:g}{']' if closed else ')'}"
+                raise ValueError(f"{self.name} {option} must be a number in {interval}, got {value!r}")
+
+    def __call__(self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+        """The divergence of every item, from log-probabilities over the last dimension."""
+        student, teacher = student_log_probs, teacher_log_probs
+        name = self.name
+        if name == "jsd":
+            name, beta = "generalized_jsd", 0.5
+        else:
+            beta = 0.5 if self.beta is None else float(self.beta)
+        alpha = 0.1 if self.alpha is None else float(self.alpha)
+        forward = {"forward_kl": True, "generalized_jsd": beta == 0, "skew_kl": alpha == 0}
+        reverse = {"reverse_kl": True, "generalized_jsd": beta == 1, "skew_reverse_kl": alpha == 0}
+        if forward.get(name):
+            return _row_kl(teacher, student)
+        if reverse.get(name):
+            return _row_kl(student, teacher)
+        if name == "generalized_jsd":
+            mixture = _log_mixture(teacher, student, beta)
+            return beta * _row_kl(teacher, mixture) + (1 - beta) * _row_kl(student, mixture)
+        if name == "skew_kl":
+            return _row_kl(teacher, _log_mixture(teacher, student, alpha))
+        return _row_kl(student, _log_mixture(teacher, student, 1 - alpha))  # skew_reverse_kl
+
+
+def _log_mixture(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, share: float) -> torch.Tensor:
+    """log(share · p + (1 - share) · q) from log p and log q, for 0 < share < 1."""
+    weighted = torch.stack([teacher_log_probs + math.log(share), student_log_probs + math.log1p(-share)])
+    return torch.logsumexp(weighted, dim=0)
+
+
+def as_divergence(divergence: str | Divergence) -> Divergence:
+    """A `Divergence` from its name (with its default parameter) or as it is."""
+    return divergence if isinstance(divergence, Divergence) else Divergence(divergence)
+
+
 def soft_target_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
-    divergence: str = "forward_kl",
+    divergence: str | Divergence = "forward_kl",
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """Temperature-scaled divergence between teacher and student class distributions, times T² (Hinton et al., 2015).
 
     `forward_kl` is KL(teacher || student), the published soft-target loss; `reverse_kl` is KL(student ||
-    teacher) (mode seeking); `jsd` is the Jensen-Shannon divergence, symmetric in its two arguments. Logits
+    teacher) (mode seeking); `jsd` is the Jensen-Shannon divergence, symmetric in its two arguments; the
+    generalized and skewed ones take a parameter ([`Divergence`], which `divergence` may also be). Logits
     have the classes (or vocabulary) last; every other position is an item: a sequence for `[batch,
     classes]`, a token for `[batch, length, vocab]`. The T² factor keeps gradient magnitudes independent of
     the temperature, so the weight of the term need not be retuned when T changes.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    divergence = as_divergence(divergence)  # refuses an unknown name
     check_same_logits(student_logits, teacher_logits)
     # Softmax in float32: half-precision log-probabilities of a 30k vocabulary lose the tail.
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -109,19 +182,11 @@ def mix_teacher_logits(
 
 
 def divergence_from_log_probs(
-    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, divergence: str | Divergence
 ) -> torch.Tensor:
-    """One of `DIVERGENCES` between two distributions given as log-probabilities over the last dimension."""
-    if divergence == "forward_kl":
-        return _row_kl(teacher_log_probs, student_log_probs)
-    if divergence == "reverse_kl":
-        return _row_kl(student_log_probs, teacher_log_probs)
-    if divergence == "jsd":
-        mixture_log_probs = torch.logsumexp(torch.stack([student_log_probs, teacher_log_probs]), dim=0) - math.log(2)
-        return 0.5 * _row_kl(teacher_log_probs, mixture_log_probs) + 0.5 * _row_kl(
-            student_log_probs, mixture_log_probs
-        )
-    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    """One of `DIVERGENCES` (a name, or a [`Divergence`] with its parameter) between two distributions given as
+    log-probabilities over the last dimension."""
+    return as_divergence(divergence)(student_log_probs, teacher_log_probs)
 
 
 def topk_soft_target_loss(
@@ -131,7 +196,7 @@ def topk_soft_target_loss(
     teacher_log_normalizer: torch.Tensor,
     teacher_tail: torch.Tensor | None,
     temperature: float = 1.0,
-    divergence: str = "forward_kl",
+    divergence: str | Divergence = "forward_kl",
     reduction: str = "mean",
 ) -> torch.Tensor:
     """`soft_target_loss` from the teacher's k largest logits per item instead of all of them.
@@ -148,12 +213,11 @@ def topk_soft_target_loss(
     The approximation: both distributions are coarsened to k + 1 outcomes, the k teacher tokens and one bucket
     holding all the rest, and the divergence is taken between the coarsened distributions (the student's
     bucket mass is computed exactly from its full logits). With k equal to the vocabulary this is the exact
-    loss. Otherwise it is never larger than the exact loss (merging outcomes cannot increase a KL or JS
-    divergence) and equals it when, outside the top k, the student's probabilities are proportional to the
+    loss. Otherwise it is never larger than the exact loss (merging outcomes cannot increase any of these
+    divergences: each is jointly convex in the two distributions) and equals it when, outside the top k, the student's probabilities are proportional to the
     teacher's; the difference is what is left of the divergence inside the teacher's tail.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    divergence = as_divergence(divergence)  # refuses an unknown name
     if teacher_values.shape != teacher_indices.shape or teacher_values.shape[:-1] != student_logits.shape[:-1]:
         raise ValueError(
             f"top-k teacher values {tuple(teacher_values.shape)} and indices {tuple(teacher_indices.shape)} do not "

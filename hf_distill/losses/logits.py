@@ -16,7 +16,13 @@ from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
 from .base import CachedLogits, DistillationLoss, TeacherEnsemble, batch_size, register_loss
 from .chunked import chunked_rows_loss, chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
-from .functional import DIVERGENCES, TEACHER_MIXTURES, mix_teacher_logits, soft_target_loss, topk_soft_target_loss
+from .functional import (
+    TEACHER_MIXTURES,
+    Divergence,
+    mix_teacher_logits,
+    soft_target_loss,
+    topk_soft_target_loss,
+)
 
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
@@ -90,7 +96,11 @@ class SoftTargetLoss(DistillationLoss):
     Options:
         temperature (`float`, defaults to 2.0): softens both distributions; must be > 0.
         divergence (`str`, defaults to `"forward_kl"`): `"forward_kl"` (KL(teacher || student), the published
-            loss), `"reverse_kl"` or `"jsd"`.
+            loss), `"reverse_kl"`, `"jsd"`, `"generalized_jsd"` (GKD's, with `beta`), `"skew_kl"` or
+            `"skew_reverse_kl"` (DistiLLM's, with `alpha`); formulas in [`~hf_distill.losses.functional.Divergence`].
+        beta (`float`, *optional*): `generalized_jsd`'s weight of the teacher in the mixture, in [0, 1] (default
+            0.5; 0 is `forward_kl`, 1 is `reverse_kl`, TRL's convention).
+        alpha (`float`, *optional*): the skew of `skew_kl` / `skew_reverse_kl`, in [0, 1) (default 0.1, DistiLLM's).
         chunk_size (`int`, *optional*): token-level losses run this many positions at a time
             ([`chunked_soft_target_loss`]), so that a large vocabulary adds one full-vocabulary tensor to peak
             memory instead of several. Same value and gradients; smaller chunks save more and loop more. By
@@ -133,6 +143,8 @@ class SoftTargetLoss(DistillationLoss):
         divergence: str = "forward_kl",
         chunk_size: int | None = None,
         teacher_mixture: str = "probabilities",
+        beta: float | None = None,
+        alpha: float | None = None,
     ):
         super().__init__()
         if teacher_mixture not in TEACHER_MIXTURES:
@@ -145,10 +157,13 @@ class SoftTargetLoss(DistillationLoss):
         self.chunk_size = chunk_size
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"soft_target temperature must be a number > 0, got {temperature!r}")
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"soft_target divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        try:
+            #: The divergence with its parameter, as the loss functions take it.
+            self.measure = Divergence(divergence, beta, alpha)
+        except ValueError as problem:
+            raise ValueError(f"soft_target {problem}") from None
         self.temperature = float(temperature)
-        self.divergence = divergence
+        self.divergence, self.beta, self.alpha = divergence, beta, alpha
         self.kind = None  # the student's (setup)
         self.shift = False
         self.token_level = False
@@ -156,14 +171,20 @@ class SoftTargetLoss(DistillationLoss):
         self.seq2seq = False
 
     def extra_repr(self) -> str:
+        parameter = "".join(
+            f", {name}={value}" for name, value in (("beta", self.beta), ("alpha", self.alpha)) if value is not None
+        )
         return (
-            f"temperature={self.temperature}, divergence={self.divergence!r}, teacher_mixture={self.teacher_mixture!r}"
+            f"temperature={self.temperature}, divergence={self.divergence!r}{parameter}, "
+            f"teacher_mixture={self.teacher_mixture!r}"
         )
 
     def mirror(self, teacher: str) -> SoftTargetLoss | None:
         if self.teacher_name not in (None, teacher):
             return None  # a term that follows another teacher has no counterpart for this one
-        return SoftTargetLoss(self.temperature, self.divergence, self.chunk_size, self.teacher_mixture)
+        return SoftTargetLoss(
+            self.temperature, self.divergence, self.chunk_size, self.teacher_mixture, self.beta, self.alpha
+        )
 
     def cached_logits(self) -> CachedLogits:
         level = "span" if self.span else ("token" if self.token_level else "example")
@@ -200,7 +221,7 @@ class SoftTargetLoss(DistillationLoss):
                     "of your own (register_loss)"
                 )
             return soft_target_loss(
-                student_logits, teacher_outputs.logits, self.temperature, self.divergence, reduction="sum"
+                student_logits, teacher_outputs.logits, self.temperature, self.measure, reduction="sum"
             )
         mask = self.position_mask(inputs)
         if isinstance(student_logits, ProjectedRows):
@@ -231,7 +252,7 @@ class SoftTargetLoss(DistillationLoss):
             student_logits,
             teacher_logits,
             self.temperature,
-            self.divergence,
+            self.measure,
             mask=student_mask,
             chunk_size=rows_per_chunk(student_logits.shape[-1], self.chunk_size),
         )
@@ -248,7 +269,7 @@ class SoftTargetLoss(DistillationLoss):
             if not isinstance(teacher, ProjectedRows) and teacher.dim() != 2:
                 teacher = teacher[mask.to(teacher.device)]
             self._rows_mask(teacher, mask, "teacher")
-            temperature, divergence = self.temperature, self.divergence
+            temperature, divergence = self.temperature, self.measure
 
             def row_loss(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
                 if isinstance(teacher, ProjectedRows):
@@ -303,7 +324,7 @@ class SoftTargetLoss(DistillationLoss):
                 padding = ~mask.bool().to(student.device)
                 student = student.masked_fill(padding, _PADDING_LOGIT * self.temperature)
                 teacher = teacher.masked_fill(padding.to(teacher.device), _PADDING_LOGIT * self.temperature)
-            total = total + soft_target_loss(student, teacher, self.temperature, self.divergence, reduction="sum")
+            total = total + soft_target_loss(student, teacher, self.temperature, self.measure, reduction="sum")
         return total / 2
 
     @staticmethod
@@ -325,7 +346,7 @@ class SoftTargetLoss(DistillationLoss):
                 f"the teacher cache holds {targets.num_rows} target positions for this batch but the loss counts "
                 f"{int(mask.sum())}: the labels (masking) differ from those the cache was built with; rebuild it"
             )
-        temperature, divergence = self.temperature, self.divergence
+        temperature, divergence = self.temperature, self.measure
         if targets.logits is not None:
             return lambda rows, start, end: soft_target_loss(
                 rows, targets.logits[start:end], temperature, divergence, reduction="sum"
