@@ -10,8 +10,11 @@ from typing import Any
 from ..augmentation import ImageAugmentation
 from ..text_augmentation import WordReplacement
 from .settings import (
+    IMAGE_CLASSIFICATION,
+    MASKED_LM,
     TASKS,
     TEACHER_MLM,
+    TEXT_CLASSIFICATION,
     UNUSED_EXAMPLES,
     DataSettings,
     DistillationSettings,
@@ -41,9 +44,7 @@ class PipelineArguments:
     `distillation_settings`, `refinement_settings`, `measurement_settings`; [`hf_distill.pipeline.settings`]).
     """
 
-    task: str = field(
-        default="text-classification", metadata={"help": "What the models do: " + ", ".join(TASKS) + "."}
-    )
+    task: str = field(default=TEXT_CLASSIFICATION, metadata={"help": "What the models do: " + ", ".join(TASKS) + "."})
     teacher: list[str] | None = field(
         default=None,
         metadata={
@@ -281,7 +282,7 @@ class PipelineArguments:
             "the same architecture from the teacher's layers fine-tuned without the distillation stage."
         },
     )
-    refine_task: str = field(default="text-classification", metadata={"help": "Task of --refine_dataset."})
+    refine_task: str = field(default=TEXT_CLASSIFICATION, metadata={"help": "Task of --refine_dataset."})
     refine_max_train_samples: int | None = field(
         default=None, metadata={"help": "Refine on the first N examples of --refine_dataset (default: all)."}
     )
@@ -359,7 +360,7 @@ class PipelineArguments:
             raise ValueError("name a teacher: --teacher <Hub id or folder>, or --teacher_config to train one here")
         if self.teacher_config is not None and not isinstance(self.teacher_config, dict):
             raise ValueError("teacher_config must be a mapping with model_type (in YAML) or a JSON string")
-        if self.teacher_config is not None and self.task == "image-classification" and self.image_size is None:
+        if self.teacher_config is not None and self.task == IMAGE_CLASSIFICATION and self.image_size is None:
             raise ValueError("a teacher built from --teacher_config needs --image_size for its image processor")
         if self.dataset is None:
             raise ValueError("name the data: --dataset <Hub id, folder, text files or offline:<source>>")
@@ -370,7 +371,7 @@ class PipelineArguments:
                 f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}"
             )
         if self.transfer_dataset is not None:
-            if self.task == "masked-lm":
+            if self.task == MASKED_LM:
                 raise ValueError(
                     "a transfer set is for classification: masked-LM training text has no labels to leave out, so "
                     "add the extra text to --dataset instead of --transfer_dataset"
@@ -381,7 +382,7 @@ class PipelineArguments:
                     "example already has its label: set --max_train_samples, or name another --transfer_dataset"
                 )
         if self.image_augmentation_copies is not None:
-            if self.task != "image-classification":
+            if self.task != IMAGE_CLASSIFICATION:
                 raise ValueError(f"--image_augmentation_copies augments images, but the task is {self.task}")
             self.image_copies()  # refuses bad keys and values before any stage
         if self.word_replacement_mlm == TEACHER_MLM and self.teacher is None:
@@ -391,7 +392,7 @@ class PipelineArguments:
             )
         if self.word_replacement_mlm is not None:
             self.word_replacement(seed=0)  # refuses a rate, candidate or copy count out of range, before any stage
-        if self.word_replacement_mlm is not None and self.task != "text-classification":
+        if self.word_replacement_mlm is not None and self.task != TEXT_CLASSIFICATION:
             raise ValueError(
                 f"word replacement augments labeled texts for text classification, not {self.task}: drop "
                 "--word_replacement_mlm (for masked LM, add more text to --dataset instead)"
@@ -437,7 +438,7 @@ class PipelineArguments:
                     f'string such as \'{{"hidden_size": 256, "num_attention_heads": 8}}\'), got {self.student_width!r}'
                 )
         if self.student_quantization == "int8":
-            if self.task == "masked-lm":
+            if self.task == MASKED_LM:
                 raise ValueError(
                     "int8 students are for classification: a masked LM ties its word embeddings to its output "
                     "layer, which the int8 format quantizes two ways; drop --student_quantization for masked LM"
@@ -463,7 +464,7 @@ class PipelineArguments:
             raise ValueError(f"refine_losses must be a mapping of loss terms, as --losses, got {self.refine_losses!r}")
         if self.refine_dataset is None:
             return
-        if self.refine_task not in TASKS or self.refine_task == "masked-lm":
+        if self.refine_task not in TASKS or self.refine_task == MASKED_LM:
             raise ValueError(
                 f"refine_task must be a labeled task ({', '.join(TASKS[:1])}, ...), got {self.refine_task!r}"
             )

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import PreparedData
+from .settings import MASKED_LM
 
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def evaluate_model(
     """Accuracy (and, for masked LM, perplexity over the masked tokens) of `model` on `data.eval`, on the device
     the model is on. Each batch is reduced as it comes (hits and log-probabilities of the labels), so no logits
     pile up; the loop is our own because transformers' Trainer refuses quantized models, even for evaluation."""
-    masked_lm = data.task == "masked-lm"
+    masked_lm = data.task == MASKED_LM
     device = next(model.parameters()).device
     training = model.training
     model.eval()
