@@ -114,12 +114,10 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     Each stage receives its group of `args` ([`hf_distill.pipeline.settings`]); this function alone reads them all.
     """
     timings, started = {}, time.perf_counter()
-    data_settings, teacher_settings, student_settings = (
-        args.data_settings,
-        args.teacher_settings,
-        args.student_settings,
-    )
-    stage, refining, measuring = args.distillation_settings, args.refinement_settings, args.measurement_settings
+    data_settings, teacher_settings = args.data_settings, args.teacher_settings
+    student_settings, stage = args.student_settings, args.distillation_settings
+    refining, measuring = args.refinement_settings, args.measurement_settings
+    several = teacher_settings.teachers  # {name: path} with several teachers, else None
 
     def lap(stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -127,9 +125,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         logger.info("Stage %s took %.1f s", stage, now - since)
         return now
 
-    for name, source in (
-        teacher_settings.teachers or {"": teacher_settings.teacher}
-    ).items():  # before any stage: not found is a usage error
+    # Before any stage: a teacher or student that is not found is a usage error.
+    for name, source in (several or {"": teacher_settings.teacher}).items():
         check_model_source(source, f"--teacher {name}=" if name else "--teacher")
     if isinstance(student_settings.config, str):
         check_model_source(student_settings.config, "--student_config")
@@ -155,7 +152,6 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
 
     set_seed(config.seed)
     student, layer_map = make_student(student_settings, teacher, data, config.seed)
-    several = teacher_settings.teachers
     losses = losses_with_layer_map(config.losses, layer_map, next(iter(several)) if several else None)
     distill_config = stage_args(config, config.output_dir, losses=losses)
     clock = lap("student", clock)
