@@ -116,9 +116,11 @@ class Divergence:
 
 
 def _log_mixture(teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, share: float) -> torch.Tensor:
-    """log(share · p + (1 - share) · q) from log p and log q, for 0 < share < 1."""
-    weighted = torch.stack([teacher_log_probs + math.log(share), student_log_probs + math.log1p(-share)])
-    return torch.logsumexp(weighted, dim=0)
+    """log(share · p + (1 - share) · q) from log p and log q, for 0 < share < 1: log(1 - share) taken out of the
+    logsumexp, so that only the teacher's side is shifted (and at share ½, as for `jsd`, neither is)."""
+    shift = math.log(share) - math.log1p(-share)
+    teacher = teacher_log_probs if shift == 0 else teacher_log_probs + shift
+    return torch.logsumexp(torch.stack([teacher, student_log_probs]), dim=0) + math.log1p(-share)
 
 
 def as_divergence(divergence: str | Divergence) -> Divergence:

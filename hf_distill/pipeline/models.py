@@ -73,17 +73,17 @@ def _load_kwargs(data: PreparedData, attn_implementation: str | None) -> dict[st
 
 def _teacher_record(args: TeacherSettings, config: DistillationConfig, data: PreparedData) -> dict[str, Any]:
     """What a teacher trained here was trained from: its own settings and those of the data it was trained on."""
-    prepared = data.settings
+    prepared = data.settings  # None for a PreparedData built by hand: its data facts are then unknown
     return {
         "teacher": args.teacher,
         "teacher_config": args.teacher_config,
         "task": args.task,
-        "dataset": None if prepared is None else prepared.dataset,
-        "dataset_config_name": None if prepared is None else prepared.dataset_config_name,
+        "dataset": getattr(prepared, "dataset", None),
+        "dataset_config_name": getattr(prepared, "dataset_config_name", None),
         "train_examples": len(data.teacher_train),
-        "max_length": None if prepared is None else prepared.max_length,
-        "mlm_probability": None if prepared is None else prepared.mlm_probability,
-        "image_size": None if prepared is None else prepared.image_size,
+        "max_length": getattr(prepared, "max_length", None),
+        "mlm_probability": getattr(prepared, "mlm_probability", None),
+        "image_size": getattr(prepared, "image_size", None),
         "labels": data.label_names,
         "epochs": args.num_train_epochs,
         "learning_rate": args.learning_rate,
