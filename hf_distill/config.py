@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import GenerationConfig, TrainingArguments
 
 from .augmentation import ImageAugmentation
 from .losses import available_losses, build_losses
+from .rollouts import rollout_generation_config
 from .teacher_sources import normalized_weights
 
 
@@ -104,6 +105,17 @@ class DistillationConfig(TrainingArguments):
             labels mix alike and `hard_label` reads them as class probabilities). Drawn from `seed` and the
             micro-batch's position in training, so a resumed run draws the same views. Refused with a teacher
             cache (its outputs belong to one view of each image) and with teachers that learn when mixing.
+        lmbda (`float`, *optional*, defaults to 0.0):
+            Causal LMs: the probability that an optimizer step trains on completions the student samples from the
+            prompts of its batch (on-policy distillation, GKD's λ; [`hf_distill.rollouts`]) instead of the dataset's.
+            One draw per optimizer step, from `seed` and the step: the same on every process and on a resumed run.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            Causal LMs: in the steps that do not sample from the student, train on completions the teacher samples
+            (sequence-level KD) instead of the dataset's. With several teachers, the first one samples.
+        rollout_generation (`dict` or `GenerationConfig`, *optional*):
+            How completions are sampled with `lmbda` or `seq_kd`: a `GenerationConfig` or a mapping of its fields.
+            Defaults: `{"max_new_tokens": 128, "do_sample": true, "temperature": 1.0, "top_k": 0, "top_p": 1.0}`;
+            the KV cache is always on.
         check_finite (`bool`, *optional*, defaults to `True`):
             Stop training with a `FloatingPointError` that names the culprit (a teacher output, a loss term, the
             loss or the gradients), the step and what to try, when a value of a step is NaN or infinite, before the
@@ -111,7 +123,13 @@ class DistillationConfig(TrainingArguments):
             fp16's gradient scaler, infinite gradients are left to the scaler, which skips such steps by design.
     """
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "losses", "teacher_weights", "image_augmentation"]
+    _VALID_DICT_FIELDS = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "losses",
+        "teacher_weights",
+        "image_augmentation",
+        "rollout_generation",
+    ]
 
     losses: dict | str | None = field(
         default_factory=_default_losses,
@@ -221,6 +239,28 @@ class DistillationConfig(TrainingArguments):
             "1.0}'. Refused with a teacher cache."
         },
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Causal LMs: probability that an optimizer step trains on completions the student samples from its "
+            "prompts (on-policy distillation, GKD's lambda) instead of the dataset's; one draw per step."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Causal LMs: steps that do not sample from the student train on completions the teacher samples "
+            "(sequence-level KD) instead of the dataset's."
+        },
+    )
+    rollout_generation: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "With lmbda or seq_kd: GenerationConfig fields for sampling completions, as a JSON mapping, e.g. "
+            '\'{"max_new_tokens": 64, "temperature": 1.0, "top_k": 0, "top_p": 1.0}\' (those are the defaults, with '
+            "max_new_tokens 128)."
+        },
+    )
     check_finite: bool = field(
         default=True,
         metadata={
@@ -264,6 +304,7 @@ class DistillationConfig(TrainingArguments):
                     "(--image_augmentation none); the pipeline's --image_augmentation_copies draws fixed views a cache "
                     "can serve"
                 )
+        self._check_rollouts()
         # Building the losses validates names, weights and options before anything else runs.
         build_losses(self.losses)
         if (
@@ -278,6 +319,28 @@ class DistillationConfig(TrainingArguments):
         if self.dataloader_pin_memory and not torch.accelerator.is_available():
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+    def _check_rollouts(self) -> None:
+        if isinstance(self.rollout_generation, GenerationConfig):  # stored as a mapping: arguments stay JSON
+            self.rollout_generation = {
+                key: value
+                for key, value in self.rollout_generation.to_diff_dict().items()
+                if key != "transformers_version"
+            }
+        self.rollout_generation = _json_mapping(
+            "rollout_generation", self.rollout_generation, '{"max_new_tokens": 64, "temperature": 1.0}'
+        )
+        rollout_generation_config(self.rollout_generation)  # unknown fields and bad values, now
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda is a probability: a number in [0, 1], got {self.lmbda!r}")
+        if not isinstance(self.seq_kd, bool):
+            raise ValueError(f"seq_kd must be true or false, got {self.seq_kd!r}")
+        if self.teacher_cache is not None and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                "a teacher cache holds the teacher's outputs on the dataset's sequences, but lmbda > 0 and seq_kd train "
+                "on completions generated during training, which no cache has seen: drop teacher_cache to distil "
+                "online, or set lmbda=0 and seq_kd=False"
+            )
 
 
 def _json_mapping(name: str, value: Any, example: str) -> Any:

@@ -126,10 +126,19 @@ class TermSet:
         """What the student is asked for beyond its logits (`output_hidden_states`, `output_attentions`)."""
         return output_flags(loss.student_outputs for loss in self.losses.values())
 
-    def count_window(self, batches: Sequence[Mapping[str, Any]], device: torch.device, reduce: Callable) -> None:
-        """Count each term's items over the micro-batches of one optimizer step (`reduce` sums over processes)."""
+    def count_window(
+        self, batches: Sequence[Mapping[str, Any]], device: torch.device, reduce: Callable, generated: bool = False
+    ) -> None:
+        """Count each term's items over the micro-batches of one optimizer step (`reduce` sums over processes); in a
+        step of `generated` completions, a term on the dataset's completions only counts none."""
+        zero = torch.zeros((), device=device)
         counts = torch.stack(
-            [sum(loss.count_items(batch).to(device) for batch in batches) for loss in self.losses.values()]
+            [
+                zero
+                if generated and loss.dataset_completions_only
+                else sum(loss.count_items(batch).to(device) for batch in batches)
+                for loss in self.losses.values()
+            ]
         )
         self.window_counts = dict(zip(self.losses, reduce(counts).clamp_min(1), strict=True))
 

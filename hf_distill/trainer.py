@@ -38,6 +38,14 @@ from .objective import check_resume, objective_record, write_objective
 from .overrides import Overrides
 from .randomness import preserved_random_state
 from .reporting import TermLog, TermReportingMixin
+from .rollouts import (
+    GenerateBackend,
+    RolloutBackend,
+    Rollouts,
+    generation_seed,
+    rollout_generation_config,
+    special_tokens,
+)
 from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import prepare_frozen_teacher
@@ -107,9 +115,12 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         model: nn.Module | None = None,
         teacher_model: nn.Module | str | Mapping[str, nn.Module | str] | None = None,
         args: DistillationConfig | None = None,
+        rollout_backend: RolloutBackend | None = None,
         **kwargs: Any,
     ):
         args = checked_trainer_args(args, model, kwargs)
+        #: Where the completions of the current optimizer step come from: "data", "student" or "teacher".
+        self.completion_source = "data"
         self.overrides = Overrides.of(type(self), DistillationTrainer)
         built = build_losses(args.losses)
         # 1. Which teachers there are, where their outputs come from, and which terms read which.
@@ -140,6 +151,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         super().__init__(model=model, args=args, **kwargs)  # seeds the random streams training draws from
         with preserved_random_state():  # probes and a cache build draw nothing training would
             self._set_up(model, args, kwargs, teacher_terms, names, models, caches)
+        self.rollouts = self._rollouts(rollout_backend)
 
     def _set_up(self, model, args, kwargs, teacher_terms, names, models, caches) -> None:
         """Everything built after the Trainer: sources, losses, logit rows, a teacher cache (see `__init__`)."""
@@ -202,6 +214,30 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.teacher_cache = next(iter(opened.values()))
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+
+    def _rollouts(self, backend: RolloutBackend | None) -> Rollouts | None:
+        """What replaces a step's completions with `lmbda` or `seq_kd` (None without either), checked now."""
+        if not (self.args.lmbda > 0 or self.args.seq_kd):
+            if backend is not None:
+                raise ValueError("rollout_backend generates completions for lmbda > 0 or seq_kd; set one of them")
+            return None
+        student = self.accelerator.unwrap_model(self.model)
+        if not describe(student).causal_lm:
+            raise ValueError(
+                f"lmbda and seq_kd sample completions from a causal LM, but the student is a {type(student).__name__}: "
+                "set lmbda=0 and seq_kd=False, or distil a *ForCausalLM student"
+            )
+        if self.args.seq_kd and not any(isinstance(s, FrozenTeacher) for s in self.roster.sources.values()):
+            raise ValueError("seq_kd samples completions from the teacher: pass teacher_model=(a causal LM)")
+        pad, eos = special_tokens(student, self.processing_class)
+        return Rollouts(
+            lmbda=float(self.args.lmbda),
+            seq_kd=self.args.seq_kd,
+            generation_config=rollout_generation_config(self.args.rollout_generation),
+            pad_token_id=pad,
+            eos_token_ids=eos,
+            backend=GenerateBackend() if backend is None else backend,
+        )
 
     def _teacher_runner(self, name: str, several: bool):
         """How teacher `name`'s source runs a batch: through `teacher_forward`, so that an override applies."""
@@ -305,7 +341,10 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         return self.roster.for_term(self.terms.routes.get(term) or [], teacher_outputs)
 
     def term_computable(self, loss: DistillationLoss, has_teacher: bool, inputs: Mapping[str, Any]) -> bool:
-        """Whether a term can be computed on this batch (in training, every term must be: it is never skipped)."""
+        """Whether a term can be computed on this batch (in training every term is, except a term on the dataset's
+        completions only in a step of generated completions)."""
+        if loss.dataset_completions_only and self.model.training and self.completion_source != "data":
+            return False
         if loss.needs_teacher and not has_teacher:
             return False
         unlabeled = all(inputs.get(key) is None for key in self._label_keys)
@@ -380,6 +419,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """Fetch the micro-batches of one optimizer step and count each term's items over all of them."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.rollouts is not None and batch_samples:  # before counting: the terms count completion tokens
+            batch_samples = self._with_completions(batch_samples)
         if self.image_augmentation is not None:  # before counting: mixed labels count by their mass
             batch_samples = [self._augmented(batch, position) for position, batch in enumerate(batch_samples)]
         self.extra_parts.zero_grad()
@@ -387,8 +428,25 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.term_log.steps += 1  # an empty fetch (end of data) is followed by no optimizer step
             several = self.accelerator.num_processes > 1
             reduce = partial(self.accelerator.reduce, reduction="sum") if several else (lambda counts: counts)
-            self.terms.count_window(batch_samples, device, reduce)
+            self.terms.count_window(batch_samples, device, reduce, generated=self.completion_source != "data")
         return batch_samples, num_items_in_batch
+
+    def _with_completions(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The micro-batches of one optimizer step, their completions sampled from the student or the teacher when
+        the step's draw says so ([`hf_distill.rollouts`]): one generation for all of them."""
+        step = self.state.global_step
+        self.completion_source = self.rollouts.source(self.args.seed, step)
+        if self.completion_source == "data":
+            return batches
+        if self.completion_source == "student":
+            model = self.accelerator.unwrap_model(self.model)
+        else:
+            model = next(s.model for s in self.roster.sources.values() if isinstance(s, FrozenTeacher))
+            model = self.accelerator.unwrap_model(model)
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        synced = (zero3 or self.is_fsdp_enabled) and self.accelerator.num_processes > 1
+        seed = generation_seed(self.args.seed, step, self.args.process_index)
+        return self.rollouts.replace(batches, model, seed, synced)
 
     def _augmented(self, inputs: dict[str, Any], position: int) -> dict[str, Any]:
         """One view of a training micro-batch, drawn from the seed, the step, the micro-batch's place in the step

@@ -3,7 +3,16 @@
 import sys
 from pathlib import Path
 
-from helpers import bert_masked_lm, config, end_launched_process, masked_lm_dataset
+from helpers import (
+    PromptEcho,
+    bert_masked_lm,
+    causal_lm,
+    config,
+    end_launched_process,
+    masked_lm_dataset,
+    pad_right,
+    prompt_completion_dataset,
+)
 from safetensors.torch import save_file
 
 from hf_distill import DistillationTrainer
@@ -16,6 +25,38 @@ SEVERAL_LOSSES = {
     "hidden_a": {"type": "hidden_state", "weight": 1.0, "teacher": "a"},
     "hidden_b": {"type": "hidden_state", "weight": 1.0, "teacher": "b", "layer_map": [[2, 2]]},
 }
+
+
+#: On-policy: the student's completions (echoed deterministically, so both launches see the same), scored by GKD's
+#: divergence and compared on hidden states.
+ON_POLICY_LOSSES = {
+    "soft_target": {"weight": 1.0, "divergence": "generalized_jsd", "beta": 0.5},
+    "hard_label": {"weight": 1.0},
+    "hidden_state": {"weight": 1.0, "layer_map": [[-1, -1]]},
+}
+
+
+def run_on_policy(output_dir: Path, batch_size: int):
+    """Two steps of on-policy distillation of a tiny causal LM (lmbda 1): every completion-token count differs by
+    process, so only a global normalisation matches one process with the combined batch."""
+    trainer = DistillationTrainer(
+        model=causal_lm(2, width=8),  # narrower than the teacher: hidden_state trains a projector
+        teacher_model=causal_lm(1, layers=3),
+        args=config(
+            output_dir,
+            ON_POLICY_LOSSES,
+            max_steps=2,
+            per_device_train_batch_size=batch_size,
+            optim="sgd",
+            max_grad_norm=0.0,
+            lmbda=1.0,
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(16),
+        data_collator=pad_right,
+        rollout_backend=PromptEcho(),
+    )
+    trainer.train()
+    return trainer
 
 
 def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, several: bool = False,
@@ -51,7 +92,10 @@ if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
     mode = sys.argv[2] if sys.argv[2:] else "online"
     cache = str(output_dir / "cache") if mode == "cache" else None
-    trainer = run(output_dir, batch_size=4, teacher_cache=cache, several=mode == "several", mutual=mode == "mutual")
+    if mode == "on_policy":
+        trainer = run_on_policy(output_dir, batch_size=4)
+    else:
+        trainer = run(output_dir, 4, teacher_cache=cache, several=mode == "several", mutual=mode == "mutual")
     if trainer.args.process_index == 0:
         state = {f"student.{k}": v for k, v in trainer.model.state_dict().items()}
         state.update({f"losses.{k}": v for k, v in trainer.distillation_losses.state_dict().items()})

@@ -16,6 +16,8 @@ from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
     MobileNetV2Config,
     MobileNetV2ForImageClassification,
     T5Config,
@@ -169,6 +171,54 @@ def seq2seq_dataset(size: int = 16, seed: int = 0, padded: bool = True) -> Datas
     labels = [row[:length] + ([-100] * (TARGET_LEN - length) if padded else []) for row, length in
               zip(targets.tolist(), lengths.tolist(), strict=True)]  # fmt: skip
     return data.add_column("labels", labels)
+
+
+#: The tiny causal LMs' special tokens: padding, start and end of sequence.
+LM_PAD, LM_BOS, LM_EOS = 0, 1, 2
+
+
+def causal_lm(seed: int, layers: int = 2, width: int = 16) -> GPT2LMHeadModel:
+    """A small GPT-2 without dropout, whose config names its padding and end-of-sequence tokens."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, n_positions=64, n_embd=width, n_layer=layers, n_head=2)
+    tokens = dict(bos_token_id=LM_BOS, eos_token_id=LM_EOS, pad_token_id=LM_PAD)
+    return GPT2LMHeadModel(GPT2Config(**settings, **tokens, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def prompt_completion_dataset(size: int = 16, seed: int = 0) -> Dataset:
+    """Prompts of 2-5 tokens, completions of 4 tokens and an end-of-sequence token, the prompts labeled -100."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(size):
+        length = int(torch.randint(2, 6, (1,), generator=generator))
+        prompt = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        completion = torch.randint(3, VOCAB, (4,), generator=generator).tolist() + [LM_EOS]
+        ids = prompt + completion
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * length + completion})
+    return Dataset.from_list(rows)
+
+
+def pad_right(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """A causal-LM collator: each micro-batch right-padded to its longest row (labels with -100)."""
+    length = max(len(row["input_ids"]) for row in rows)
+    return {
+        key: torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows])
+        for key, fill in (("input_ids", LM_PAD), ("attention_mask", 0), ("labels", -100))
+    }
+
+
+class PromptEcho:
+    """A rollout backend that samples nothing: each prompt's completion is its last (length mod 3) + 1 tokens
+    reversed, then the end-of-sequence token. Completions of different lengths, the same in any batch and process."""
+
+    def generate(self, model, input_ids, attention_mask, generation_config, synced_gpus):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = ids[mask.bool()]
+            rows.append(prompt.flip(0)[: len(prompt) % 3 + 1].tolist() + [LM_EOS])
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [LM_PAD] * (width - len(row)) for row in rows], device=input_ids.device)
+        return torch.cat([input_ids, new], dim=1)
 
 
 def config(tmp_path, losses: dict | None = None, config_class=DistillationConfig, **overrides) -> DistillationConfig:

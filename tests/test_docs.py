@@ -7,7 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TARGET_LEN, bart, bert_classifier, seq2seq_dataset, text_dataset
+from helpers import (
+    TARGET_LEN,
+    bart,
+    bert_classifier,
+    causal_lm,
+    pad_right,
+    prompt_completion_dataset,
+    seq2seq_dataset,
+    text_dataset,
+)
 from pipeline_assets import write_encoder_teacher, write_masked_lm_teacher, write_sentiment_dataset, write_tokenizer
 
 from hf_distill import DistillationConfig, DistillationTrainer
@@ -48,6 +57,10 @@ def namespace(folder: Path) -> dict:
         "seq2seq_teacher": bart(0, layers=2),
         "pairs": seq2seq_dataset(8),
         "exact_match": exact_match,
+        "lm_student": causal_lm(2),
+        "lm_teacher": causal_lm(1, layers=3),
+        "prompts": prompt_completion_dataset(16),
+        "pad_right": pad_right,
         "encoder_dir": write_encoder_teacher(str(folder / "encoder")),
         "reviews_dir": write_sentiment_dataset(str(folder / "reviews")),
         "mlm_dir": write_masked_lm_teacher(str(folder / "mlm")),
@@ -83,7 +96,7 @@ def test_every_relative_link_of_the_docs_points_at_a_file_and_heading():
                 broken.append(f"{page.name} -> {target[0]}")
             elif anchor and path.suffix == ".md":
                 headings = re.findall(r"^#+ (.*)$", path.read_text(encoding="utf-8"), re.MULTILINE)
-                slugs = {re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-") for heading in headings}
+                slugs = {re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-") for heading in headings}
                 if anchor not in slugs:
                     broken.append(f"{page.name} -> {target[0]}#{anchor}")
     assert broken == []

@@ -419,3 +419,21 @@ def test_causal_lm_soft_target_with_gkd_and_distillm_divergences_equals_its_form
     q = F.softmax(student_logits[:, :-1][counted] / 0.1, -1)
     expected = (0.1**2 * by_hand(p, q)).mean().item()
     check_term(trainer, "soft_target", dataset, expected)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_lm_sampled_token_equals_its_formula(tmp_path, fused):
+    """The value is the mean over counted tokens y (the label after each position) of log q(y) - log p(y)."""
+    student, teacher = tiny_gpt2(seed=2, layers=2), tiny_gpt2(seed=1, layers=3)
+    dataset = causal_lm_dataset(8)
+    losses = {"sampled_token": {"weight": WEIGHT, "chunk_size": 5}}
+    trainer = trainer_for(tmp_path, student, teacher, losses, dataset, fused_token_logits=fused)
+    batch = as_batch(dataset)
+    with torch.no_grad():
+        inputs = model_inputs(batch)
+        student_logits, teacher_logits = student(**inputs).logits.double(), teacher(**inputs).logits.double()
+    counted = batch["labels"][:, 1:] != -100
+    tokens = batch["labels"][:, 1:][counted]
+    log_q = F.log_softmax(student_logits[:, :-1][counted], -1).gather(-1, tokens[:, None]).squeeze(-1)
+    log_p = F.log_softmax(teacher_logits[:, :-1][counted], -1).gather(-1, tokens[:, None]).squeeze(-1)
+    check_term(trainer, "sampled_token", dataset, (log_q - log_p).mean().item())

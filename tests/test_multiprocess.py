@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_run import run
+from ddp_run import run, run_on_policy
 from helpers import free_port
 from safetensors.torch import load_file
 
@@ -18,7 +18,8 @@ TESTS = Path(__file__).parent
 # One pair of launches in the default suite; the other teacher kinds are the same check, each a minute of launches
 # (`make test-slow`, and CI).
 @pytest.mark.parametrize(
-    "teacher", ["online", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("cache", "several", "mutual"))]
+    "teacher",
+    ["online", *(pytest.param(kind, marks=pytest.mark.slow) for kind in ("cache", "several", "mutual", "on_policy"))],
 )
 def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teacher):
     environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -41,7 +42,11 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
 
     # One process, batch 8 = two processes of 4 (the distributed sampler interleaves, the update is the same
     # only when every term is normalised by the global item count and projector gradients are averaged).
-    single = run(tmp_path / "single", batch_size=8, several=teacher == "several", mutual=teacher == "mutual")
+    # On-policy, each process generates for its own prompts: the same completions as the one process (PromptEcho).
+    if teacher == "on_policy":
+        single = run_on_policy(tmp_path / "single", batch_size=8)
+    else:
+        single = run(tmp_path / "single", batch_size=8, several=teacher == "several", mutual=teacher == "mutual")
     assert any(key.startswith("losses.") for key in two_processes)
     for key, value in single.model.state_dict().items():
         torch.testing.assert_close(two_processes[f"student.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -64,3 +64,51 @@ def test_trl_generalized_jsd_is_hf_distill_divergence(beta, divergence, temperat
     trl_loss = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
     ours = soft_target_loss(student, teacher, temperature, divergence, mask=labels != -100, reduction="mean")
     torch.testing.assert_close(temperature**2 * trl_loss, ours, rtol=1e-5, atol=1e-7)
+
+
+def test_one_on_policy_batch_loss_equals_trl_gkd_trainer_on_the_same_student_samples(tmp_path):
+    """lmbda 1, beta 0.5, T 1: hf_distill's trainer generates the student's samples for its step; TRL's
+    `GKDTrainer.compute_loss` (TRL's own method, bound to a stand-in holding its teacher and beta) is fed that same
+    micro-batch. Both losses are the generalized JSD summed over completion tokens over their count, to 1e-5."""
+    import torch
+    from helpers import causal_lm, config, pad_right, prompt_completion_dataset
+
+    from hf_distill import DistillationTrainer
+
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    seen = []
+
+    class Recording(DistillationTrainer):
+        def compute_distillation_loss(self, student_outputs, teacher_outputs, inputs):
+            loss, terms = super().compute_distillation_loss(student_outputs, teacher_outputs, inputs)
+            if self.model.training:
+                seen.append(({key: inputs[key].clone() for key in ("input_ids", "attention_mask", "labels")}, loss))
+            return loss, terms
+
+    student, teacher = causal_lm(2), causal_lm(1, layers=3)
+    losses = {"soft_target": {"weight": 1.0, "divergence": "generalized_jsd", "beta": 0.5, "temperature": 1.0}}
+    trainer = Recording(
+        model=student,
+        teacher_model=teacher,
+        args=config(
+            tmp_path,
+            losses,
+            max_steps=1,
+            per_device_train_batch_size=4,
+            learning_rate=0.0,
+            lmbda=1.0,
+            rollout_generation={"max_new_tokens": 6},
+        ),  # fmt: skip
+        train_dataset=prompt_completion_dataset(8),
+        data_collator=pad_right,
+    )
+    trainer.train()
+    ((batch, ours),) = seen
+    assert trainer.completion_source == "student" and int((batch["labels"] != -100).sum()) > 4
+
+    stand_in = type("GKD", (), {"teacher_model": teacher, "beta": 0.5, "temperature": 1.0})()
+    stand_in.generalized_jsd_loss = gkd.GKDTrainer.generalized_jsd_loss
+    student.eval()  # no dropout either way; TRL runs the teacher in eval mode itself
+    with torch.no_grad():
+        theirs = gkd.GKDTrainer.compute_loss(stand_in, student, batch)
+    torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-7)

@@ -1,7 +1,8 @@
 """The loss library: one registry, each loss a pure tensor function (`functional`) plus a small module.
 
 Importing this package registers the built-in losses: `soft_target`, `hard_label`, `hidden_state`,
-`attention`, `relation`, `feature_map` and `deep_to_shallow` (self-distillation).
+`attention`, `relation`, `feature_map`, `deep_to_shallow` (self-distillation) and `sampled_token`
+(on-policy, from the teacher's log-probability of each sampled token).
 """
 
 from . import functional
@@ -20,6 +21,7 @@ from .chunked import chunked_soft_target_loss, projected_rows_loss, rows_per_chu
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
 from .logits import HardLabelLoss, SoftTargetLoss
+from .sampled import SampledTokenLoss, sampled_token_loss
 from .self_distillation import DeepToShallowLoss
 
 __all__ = [
@@ -31,12 +33,14 @@ __all__ = [
     "HardLabelLoss",
     "HiddenStateLoss",
     "RelationLoss",
+    "SampledTokenLoss",
     "SoftTargetLoss",
     "TeacherEnsemble",
     "available_losses",
     "build_losses",
     "chunked_soft_target_loss",
     "rows_per_chunk",
+    "sampled_token_loss",
     "projected_rows_loss",
     "functional",
     "needs_attention_maps",

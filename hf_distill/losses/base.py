@@ -53,7 +53,9 @@ class DistillationLoss(nn.Module):
     `accepts_projected_logits` is True for a loss that also takes those rows as a
     [`~hf_distill.logit_rows.ProjectedRows`] (hidden states and the projection, projected chunk by chunk by the
     loss itself, as `soft_target` and `hard_label` do); when every loss reading a model's logits does, that
-    model's projection is left to them (`DistillationConfig.fused_token_logits`).
+    model's projection is left to them (`DistillationConfig.fused_token_logits`). `dataset_completions_only` is
+    True for a loss that learns the dataset's labels themselves (`hard_label`): in a step whose completions were
+    generated (`DistillationConfig.lmbda`, `seq_kd`; [`hf_distill.rollouts`]) it counts no items and is not computed.
 
     With several teachers, a loss reads the one its `"teacher"` entry names (`teacher_name`); a loss with
     `mixes_teachers` True that names none reads them all, as a [`TeacherEnsemble`]
@@ -73,6 +75,7 @@ class DistillationLoss(nn.Module):
     accepts_row_logits: bool = False
     accepts_projected_logits: bool = False
     mixes_teachers: bool = False
+    dataset_completions_only: bool = False
     #: The name of the term in the config and in the logs; `build_loss` sets it.
     term: str = ""
     #: The teacher this term reads (its `"teacher"` entry), None for the only one or, if it mixes them, all.

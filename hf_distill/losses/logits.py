@@ -386,6 +386,7 @@ class HardLabelLoss(DistillationLoss):
     needs_labels = True
     accepts_row_logits = True
     accepts_projected_logits = True
+    dataset_completions_only = True  # sampled completions are not targets to imitate as labels
 
     #: Rows projected at a time when the logits arrive unprojected (`ProjectedRows`); None: `rows_per_chunk`.
     chunk_size: int | None = None
