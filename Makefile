@@ -46,7 +46,7 @@ assets: quickstart-assets
 
 # The offline quick start (~10 min on 2 cores): few labels and more text without them, where distillation beats
 # training on the labels alone beyond what seeds vary by. MiniLM teacher fine-tuned on 1,000 labelled Rotten
-# Tomatoes snippets, distilled into 3 of its layers on those and 3,000 more without labels. Run again, it replaces
+# Tomatoes snippets, distilled into 3 of its layers on those and 4,000 more without labels. Run again, it replaces
 # its report and student and reuses the teacher it trained.
 demo: install quickstart-assets
 	$(PYTHON) scripts/distill.py --recipe minilm-rotten-tomatoes-transfer --output_dir runs/minilm-rotten-tomatoes-transfer \

@@ -179,7 +179,9 @@ def _probe(model: nn.Module, defer: bool) -> Any:
     strictly); None if anything fails. In evaluation mode and without gradients, so no random state is drawn."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
-    input_ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    # Not the padding token: transformers warns about padding fed without an attention mask.
+    token = 1 if getattr(getattr(model, "config", None), "pad_token_id", None) == 0 else 0
+    input_ids = torch.full((1, 2), token, dtype=torch.long, device=device)
     rows = torch.tensor([[True, False]], device=device)
     training = model.training
     model.eval()

@@ -19,7 +19,7 @@ Generation runs once per optimizer step, on the prompts of all its micro-batches
 (no dropout) with its KV cache, from a random stream drawn from `seed`, the step and the process (resuming
 samples the same tokens), and with `synced_gpus` under DeepSpeed ZeRO-3 or FSDP, so a process whose samples end
 early keeps stepping with the others. `RolloutBackend` is the interface a generation engine plugs into
-(`GenerateBackend`, transformers' `generate`, is the default; docs/on_policy.md says what a vLLM one takes).
+(`GenerateBackend`, transformers' `generate`, is the default; docs/on-policy.md says what a vLLM one takes).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from .model_kind import describe
 from .randomness import preserved_random_state
+from .teacher_sources import FrozenTeacher
 
 #: What a step's completions can come from (the trainer's `completion_source` during that step).
 SOURCES = ("data", "student", "teacher")
@@ -185,8 +187,10 @@ class Rollouts:
         """Each prompt's sampled completion, cut after its first end-of-sequence token."""
         input_ids, attention_mask = left_padded(prompts, self.pad_token_id, device)
         config = self.generation_config
-        if config.pad_token_id is None or config.eos_token_id is None:
-            config = GenerationConfig(**{**config.to_dict(), "pad_token_id": self.pad_token_id})
+        if config.pad_token_id is None or config.eos_token_id is None:  # the model's, unless rollout_generation says
+            config = GenerationConfig(**config.to_dict())
+            if config.pad_token_id is None:
+                config.pad_token_id = self.pad_token_id
             if config.eos_token_id is None and self.eos_token_ids:
                 config.eos_token_id = list(self.eos_token_ids)
         training = model.training
@@ -239,6 +243,77 @@ def completed_batch(
         attention_mask[row, :end] = 1
         labels[row, start:end] = completion
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class RolloutMixin:
+    """Replaces the completions of a step's micro-batches for `DistillationTrainer` (its `get_batch_samples` calls
+    `_with_completions` before the items are counted). Reads the trainer's `args`, `model`, `roster`, `terms`,
+    `state`, `accelerator` and `processing_class`."""
+
+    #: Where the completions of the current optimizer step come from: "data", "student" or "teacher".
+    completion_source: str = "data"
+    rollouts: Rollouts | None = None
+
+    def _set_up_rollouts(self, backend: RolloutBackend | None) -> None:
+        student = self.accelerator.unwrap_model(self.model)
+        self.rollouts = build_rollouts(
+            self.args, student, self._sampling_teachers(), self.terms.losses, self.processing_class, backend
+        )
+
+    def _sampling_teachers(self) -> list[nn.Module]:
+        """The teachers in memory that can sample (`seq_kd` uses the first)."""
+        return [source.model for source in self.roster.sources.values() if isinstance(source, FrozenTeacher)]
+
+    def _with_completions(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The micro-batches of one optimizer step, their completions sampled from the student or the teacher when
+        the step's draw says so: one generation for all of them."""
+        step = self.state.global_step
+        self.completion_source = self.rollouts.source(self.args.seed, step)
+        if self.completion_source == "data":
+            return batches
+        model = self.model if self.completion_source == "student" else self._sampling_teachers()[0]
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        synced = (zero3 or self.is_fsdp_enabled) and self.accelerator.num_processes > 1
+        seed = generation_seed(self.args.seed, step, self.args.process_index)
+        return self.rollouts.replace(batches, self.accelerator.unwrap_model(model), seed, synced)
+
+
+def build_rollouts(
+    args: Any,
+    student: nn.Module,
+    teachers: Sequence[nn.Module],
+    losses: Mapping[str, Any],
+    processing_class: Any,
+    backend: RolloutBackend | None,
+) -> Rollouts | None:
+    """What replaces a step's completions under `args.lmbda` / `args.seq_kd` (None without either), after refusing
+    what cannot work: a student that is not a causal LM, `seq_kd` without a teacher in memory (`teachers`), terms
+    that all learn the dataset's completions only."""
+    if not (args.lmbda > 0 or args.seq_kd):
+        if backend is not None:
+            raise ValueError("rollout_backend generates completions for lmbda > 0 or seq_kd; set one of them")
+        return None
+    if not describe(student).causal_lm:
+        raise ValueError(
+            f"lmbda and seq_kd sample completions from a causal LM, but the student is a {type(student).__name__}: "
+            "set lmbda=0 and seq_kd=False, or distil a *ForCausalLM student"
+        )
+    if args.seq_kd and not teachers:
+        raise ValueError("seq_kd samples completions from the teacher: pass teacher_model=(a causal LM)")
+    if all(loss.dataset_completions_only for loss in losses.values()):
+        raise ValueError(
+            f"lmbda and seq_kd train on generated completions, but every term ({list(losses)}) learns the dataset's "
+            "completions only: add a term that reads the teacher, such as soft_target"
+        )
+    pad, eos = special_tokens(student, processing_class)
+    return Rollouts(
+        lmbda=float(args.lmbda),
+        seq_kd=args.seq_kd,
+        generation_config=rollout_generation_config(args.rollout_generation),
+        pad_token_id=pad,
+        eos_token_ids=eos,
+        backend=GenerateBackend() if backend is None else backend,
+    )
 
 
 def special_tokens(model: nn.Module, processing_class: Any) -> tuple[int, tuple[int, ...]]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .logit_rows import LogitRowsPlan, project_rows
 from .positions import label_positions
@@ -225,3 +226,15 @@ def normalized_weights(names: Sequence[str], weights: Mapping[str, float] | None
     if total <= 0:
         raise ValueError("teacher_weights are all 0: give at least one teacher a positive weight")
     return {name: float(weights[name]) / total for name in names}
+
+
+class MovingAverageCallback(TrainerCallback):
+    """Moves each moving-average teacher toward the student after every optimizer step."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        student = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        for source in self.trainer.roster.moving_averages():
+            source.update(student)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from .augmentation import augment_batch, checked_augmentation
 from .cache import INDEX_KEY, IndexedDataset
@@ -38,14 +38,7 @@ from .objective import check_resume, objective_record, write_objective
 from .overrides import Overrides
 from .randomness import preserved_random_state
 from .reporting import TermLog, TermReportingMixin
-from .rollouts import (
-    GenerateBackend,
-    RolloutBackend,
-    Rollouts,
-    generation_seed,
-    rollout_generation_config,
-    special_tokens,
-)
+from .rollouts import RolloutBackend, RolloutMixin
 from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import prepare_frozen_teacher
@@ -58,7 +51,13 @@ from .teacher_roster import (
     route_terms,
     teacher_mapping,
 )
-from .teacher_sources import FrozenTeacher, TeacherSource, normalized_weights, training_rows
+from .teacher_sources import (
+    FrozenTeacher,
+    MovingAverageCallback,
+    TeacherSource,
+    normalized_weights,
+    training_rows,
+)
 from .terms import TermSet
 from .trained_parts import ExtraTrainedParts
 
@@ -72,7 +71,7 @@ _INTERNAL_OUTPUTS = {
 _INTERNAL_OUTPUTS.add("cross_attentions")
 
 
-class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
+class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, Trainer):
     """A [`~transformers.Trainer`] whose loss is a weighted sum of distillation terms from one or several teachers.
 
     Args:
@@ -84,6 +83,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             finished teacher cache stands in for it. The trainer holds them in `roster` ([`hf_distill.teacher_roster`]),
             each as a source in `teachers` ([`hf_distill.teacher_sources`]).
         args ([`DistillationConfig`]): training arguments and the `losses` to combine.
+        rollout_backend (*optional*): what samples completions with `lmbda` / `seq_kd` ([`hf_distill.rollouts`]).
         **kwargs: every other [`~transformers.Trainer`] argument (datasets, collator, processing_class,
             compute_metrics, callbacks, optimizers...).
 
@@ -119,8 +119,6 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         **kwargs: Any,
     ):
         args = checked_trainer_args(args, model, kwargs)
-        #: Where the completions of the current optimizer step come from: "data", "student" or "teacher".
-        self.completion_source = "data"
         self.overrides = Overrides.of(type(self), DistillationTrainer)
         built = build_losses(args.losses)
         # 1. Which teachers there are, where their outputs come from, and which terms read which.
@@ -151,7 +149,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
         super().__init__(model=model, args=args, **kwargs)  # seeds the random streams training draws from
         with preserved_random_state():  # probes and a cache build draw nothing training would
             self._set_up(model, args, kwargs, teacher_terms, names, models, caches)
-        self.rollouts = self._rollouts(rollout_backend)
+        self._set_up_rollouts(rollout_backend)
 
     def _set_up(self, model, args, kwargs, teacher_terms, names, models, caches) -> None:
         """Everything built after the Trainer: sources, losses, logit rows, a teacher cache (see `__init__`)."""
@@ -179,7 +177,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             frozen = [source.model for source in self.roster.sources.values() if type(source) is FrozenTeacher]
             use_channels_last([student, *frozen], args.channels_last)
         if self.roster.moving_averages():
-            self.add_callback(_MovingAverage(self))
+            self.add_callback(MovingAverageCallback(self))
         self.roster.weights = normalized_weights(names, args.teacher_weights) if names else {}
         # 4. What each step needs: the outputs asked of the student, logs, the finite check, logit rows.
         self.student_output_flags = self.terms.output_flags()
@@ -214,30 +212,6 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.teacher_cache = next(iter(opened.values()))
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
-
-    def _rollouts(self, backend: RolloutBackend | None) -> Rollouts | None:
-        """What replaces a step's completions with `lmbda` or `seq_kd` (None without either), checked now."""
-        if not (self.args.lmbda > 0 or self.args.seq_kd):
-            if backend is not None:
-                raise ValueError("rollout_backend generates completions for lmbda > 0 or seq_kd; set one of them")
-            return None
-        student = self.accelerator.unwrap_model(self.model)
-        if not describe(student).causal_lm:
-            raise ValueError(
-                f"lmbda and seq_kd sample completions from a causal LM, but the student is a {type(student).__name__}: "
-                "set lmbda=0 and seq_kd=False, or distil a *ForCausalLM student"
-            )
-        if self.args.seq_kd and not any(isinstance(s, FrozenTeacher) for s in self.roster.sources.values()):
-            raise ValueError("seq_kd samples completions from the teacher: pass teacher_model=(a causal LM)")
-        pad, eos = special_tokens(student, self.processing_class)
-        return Rollouts(
-            lmbda=float(self.args.lmbda),
-            seq_kd=self.args.seq_kd,
-            generation_config=rollout_generation_config(self.args.rollout_generation),
-            pad_token_id=pad,
-            eos_token_ids=eos,
-            backend=GenerateBackend() if backend is None else backend,
-        )
 
     def _teacher_runner(self, name: str, several: bool):
         """How teacher `name`'s source runs a batch: through `teacher_forward`, so that an override applies."""
@@ -431,23 +405,6 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             self.terms.count_window(batch_samples, device, reduce, generated=self.completion_source != "data")
         return batch_samples, num_items_in_batch
 
-    def _with_completions(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The micro-batches of one optimizer step, their completions sampled from the student or the teacher when
-        the step's draw says so ([`hf_distill.rollouts`]): one generation for all of them."""
-        step = self.state.global_step
-        self.completion_source = self.rollouts.source(self.args.seed, step)
-        if self.completion_source == "data":
-            return batches
-        if self.completion_source == "student":
-            model = self.accelerator.unwrap_model(self.model)
-        else:
-            model = next(s.model for s in self.roster.sources.values() if isinstance(s, FrozenTeacher))
-            model = self.accelerator.unwrap_model(model)
-        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        synced = (zero3 or self.is_fsdp_enabled) and self.accelerator.num_processes > 1
-        seed = generation_seed(self.args.seed, step, self.args.process_index)
-        return self.rollouts.replace(batches, model, seed, synced)
-
     def _augmented(self, inputs: dict[str, Any], position: int) -> dict[str, Any]:
         """One view of a training micro-batch, drawn from the seed, the step, the micro-batch's place in the step
         and the process: the same on a resumed run, different on each process."""
@@ -541,15 +498,3 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, Trainer):
             if not changed:
                 raise
             logger.warning("The optimizer and scheduler start afresh: their state does not fit (%s)", error)
-
-
-class _MovingAverage(TrainerCallback):
-    """Moves each moving-average teacher toward the student after every optimizer step."""
-
-    def __init__(self, trainer: DistillationTrainer):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        student = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        for source in self.trainer.roster.moving_averages():
-            source.update(student)

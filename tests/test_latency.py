@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import bert_classifier
@@ -92,3 +94,31 @@ def test_compiled_latency_runs_compiled_and_is_reported_beside_eager():
     with torch.compiler.set_stance("fail_on_recompile"), pytest.raises(Exception, match="[Rr]ecompil"):
         compiled(**Batches().example_batch(3))
     torch._dynamo.reset()
+
+
+def test_evaluation_batches_texts_by_length_and_scores_them_as_in_their_order():
+    """Held-out texts are scored shortest first (each batch pads to lengths close to its own); the accuracy is the
+    one of the examples taken one by one in the split's order."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(5, 64, (int(length),), generator=generator).tolist(), "labels": index % 2}
+        for index, length in enumerate(torch.randint(2, 12, (20,), generator=generator))
+    ]
+    split = Dataset.from_list(rows)
+    order = evaluation.length_order(split)
+    lengths = [len(rows[index]["input_ids"]) for index in order]
+    assert sorted(order) == list(range(20)) and lengths == sorted(lengths)
+    assert evaluation.length_order(Dataset.from_list([{"pixel_values": [0.0], "labels": 0}])) is None
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[PAD]": 0}, "[PAD]")))
+    tokenizer.pad_token = "[PAD]"
+    data = SimpleNamespace(task="text-classification", eval=split, eval_collator=DataCollatorWithPadding(tokenizer))
+    model = bert_classifier(0).eval()
+    with torch.no_grad():
+        one_by_one = [int(model(input_ids=torch.tensor([row["input_ids"]])).logits.argmax()) for row in rows]
+    expected = sum(prediction == row["labels"] for prediction, row in zip(one_by_one, rows, strict=True)) / 20
+    assert evaluation.evaluate_model(model, data, batch_size=8)["accuracy"] == pytest.approx(expected)

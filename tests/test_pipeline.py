@@ -320,6 +320,7 @@ def test_a_transfer_set_of_unused_examples_and_a_baseline_of_as_many_steps(tmp_p
     assert read_card(os.path.join(output, "student"))[0]["hf_distill"]["transfer_examples"] == 24
 
 
+@pytest.mark.slow  # the pipeline end to end; test_text_augmentation checks the saved set, its reuse and the inputs
 def test_word_replacement_copies_join_the_transfer_set_and_are_reused(tmp_path, monkeypatch):
     mlm = write_masked_lm_teacher(str(tmp_path / "mlm"))
     flags = ["--max_train_samples", "12", "--transfer_dataset", "unused", "--transfer_max_samples", "4",
@@ -434,6 +435,7 @@ def test_none_turns_off_a_recipes_transfer_set_and_augmentation():
     assert (args.transfer_dataset, args.word_replacement_mlm) == (None, None)
 
 
+@pytest.mark.slow  # three pipelines; test_student_kinds' seeds test and the margin-line test cover the spread report
 def test_several_seeds_give_one_report_of_means_and_spreads(tmp_path):
     output = str(tmp_path / "run")
     teacher = write_encoder_teacher(str(tmp_path / "encoder"))

@@ -158,9 +158,12 @@ def test_a_student_that_is_not_a_causal_lm_is_refused(tmp_path):
         )
 
 
-def test_seq_kd_without_a_teacher_is_refused(tmp_path):
+def test_seq_kd_without_a_teacher_or_with_labels_alone_is_refused(tmp_path):
+    labels_alone = {"hard_label": {"weight": 1.0}}
     with pytest.raises(ValueError, match="seq_kd samples completions from the teacher"):
-        DistillationTrainer(model=gpt2(2), args=config(tmp_path, {"hard_label": {"weight": 1.0}}, seq_kd=True))
+        DistillationTrainer(model=gpt2(2), args=config(tmp_path, labels_alone, seq_kd=True))
+    with pytest.raises(ValueError, match="learns the dataset's completions only"):
+        DistillationTrainer(model=gpt2(2), args=config(tmp_path, labels_alone, lmbda=1.0))
 
 
 # ---- in the trainer ----------------------------------------------------------------------------------------------
@@ -214,7 +217,14 @@ SEVERAL = {
 
 @pytest.mark.parametrize(
     "losses, teachers",
-    [(JSD, None), (SEVERAL, lambda: {"deep": gpt2(1, layers=3), "wide": causal_lm(3, layers=2, width=24)})],
+    [
+        (JSD, None),
+        pytest.param(  # the one-teacher case is the same check on smaller shapes
+            SEVERAL,
+            lambda: {"deep": gpt2(1, layers=3), "wide": causal_lm(3, layers=2, width=24)},
+            marks=pytest.mark.slow,
+        ),
+    ],
     ids=["one-teacher", "several-teachers-and-hidden-states"],
 )
 def test_training_on_generated_completions_is_training_on_those_sequences(tmp_path, losses, teachers):
@@ -304,6 +314,7 @@ def test_sampled_token_loss_is_its_formula_by_hand_in_value_and_gradient(chunk_s
     torch.testing.assert_close(gradient, logits.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # three runs; test_loss_values checks the fused and the full paths' values
 def test_sampled_token_trains_alike_on_fused_row_and_full_logits(tmp_path):
     losses = {"sampled_token": {"weight": 1.0, "chunk_size": 4}}
     runs = {}

@@ -88,6 +88,8 @@ def _teacher_record(args: TeacherSettings, config: DistillationConfig, data: Pre
         "epochs": args.num_train_epochs,
         "learning_rate": args.learning_rate,
         "new_weights_only": args.train_new_weights_only,
+        "batch_size": config.per_device_train_batch_size,
+        "sampling": config.train_sampling_strategy,
         "seed": config.seed,
     }
 

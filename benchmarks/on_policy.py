@@ -1,0 +1,266 @@
+"""Does on-policy distillation make a causal-LM student generate better than supervised KD? Offline, over seeds.
+
+    python benchmarks/on_policy.py                   # seeds 1 2 3; writes benchmarks/ON_POLICY.md and .json
+    python benchmarks/on_policy.py --quick           # tiny sizes, a minute: a spot check, printed, not a result
+
+The task: a prompt of 8 distinct letters of a 16-letter alphabet, in alphabetical order; a valid answer lists all
+8, each once, in any order, then ends. The teacher learns it from random orders, so its distribution is
+multi-modal, and which letters may come next depends on the ones the student itself has already written: a
+student trained on the teacher's or the data's prefixes alone meets prefixes of its own at generation time
+(exposure bias), which is what on-policy distillation addresses. The tokenizer (one token per letter, plus BOS,
+SEP, EOS and PAD) is built here with `tokenizers`; the models are GPT-2s built from configs.
+
+Per seed: the teacher (4 layers, width 128) trains on 20,000 examples; the student (1 layer, width 64) is
+warmed up on the data (GKD does the same); then each arm trains a copy of that warmed-up student for the same
+steps, batch, learning rate and order of prompts:
+- `sft`: the data's completions, labels alone (`hard_label`);
+- `supervised_kd`: the data's completions, forward KL to the teacher (`lmbda=0`);
+- `seq_kd`: the teacher's sampled completions, forward KL (`seq_kd=True`);
+- `on_policy_beta_0` / `_0.5` / `_1`: the student's own samples (`lmbda=1`), generalized JSD with beta 0
+  (forward KL), 0.5 and 1 (reverse KL);
+- `mixed_beta_0.5`: `lmbda=0.5`, generalized JSD 0.5;
+- `on_policy_skew_kl`: `lmbda=1`, DistiLLM's skew KL (alpha 0.1).
+Every KD arm uses temperature 1. Scored on 500 held-out prompts: validity of greedy and of sampled (temperature
+1) answers, the teacher's reverse KL on the student's own samples (per token, mean of log q - log p along them),
+the teacher-forced forward KL on held-out references (per completion token), and each arm's training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import transformers
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
+
+from hf_distill import DistillationConfig, DistillationTrainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LETTERS = [chr(ord("a") + index) for index in range(16)]
+SPECIAL = ["[PAD]", "[BOS]", "[SEP]", "[EOS]"]
+CHOSEN = 8
+
+
+def jsd(beta: float) -> dict:
+    return {"soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "generalized_jsd", "beta": beta}}
+
+
+FORWARD = {"soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "forward_kl"}}
+ARMS = {
+    "sft": ({"hard_label": {"weight": 1.0}}, {}),
+    "supervised_kd": (FORWARD, {}),
+    "seq_kd": (FORWARD, {"seq_kd": True}),
+    "on_policy_beta_0": (jsd(0.0), {"lmbda": 1.0}),
+    "on_policy_beta_0.5": (jsd(0.5), {"lmbda": 1.0}),
+    "on_policy_beta_1": (jsd(1.0), {"lmbda": 1.0}),
+    "mixed_beta_0.5": (jsd(0.5), {"lmbda": 0.5}),
+    "on_policy_skew_kl": (
+        {"soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "skew_kl", "alpha": 0.1}},
+        {"lmbda": 1.0},
+    ),
+}
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocabulary = {token: index for index, token in enumerate(SPECIAL + LETTERS)}
+    model = Tokenizer(models.WordLevel(vocabulary, unk_token="[PAD]"))
+    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", sep_token="[SEP]"
+    )
+
+
+def examples(count: int, seed: int, tok: PreTrainedTokenizerFast) -> Dataset:
+    """Prompts `[BOS] letters (sorted) [SEP]`, completions the same letters in a random order then `[EOS]`."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        chosen = sorted(torch.randperm(len(LETTERS), generator=generator)[:CHOSEN].tolist())
+        order = [chosen[int(i)] for i in torch.randperm(CHOSEN, generator=generator)]
+        prompt = tok.convert_tokens_to_ids(["[BOS]", *(LETTERS[i] for i in chosen), "[SEP]"])
+        completion = tok.convert_tokens_to_ids([*(LETTERS[i] for i in order), "[EOS]"])
+        ids = prompt + completion
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt) + completion})
+    return Dataset.from_list(rows)
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    length = max(len(row["input_ids"]) for row in rows)
+    return {
+        key: torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows])
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+    }
+
+
+def gpt2(layers: int, width: int, heads: int, tok: PreTrainedTokenizerFast, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=32, n_embd=width, n_layer=layers, n_head=heads,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def plain_training(model, data, steps: int, learning_rate: float, seed: int, folder: str) -> None:
+    args = TrainingArguments(
+        output_dir=folder, max_steps=steps, per_device_train_batch_size=64, learning_rate=learning_rate,
+        warmup_steps=0.05, lr_scheduler_type="cosine", save_strategy="no", report_to="none", use_cpu=True,
+        seed=seed, disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+
+
+@torch.no_grad()
+def score(student, teacher, prompts: Dataset, references: Dataset, tok, seed: int) -> dict[str, float]:
+    """Validity of greedy and sampled answers, the teacher's reverse KL on the student's samples, and the
+    teacher-forced forward KL on references."""
+    student.eval()
+    teacher.eval()
+    batch = collate([{**row, "labels": row["labels"]} for row in prompts])
+    prompt_length = batch["labels"].ne(-100).int().argmax(-1)  # every prompt has the same length here
+    length = int(prompt_length[0])
+    input_ids = batch["input_ids"][:, :length]
+    letters = [set(ids[1:-1]) for ids in input_ids.tolist()]
+    results = {}
+    for name, settings in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_k": 0})):
+        torch.manual_seed(seed)
+        out = student.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=CHOSEN + 2,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **settings,
+        )  # fmt: skip
+        valid = 0
+        for row, wanted in zip(out[:, length:].tolist(), letters, strict=True):
+            answer = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else None
+            valid += answer is not None and len(answer) == CHOSEN and set(answer) == wanted
+        results[f"valid_{name}"] = valid / len(letters)
+        if name == "sampled":  # the teacher's reverse KL along the student's own samples
+            completions = out[:, length:]
+            ends = (completions == tok.eos_token_id).int().cumsum(-1)
+            mask = (ends == 0) | ((ends == 1) & (completions == tok.eos_token_id))
+            log_q = torch.log_softmax(student(out).logits[:, length - 1 : -1].float(), -1)
+            log_p = torch.log_softmax(teacher(out).logits[:, length - 1 : -1].float(), -1)
+            token_log_q = log_q.gather(-1, completions[..., None]).squeeze(-1)
+            token_log_p = log_p.gather(-1, completions[..., None]).squeeze(-1)
+            results["reverse_kl_on_samples"] = float(((token_log_q - token_log_p) * mask).sum() / mask.sum())
+    reference = collate(list(references))
+    counted = reference["labels"][:, 1:] != -100
+    student_logits = student(input_ids=reference["input_ids"]).logits[:, :-1][counted].float()
+    teacher_logits = teacher(input_ids=reference["input_ids"]).logits[:, :-1][counted].float()
+    p = torch.log_softmax(teacher_logits, -1)
+    results["forward_kl_teacher_forced"] = float(
+        (p.exp() * (p - torch.log_softmax(student_logits, -1))).sum(-1).mean()
+    )
+    return results
+
+
+def one_seed(seed: int, sizes: dict, folder: str) -> dict:
+    tok = tokenizer()
+    train = examples(sizes["teacher_examples"], seed, tok)
+    held_out = examples(sizes["eval_prompts"], 10_000 + seed, tok)
+    set_seed(seed)
+    teacher = gpt2(4, 128, 4, tok, seed)
+    start = time.perf_counter()
+    plain_training(teacher, train, sizes["teacher_steps"], 1e-3, seed, os.path.join(folder, "teacher"))
+    teacher_time = time.perf_counter() - start
+    student = gpt2(1, 64, 2, tok, seed + 1)
+    plain_training(student, train, sizes["warmup_steps"], 1e-3, seed, os.path.join(folder, "warmup"))
+    warmed = {key: value.clone() for key, value in student.state_dict().items()}
+    record = {"teacher": score(teacher, teacher, held_out, held_out, tok, seed), "teacher_time_s": teacher_time}
+    distil_data = examples(sizes["distil_examples"], 20_000 + seed, tok)
+    arms = {}
+    for arm, (losses, settings) in ARMS.items():
+        student.load_state_dict(warmed)
+        args = DistillationConfig(
+            output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
+            learning_rate=sizes["arm_learning_rate"], warmup_steps=0.05, save_strategy="no", report_to="none",
+            use_cpu=True, seed=seed, disable_tqdm=True, logging_strategy="no", losses=losses,
+            rollout_generation={"max_new_tokens": CHOSEN + 2}, **settings,
+        )  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=distil_data, data_collator=collate,
+            processing_class=tok,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        arms[arm] = {**score(student, teacher, held_out, held_out, tok, seed), "time_s": time.perf_counter() - start}
+        print(f"seed {seed} {arm}: {json.dumps(arms[arm])}", flush=True)
+    student.load_state_dict(warmed)
+    record["warmed_up_student"] = score(student, teacher, held_out, held_out, tok, seed)
+    record["arms"] = arms
+    return record
+
+
+def summary(records: dict[int, dict]) -> str:
+    seeds = sorted(records)
+    metrics = ["valid_greedy", "valid_sampled", "reverse_kl_on_samples", "forward_kl_teacher_forced", "time_s"]
+
+    def cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+        values = [value * scale for value in values]
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    lines = [
+        "| arm | valid, greedy (%) | valid, sampled (%) | teacher's reverse KL on own samples | teacher-forced "
+        "forward KL | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, rows in (
+        ("teacher", [records[s]["teacher"] for s in seeds]),
+        ("warmed-up student (start of every arm)", [records[s]["warmed_up_student"] for s in seeds]),
+        *((arm, [records[s]["arms"][arm] for s in seeds]) for arm in ARMS),
+    ):
+        cells = [
+            cell([row[m] for row in rows], 100.0 if m.startswith("valid") else 1.0, 1 if m.startswith("valid")
+                 or m == "time_s" else 3) if all(m in row for row in rows) else "–"
+            for m in metrics
+        ]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a spot check, printed, not a result")
+    options = parser.parse_args()
+    sizes = dict(teacher_examples=20_000, teacher_steps=1500, warmup_steps=150, distil_examples=20_000,
+                 arm_steps=300, arm_learning_rate=5e-4, eval_prompts=500)  # fmt: skip
+    if options.quick:
+        sizes = dict(teacher_examples=512, teacher_steps=20, warmup_steps=5, distil_examples=256, arm_steps=3,
+                     arm_learning_rate=5e-4, eval_prompts=32)  # fmt: skip
+        options.seeds = options.seeds[:1]
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    records = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in options.seeds:
+            seed_start = time.perf_counter()
+            records[seed] = one_seed(seed, sizes, os.path.join(folder, str(seed)))
+            records[seed]["seed_time_s"] = time.perf_counter() - seed_start
+    table = summary(records)
+    facts = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, seeds {options.seeds}, sizes {json.dumps(sizes)}, "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    print(table)
+    print(facts)
+    if options.quick:
+        return
+    with open(os.path.join(HERE, "ON_POLICY.json"), "w", encoding="utf-8") as handle:
+        json.dump({"facts": facts, "records": {str(k): v for k, v in records.items()}}, handle, indent=1)
+    with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
+        handle.write(f"# On-policy distillation: the letters task\n\n{facts}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
