@@ -200,3 +200,12 @@ def projected_rows_loss(projected: ProjectedRows, row_loss: RowLoss, chunk_size:
             total += row_loss(F.linear(hidden[start:end].to(weight.dtype), weight, bias), start, end).float()
         return total
     return _ProjectedRowsLoss.apply(hidden, weight, bias, row_loss, chunk_size)
+
+
+def target_rows(logits: torch.Tensor | ProjectedRows, start: int, end: int) -> torch.Tensor:
+    """Rows `start..end-1` of a teacher's `[rows, vocab]` logits, projected (without gradients) when they arrive
+    unprojected: a chunk's targets for a `row_loss`."""
+    if isinstance(logits, ProjectedRows):
+        with torch.no_grad():
+            return logits.logits(start, end)
+    return logits[start:end]

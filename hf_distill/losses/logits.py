@@ -15,7 +15,13 @@ from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
 from .base import CachedLogits, DistillationLoss, TeacherEnsemble, batch_size, register_loss
-from .chunked import chunked_rows_loss, chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
+from .chunked import (
+    chunked_rows_loss,
+    chunked_soft_target_loss,
+    projected_rows_loss,
+    rows_per_chunk,
+    target_rows,
+)
 from .functional import (
     TEACHER_MIXTURES,
     Divergence,
@@ -272,12 +278,8 @@ class SoftTargetLoss(DistillationLoss):
             temperature, divergence = self.temperature, self.measure
 
             def row_loss(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
-                if isinstance(teacher, ProjectedRows):
-                    with torch.no_grad():
-                        targets = teacher.logits(start, end)
-                else:
-                    targets = teacher[start:end]
-                return soft_target_loss(rows, targets.to(rows.device), temperature, divergence, reduction="sum")
+                targets = target_rows(teacher, start, end).to(rows.device)
+                return soft_target_loss(rows, targets, temperature, divergence, reduction="sum")
 
         return projected_rows_loss(student, row_loss, rows_per_chunk(student.shape[-1], self.chunk_size))
 

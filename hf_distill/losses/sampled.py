@@ -11,7 +11,7 @@ from torch import nn
 from ..logit_rows import ProjectedRows, label_rows
 from ..model_kind import describe
 from .base import DistillationLoss, register_loss
-from .chunked import chunked_rows_loss, projected_rows_loss, rows_per_chunk
+from .chunked import chunked_rows_loss, projected_rows_loss, rows_per_chunk, target_rows
 from .logits import check_same_outputs
 
 
@@ -84,11 +84,7 @@ class SampledTokenLoss(DistillationLoss):
             teacher = teacher[rows.to(teacher.device)]
 
         def row_loss(student_rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
-            if isinstance(teacher, ProjectedRows):
-                with torch.no_grad():
-                    targets = teacher.logits(start, end)
-            else:
-                targets = teacher[start:end]
+            targets = target_rows(teacher, start, end)
             return sampled_token_loss(student_rows, targets, tokens[start:end].to(student_rows.device))
 
         chunk = rows_per_chunk(student.shape[-1], self.chunk_size)
