@@ -38,3 +38,17 @@ def test_quick_benchmark_prints_every_ratio():
     for _, _, steps_per_s, tflop, tflops, fraction in rows:
         assert float(steps_per_s) > 0 and float(tflop) > 0
         assert float(fraction.strip().rstrip("%")) == pytest.approx(100 * float(tflops) / 0.5, abs=0.1)
+
+
+@pytest.mark.slow
+def test_quick_on_policy_benchmark_runs_every_arm_and_prints_the_table():
+    script = os.path.join(os.path.dirname(BENCHMARK), "on_policy.py")
+    result = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, check=True)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    arms = ["sft", "supervised_kd", "seq_kd", "on_policy_beta_0", "on_policy_beta_0.5", "on_policy_beta_1",
+            "mixed_beta_0.5", "on_policy_skew_kl"]  # fmt: skip
+    assert [row.split(" | ")[0][2:] for row in rows] == ["teacher", "warmed-up student (start of every arm)", *arms]
+    # Every arm trained and was scored: a reverse KL on its own samples, and a time.
+    for row in rows[2:]:
+        cells = row.strip("| ").split(" | ")
+        assert float(cells[3].split(" ± ")[0]) > 0 and float(cells[5].split(" ± ")[0]) > 0
