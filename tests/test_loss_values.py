@@ -392,6 +392,17 @@ def causal_lm_dataset(size: int = 8):
     return data.add_column("labels", labels.tolist())
 
 
+def causal_lm_run(tmp_path, losses: dict, fused: bool):
+    """A GPT-2 pair's trainer on 8 padded sequences, the data set as one batch, and both models' float64 logits."""
+    student, teacher = tiny_gpt2(seed=2, layers=2), tiny_gpt2(seed=1, layers=3)
+    dataset = causal_lm_dataset(8)
+    trainer = trainer_for(tmp_path, student, teacher, losses, dataset, fused_token_logits=fused)
+    batch = as_batch(dataset)
+    with torch.no_grad():
+        inputs = model_inputs(batch)
+        return trainer, dataset, batch, student(**inputs).logits.double(), teacher(**inputs).logits.double()
+
+
 @pytest.mark.parametrize(
     ("options", "by_hand"),
     [
@@ -406,14 +417,8 @@ def test_causal_lm_soft_target_with_gkd_and_distillm_divergences_equals_its_form
     """Per counted token (position i predicts token i + 1, labels -100 on padding), in chunks of 5 positions, with
     the vocabulary projection fused into the loss or not. A randomly initialised GPT-2 predicts almost uniformly:
     T = 0.1 sharpens both distributions so that float32 can tell the formulas apart."""
-    student, teacher = tiny_gpt2(seed=2, layers=2), tiny_gpt2(seed=1, layers=3)
-    dataset = causal_lm_dataset(8)
     losses = {"soft_target": {"weight": WEIGHT, "temperature": 0.1, "chunk_size": 5, **options}}
-    trainer = trainer_for(tmp_path, student, teacher, losses, dataset, fused_token_logits=fused)
-    batch = as_batch(dataset)
-    with torch.no_grad():
-        inputs = model_inputs(batch)
-        student_logits, teacher_logits = student(**inputs).logits.double(), teacher(**inputs).logits.double()
+    trainer, dataset, batch, student_logits, teacher_logits = causal_lm_run(tmp_path, losses, fused)
     counted = batch["labels"][:, 1:] != -100
     p = F.softmax(teacher_logits[:, :-1][counted] / 0.1, -1)
     q = F.softmax(student_logits[:, :-1][counted] / 0.1, -1)
@@ -424,14 +429,8 @@ def test_causal_lm_soft_target_with_gkd_and_distillm_divergences_equals_its_form
 @pytest.mark.parametrize("fused", [True, False])
 def test_causal_lm_sampled_token_equals_its_formula(tmp_path, fused):
     """The value is the mean over counted tokens y (the label after each position) of log q(y) - log p(y)."""
-    student, teacher = tiny_gpt2(seed=2, layers=2), tiny_gpt2(seed=1, layers=3)
-    dataset = causal_lm_dataset(8)
     losses = {"sampled_token": {"weight": WEIGHT, "chunk_size": 5}}
-    trainer = trainer_for(tmp_path, student, teacher, losses, dataset, fused_token_logits=fused)
-    batch = as_batch(dataset)
-    with torch.no_grad():
-        inputs = model_inputs(batch)
-        student_logits, teacher_logits = student(**inputs).logits.double(), teacher(**inputs).logits.double()
+    trainer, dataset, batch, student_logits, teacher_logits = causal_lm_run(tmp_path, losses, fused)
     counted = batch["labels"][:, 1:] != -100
     tokens = batch["labels"][:, 1:][counted]
     log_q = F.log_softmax(student_logits[:, :-1][counted], -1).gather(-1, tokens[:, None]).squeeze(-1)
