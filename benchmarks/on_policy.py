@@ -10,7 +10,7 @@ student trained on the teacher's or the data's prefixes alone meets prefixes of 
 (exposure bias), which is what on-policy distillation addresses. The tokenizer (one token per letter, plus BOS,
 SEP, EOS and PAD) is built here with `tokenizers`; the models are GPT-2s built from configs.
 
-Per seed: the teacher (4 layers, width 128) trains on 20,000 examples; the student (1 layer, width 64) is
+Per seed: the teacher (4 layers, width 128) trains on 20,000 examples; the student (2 layers, width 128) is
 warmed up on the data (GKD does the same); then each arm trains a copy of that warmed-up student for the same
 steps, batch, learning rate and order of prompts:
 - `sft`: the data's completions, labels alone (`hard_label`);
@@ -162,22 +162,36 @@ def score(student, teacher, prompts: Dataset, references: Dataset, tok, seed: in
     return results
 
 
-def one_seed(seed: int, sizes: dict, folder: str) -> dict:
+def one_seed(seed: int, sizes: dict, folder: str, arms: list[str], teachers: str | None = None) -> dict:
     tok = tokenizer()
     train = examples(sizes["teacher_examples"], seed, tok)
     held_out = examples(sizes["eval_prompts"], 10_000 + seed, tok)
     set_seed(seed)
-    teacher = gpt2(4, 128, 4, tok, seed)
+    teacher = gpt2(*sizes["teacher"], tok, seed)
     start = time.perf_counter()
-    plain_training(teacher, train, sizes["teacher_steps"], 1e-3, seed, os.path.join(folder, "teacher"))
+    kept = (
+        os.path.join(teachers, f"teacher-{seed}-{json.dumps(sizes['teacher'])}-{sizes['teacher_steps']}.pt")
+        if teachers
+        else None
+    )
+    if kept and os.path.exists(kept):  # a teacher trained by an earlier run with the same sizes and seed
+        teacher.load_state_dict(torch.load(kept, weights_only=True))
+    else:
+        plain_training(teacher, train, sizes["teacher_steps"], 1e-3, seed, os.path.join(folder, "teacher"))
+        if kept:
+            torch.save(teacher.state_dict(), kept)
     teacher_time = time.perf_counter() - start
-    student = gpt2(1, 64, 2, tok, seed + 1)
+    record = {"teacher": score(teacher, teacher, held_out, held_out, tok, seed), "teacher_time_s": teacher_time}
+    print(f"seed {seed} teacher: {json.dumps(record)}", flush=True)
+    student = gpt2(*sizes["student"], tok, seed + 1)
     plain_training(student, train, sizes["warmup_steps"], 1e-3, seed, os.path.join(folder, "warmup"))
     warmed = {key: value.clone() for key, value in student.state_dict().items()}
-    record = {"teacher": score(teacher, teacher, held_out, held_out, tok, seed), "teacher_time_s": teacher_time}
+    record["warmed_up_student"] = score(student, teacher, held_out, held_out, tok, seed)
+    print(f"seed {seed} warmed-up student: {json.dumps(record['warmed_up_student'])}", flush=True)
     distil_data = examples(sizes["distil_examples"], 20_000 + seed, tok)
-    arms = {}
-    for arm, (losses, settings) in ARMS.items():
+    results = {}
+    for arm in arms:
+        losses, settings = ARMS[arm]
         student.load_state_dict(warmed)
         args = DistillationConfig(
             output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
@@ -191,11 +205,12 @@ def one_seed(seed: int, sizes: dict, folder: str) -> dict:
         )  # fmt: skip
         start = time.perf_counter()
         trainer.train()
-        arms[arm] = {**score(student, teacher, held_out, held_out, tok, seed), "time_s": time.perf_counter() - start}
-        print(f"seed {seed} {arm}: {json.dumps(arms[arm])}", flush=True)
-    student.load_state_dict(warmed)
-    record["warmed_up_student"] = score(student, teacher, held_out, held_out, tok, seed)
-    record["arms"] = arms
+        results[arm] = {
+            **score(student, teacher, held_out, held_out, tok, seed),
+            "time_s": time.perf_counter() - start,
+        }
+        print(f"seed {seed} {arm}: {json.dumps(results[arm])}", flush=True)
+    record["arms"] = results
     return record
 
 
@@ -216,7 +231,7 @@ def summary(records: dict[int, dict]) -> str:
     for label, rows in (
         ("teacher", [records[s]["teacher"] for s in seeds]),
         ("warmed-up student (start of every arm)", [records[s]["warmed_up_student"] for s in seeds]),
-        *((arm, [records[s]["arms"][arm] for s in seeds]) for arm in ARMS),
+        *((arm, [records[s]["arms"][arm] for s in seeds]) for arm in records[seeds[0]]["arms"]),
     ):
         cells = [
             cell([row[m] for row in rows], 100.0 if m.startswith("valid") else 1.0, 1 if m.startswith("valid")
@@ -227,25 +242,40 @@ def summary(records: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: str, content: dict) -> None:
+    """Write `content` whole or not at all: into a temporary file beside `path`, then renamed over it."""
+    staging = f"{path}.partial"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(content, handle, indent=1)
+    os.replace(staging, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a spot check, printed, not a result")
+    parser.add_argument("--records", help="also write the records, updated after each seed, to this JSON file")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms to run")
+    parser.add_argument("--teachers", help="a folder to keep each seed's trained teacher in, reused when there")
+    parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
     options = parser.parse_args()
-    sizes = dict(teacher_examples=20_000, teacher_steps=1500, warmup_steps=150, distil_examples=20_000,
-                 arm_steps=300, arm_learning_rate=5e-4, eval_prompts=500)  # fmt: skip
+    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], teacher_examples=20_000, teacher_steps=1500,
+                 warmup_steps=150, distil_examples=20_000, arm_steps=300, arm_learning_rate=5e-4, eval_prompts=500)  # fmt: skip
     if options.quick:
-        sizes = dict(teacher_examples=512, teacher_steps=20, warmup_steps=5, distil_examples=256, arm_steps=3,
-                     arm_learning_rate=5e-4, eval_prompts=32)  # fmt: skip
+        sizes.update(teacher_examples=512, teacher_steps=20, warmup_steps=5, distil_examples=256, arm_steps=3,
+                     eval_prompts=32)  # fmt: skip
         options.seeds = options.seeds[:1]
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    sizes.update(options.sizes)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     records = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         for seed in options.seeds:
             seed_start = time.perf_counter()
-            records[seed] = one_seed(seed, sizes, os.path.join(folder, str(seed)))
+            records[seed] = one_seed(seed, sizes, os.path.join(folder, str(seed)), options.arms, options.teachers)
             records[seed]["seed_time_s"] = time.perf_counter() - seed_start
+            if options.records:  # each seed's record as soon as it is complete, so a long run is never lost whole
+                write_json(options.records, {"sizes": sizes, "records": {str(k): v for k, v in records.items()}})
     table = summary(records)
     facts = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -256,8 +286,9 @@ def main() -> None:
     print(facts)
     if options.quick:
         return
-    with open(os.path.join(HERE, "ON_POLICY.json"), "w", encoding="utf-8") as handle:
-        json.dump({"facts": facts, "records": {str(k): v for k, v in records.items()}}, handle, indent=1)
+    write_json(
+        os.path.join(HERE, "ON_POLICY.json"), {"facts": facts, "records": {str(k): v for k, v in records.items()}}
+    )
     with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
         handle.write(f"# On-policy distillation: the letters task\n\n{facts}\n\n{table}\n")
 

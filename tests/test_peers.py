@@ -24,11 +24,17 @@ def test_quick_peers_prints_every_ratio_and_the_contenders_agree():
         "causal_lm_peak_vs_trl",
         "vision_online_vs_guide",
         "vision_cached_3_epochs_vs_guide",
+        "on_policy_step_vs_trl",
+        "on_policy_peak_vs_trl",
     } <= set(ratios)
     assert all(value > 0 for value in ratios.values())
-    # The report's tables: three causal-LM contenders and three vision ones, each with a step time and a loss.
+    # The report's tables: three contenders off-policy, three on-policy and three vision ones.
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| contender")]
-    assert len(rows) == 6
+    assert len(rows) == 9
+    # On-policy, every contender generated once per timed step and the time in generate is part of the step's.
+    on_policy = [row.split(" | ") for row in rows if "lmbda" in row and ("generalized_jsd" in row or "lmbda 1" in row)]
+    assert len(on_policy) == 3
+    assert all(0 < float(row[2]) < float(row[1]) for row in on_policy)
     # hf_distill and TRL trained the causal LM to the same loss; the vision losses agree at the common start.
     assert "warning: the causal" not in result.stdout
     assert "warning: the vision start" not in result.stdout

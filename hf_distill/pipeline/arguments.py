@@ -10,6 +10,7 @@ from typing import Any
 from ..augmentation import ImageAugmentation
 from ..text_augmentation import WordReplacement
 from .settings import (
+    CAUSAL_LM,
     IMAGE_CLASSIFICATION,
     MASKED_LM,
     TASKS,
@@ -177,6 +178,21 @@ class PipelineArguments:
     )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Causal LM: the column holding the prompts."})
+    completion_column: str = field(
+        default="completion", metadata={"help": "Causal LM: the column holding the reference completions."}
+    )
+    generation_metric: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LM: how held-out greedy completions are scored: exact_match, perplexity (nothing "
+            "generated), a checker that ships (letters) or module:function, a function (prompt, completion) -> bool. "
+            "Default: the data set's own checker (offline:letters), else exact_match."
+        },
+    )
+    eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "Causal LM: the most tokens a model generates per held-out prompt."}
+    )
     image_column: str = field(default="image", metadata={"help": "Column holding the image."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Distil on the first N training examples (shuffled with --seed)."}
@@ -370,7 +386,19 @@ class PipelineArguments:
             raise ValueError(
                 f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}"
             )
+        if self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
+        if self.task == CAUSAL_LM and self.teacher_config is not None and self.processor is None:
+            raise ValueError(
+                "a causal-LM teacher built from --teacher_config needs a tokenizer: --processor <Hub id or folder> "
+                "(offline:letters for the letters task)"
+            )
         if self.transfer_dataset is not None:
+            if self.task == CAUSAL_LM:
+                raise ValueError(
+                    "a transfer set is for classification: a causal-LM example's completion is its label; add the "
+                    "extra prompts and completions to --dataset instead (with --lmbda the student writes its own)"
+                )
             if self.task == MASKED_LM:
                 raise ValueError(
                     "a transfer set is for classification: masked-LM training text has no labels to leave out, so "

@@ -2,6 +2,8 @@
 
     data = prepare_data(args.data_settings, seed=42)   # PreparedData: train / teacher_train / eval splits, collators
 
+Causal LM: prompt + completion examples, labels on the completion alone ([`hf_distill.pipeline.causal`]).
+
 Masked LM: training batches are masked afresh by `DataCollatorForLanguageModeling`; the held-out split is
 masked once, with a fixed seed, so that teacher, student and baseline are scored on the same masked tokens.
 With a teacher cache the training split is masked once too (`fix_training_masks`): the teacher's cached
@@ -20,6 +22,7 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     DefaultDataCollator,
@@ -29,7 +32,8 @@ from transformers.utils import is_torchvision_available
 from ..augmentation import augmented_image_copies
 from ..text_augmentation import build_word_replacement
 from ..transfer import with_transfer_set
-from .settings import IMAGE_CLASSIFICATION, MASKED_LM, TEXT_CLASSIFICATION, UNUSED_EXAMPLES, DataSettings
+from . import causal
+from .settings import CAUSAL_LM, IMAGE_CLASSIFICATION, MASKED_LM, TEXT_CLASSIFICATION, UNUSED_EXAMPLES, DataSettings
 from .sources import load_raw_dataset, resolve_model
 
 # Held-out share carved from the training split when a data set has no validation or test split.
@@ -55,6 +59,8 @@ class PreparedData:
     augmented_examples: int = 0
     #: The settings the data was prepared with.
     settings: DataSettings | None = None
+    #: Causal LM: the held-out prompt and completion texts, in `eval`'s order, for scoring generated completions.
+    eval_references: Dataset | None = None
 
     @property
     def distill_train(self) -> Dataset:
@@ -239,6 +245,9 @@ def prepare_data(
             augmented_examples=augmented, settings=args,
         )  # fmt: skip
 
+    if args.task == CAUSAL_LM:
+        return _causal_lm_data(args, processor, train, teacher_train, held_out)
+
     _check_columns(train, [args.text_column], ["--text_column"])
 
     def tokenize(batch):
@@ -292,6 +301,31 @@ def prepare_data(
     splits[2] = mask_once(splits[2], masking, seed)
     eval_collator = DataCollatorForTokenClassification(processor)
     return PreparedData(args.task, processor, *splits, masking, eval_collator, None, settings=args)
+
+
+def _causal_lm_data(args: DataSettings, tokenizer, train, teacher_train, held_out) -> PreparedData:
+    """Prompt + completion examples (labels on the completion alone), padded on the right; the held-out texts are
+    kept (`eval_references`) for scoring generated completions."""
+    columns = [args.prompt_column, args.completion_column]
+    _check_columns(train, columns, ["--prompt_column", "--completion_column"])
+    _check_columns(held_out, columns, ["--prompt_column", "--completion_column"])
+    causal.check_tokenizer(tokenizer)
+    causal.scorer(causal.metric_name(args.generation_metric, args.dataset))  # an unknown metric fails here, early
+
+    def encode(split: Dataset, name: str) -> Dataset:
+        return split.map(
+            causal.tokenize, batched=True, remove_columns=split.column_names, desc=f"Tokenising {name}",
+            fn_kwargs={"tokenizer": tokenizer, "prompt": args.prompt_column, "completion": args.completion_column,
+                       "max_length": args.max_length},
+        )  # fmt: skip
+
+    splits = [encode(split, name) for name, split in (("train", train), ("teacher train", teacher_train),
+                                                      ("eval", held_out))]  # fmt: skip
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return PreparedData(
+        args.task, tokenizer, *splits, collator, collator, None, None, settings=args,
+        eval_references=held_out.select_columns(columns),
+    )  # fmt: skip
 
 
 def fix_training_masks(data: PreparedData, seed: int) -> PreparedData:

@@ -1,7 +1,8 @@
 """Stage 4: score every model on the same held-out split with the same metric, and time it on the CPU.
 
 Metrics are computed here from the predictions (`evaluate.load` would fetch its metric scripts from the
-Hub): accuracy for classification; masked-token accuracy and perplexity for masked LM.
+Hub): accuracy for classification; masked-token accuracy and perplexity for masked LM; for causal LM, the share of
+held-out prompts whose greedy completion passes the data set's metric, and the perplexity of the references.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import causal
 from .data import PreparedData
-from .settings import MASKED_LM
+from .settings import CAUSAL_LM, MASKED_LM
 
 
 @torch.no_grad()
@@ -28,6 +30,13 @@ def evaluate_model(
     """Accuracy (and, for masked LM, perplexity over the masked tokens) of `model` on `data.eval`, on the device
     the model is on. Each batch is reduced as it comes (hits and log-probabilities of the labels), so no logits
     pile up; the loop is our own because transformers' Trainer refuses quantized models, even for evaluation."""
+    if data.task == CAUSAL_LM:
+        settings = data.settings
+        return causal.evaluate_generation(
+            model, data.eval, data.eval_collator, data.processor, data.eval_references,
+            causal.metric_name(settings.generation_metric, settings.dataset), batch_size,
+            settings.eval_max_new_tokens, name,
+        )  # fmt: skip
     masked_lm = data.task == MASKED_LM
     device = next(model.parameters()).device
     training = model.training

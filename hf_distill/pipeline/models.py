@@ -18,6 +18,7 @@ import torch
 import transformers
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
@@ -31,7 +32,14 @@ from ..quantization import prepare_int8_training
 from ..saving import staged_folder
 from ..trainer import DistillationTrainer
 from .data import PreparedData
-from .settings import IMAGE_CLASSIFICATION, MASKED_LM, TEXT_CLASSIFICATION, StudentSettings, TeacherSettings
+from .settings import (
+    CAUSAL_LM,
+    IMAGE_CLASSIFICATION,
+    MASKED_LM,
+    TEXT_CLASSIFICATION,
+    StudentSettings,
+    TeacherSettings,
+)
 from .sources import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ AUTO_CLASSES = {
     TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
     MASKED_LM: AutoModelForMaskedLM,
     IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+    CAUSAL_LM: AutoModelForCausalLM,
 }
 #: Written next to a teacher trained by the pipeline: what it was trained from, so a rerun can reuse it.
 TEACHER_RECORD = "hf_distill_teacher.json"
@@ -61,6 +70,18 @@ def label_kwargs(data: PreparedData) -> dict[str, Any]:
         "num_labels": len(data.label_names),
         "id2label": dict(enumerate(data.label_names)),
         "label2id": {name: index for index, name in enumerate(data.label_names)},
+    }
+
+
+def tokenizer_ids(data: PreparedData) -> dict[str, Any]:
+    """For a causal LM built from a config: the vocabulary size and special token ids of its tokenizer, unless the
+    config gives them."""
+    if data.task != CAUSAL_LM:
+        return {}
+    tokenizer = data.processor
+    return {
+        "vocab_size": len(tokenizer),
+        **{f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")},
     }
 
 
@@ -194,7 +215,7 @@ def load_initial_teacher(
     kwargs = _load_kwargs(data, attn_implementation)
     torch.manual_seed(config.seed)
     if args.teacher_config is not None:
-        teacher_config = AutoConfig.for_model(**{**args.teacher_config, **kwargs})
+        teacher_config = AutoConfig.for_model(**{**tokenizer_ids(data), **args.teacher_config, **kwargs})
         return auto_class.from_config(teacher_config), ["every weight (built from teacher_config)"]
     # The pipeline reports the missing (task-head) weights itself, with what it does about them (prepare_teacher).
     return load_reporting_missing(
@@ -288,7 +309,7 @@ def fresh_student(student_config: dict | str, data: PreparedData, task: str, see
     """A randomly initialised student from a config: a Hub id or folder holding one, or a mapping with model_type."""
     kwargs = label_kwargs(data)
     if isinstance(student_config, dict):
-        config = AutoConfig.for_model(**{**student_config, **kwargs})
+        config = AutoConfig.for_model(**{**tokenizer_ids(data), **student_config, **kwargs})
     else:
         config = AutoConfig.from_pretrained(student_config, **kwargs)
     if task == IMAGE_CLASSIFICATION and data.image_size is not None and hasattr(config, "image_size"):

@@ -256,7 +256,9 @@ def report_lines(report: dict[str, Any]) -> list[str]:
     ]
     several = len(teacher_rows(results)) > 1
     whose = "the most accurate teacher" if several else "teacher"
-    lines.append(f"- retention (student / {whose} accuracy): {summary['retention']:.2%}")
+    retention = summary["retention"]
+    retention = f"{retention:.2%}" if math.isfinite(retention) else f"undefined (the {whose} scores 0)"
+    lines.append(f"- retention (student / {whose} accuracy): {retention}")
     lines.append(f"- parameters: {summary['parameter_ratio']:.2%} of {'its' if several else 'the teacher'}'s")
     lines.append(
         f"- weights: {summary['size_ratio']:.2%} of {'its' if several else 'the teacher'}'s bytes "
@@ -290,10 +292,28 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"- born-again generations: {generations}; each learnt from the one before, the student is the last "
             f"(generation {generations})"
         )
-    if "perplexity" in metrics:
+    metric = report.get("generation_metric")
+    if metric is not None:  # causal LM
+        scored = (
+            "the share of the reference completion tokens each model ranks first (teacher-forced)"
+            if metric == "perplexity"
+            else f"the share of the {report.get('eval_examples', 'held-out'):,} held-out prompts whose greedy "
+            f"completion passes `{metric}`"
+        )
+        lines.append(f"- accuracy: {scored}")
+        lines.append(
+            "- perplexity: exp(mean cross-entropy) over the reference completion tokens of the held-out split"
+        )
+    elif "perplexity" in metrics:
         lines.append(
             "- perplexity: exp(mean cross-entropy) over the masked tokens of the held-out split, masked once with a "
             "fixed seed"
+        )
+    if report.get("completions"):
+        settings = report["completions"]
+        lines.append(
+            f"- completions: the student's own with probability lmbda = {settings['lmbda']} per optimizer step"
+            + (", else the teacher's (seq_kd)" if settings["seq_kd"] else ", else the data set's")
         )
     for batch, reason in untrusted.items():
         lines.append(

@@ -21,7 +21,7 @@ from ..config import DistillationConfig
 from ..losses import build_losses, needs_attention_maps
 from ..quantization import to_int8
 from ..teacher_sources import EMA_TEACHER
-from . import refinement
+from . import causal, refinement
 from .arguments import PipelineArguments, UsageError
 from .data import PreparedData, fix_training_masks, prepare_data
 from .evaluation import describe_models, evaluate_model
@@ -35,7 +35,7 @@ from .models import (
     stage_args,
 )
 from .report import build_report, model_card, push_student, save_student, teacher_row, write_report
-from .settings import StudentSettings, TeacherSettings
+from .settings import CAUSAL_LM, StudentSettings, TeacherSettings
 from .sources import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
             losses={"hard_label": {"weight": 1.0}},
             teacher_cache=None,
             max_steps=steps["student"],
+            lmbda=0.0,  # the SFT baseline: the data's completions, never generated ones
+            seq_kd=False,
         )
         baseline_trainer = distill(
             baseline,
@@ -250,6 +252,10 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         augmented_examples=data.augmented_examples,
         training_steps=steps,
         eval_examples=len(data.eval),
+        generation_metric=causal.metric_name(data_settings.generation_metric, data_settings.dataset)
+        if data_settings.task == CAUSAL_LM
+        else None,
+        completions={"lmbda": config.lmbda, "seq_kd": config.seq_kd} if config.lmbda > 0 or config.seq_kd else None,
         losses=losses,
         teacher_cache=config.teacher_cache,
         seed=config.seed,

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 from ..augmentation import ImageAugmentation
 from ..text_augmentation import WordReplacement
 
-TASKS = ("text-classification", "masked-lm", "image-classification")
-TEXT_CLASSIFICATION, MASKED_LM, IMAGE_CLASSIFICATION = TASKS
+TASKS = ("text-classification", "masked-lm", "image-classification", "causal-lm")
+TEXT_CLASSIFICATION, MASKED_LM, IMAGE_CLASSIFICATION, CAUSAL_LM = TASKS
 #: `--transfer_dataset` value: the training split's examples that `--max_train_samples` leaves out.
 UNUSED_EXAMPLES = "unused"
 #: `--word_replacement_mlm` value: the teacher's own checkpoint, when it has a masked-LM head.
@@ -72,6 +72,12 @@ class DataSettings(_Group):
     text_column: str = "text"
     label_column: str = "label"
     image_column: str = "image"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    #: How held-out generations are scored (causal LM): a metric or checker name, `module:function`, None (the
+    #: data set's own).
+    generation_metric: str | None = None
+    eval_max_new_tokens: int = 64
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     teacher_max_train_samples: int | None = None

