@@ -2,6 +2,7 @@
 
     python benchmarks/on_policy.py                   # seeds 1 2 3; writes benchmarks/ON_POLICY.md and .json
     python benchmarks/on_policy.py --quick           # tiny sizes, a minute: a spot check, printed, not a result
+    python benchmarks/on_policy.py --from-records a.json b.json   # the report from runs' --records files
 
 The task: a prompt of 8 distinct letters of a 16-letter alphabet, in alphabetical order; a valid answer lists all
 8, each once, in any order, then ends. The teacher learns it from random orders, so its distribution is
@@ -175,12 +176,15 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str], teachers: str
         else None
     )
     if kept and os.path.exists(kept):  # a teacher trained by an earlier run with the same sizes and seed
-        teacher.load_state_dict(torch.load(kept, weights_only=True))
+        saved = torch.load(kept, weights_only=True)
+        teacher.load_state_dict(saved["weights"] if "weights" in saved else saved)
+        teacher_time = float(saved.get("seconds", float("nan")))  # its training time then
     else:
         plain_training(teacher, train, sizes["teacher_steps"], 1e-3, seed, os.path.join(folder, "teacher"))
-        if kept:
-            torch.save(teacher.state_dict(), kept)
-    teacher_time = time.perf_counter() - start
+        teacher_time = time.perf_counter() - start
+        if kept:  # whole or not at all: another run may be reading the folder
+            torch.save({"weights": teacher.state_dict(), "seconds": torch.tensor(teacher_time)}, f"{kept}.partial")
+            os.replace(f"{kept}.partial", kept)
     record = {"teacher": score(teacher, teacher, held_out, held_out, tok, seed), "teacher_time_s": teacher_time}
     print(f"seed {seed} teacher: {json.dumps(record)}", flush=True)
     student = gpt2(*sizes["student"], tok, seed + 1)
@@ -189,13 +193,23 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str], teachers: str
     record["warmed_up_student"] = score(student, teacher, held_out, held_out, tok, seed)
     print(f"seed {seed} warmed-up student: {json.dumps(record['warmed_up_student'])}", flush=True)
     distil_data = examples(sizes["distil_examples"], 20_000 + seed, tok)
+    record["arms"] = {}
+    for learning_rate in sizes["arm_learning_rates"]:
+        record["arms"][str(learning_rate)] = train_arms(
+            student, warmed, teacher, distil_data, held_out, tok, seed, sizes, learning_rate, arms, folder
+        )
+    return record
+
+
+def train_arms(student, warmed, teacher, distil_data, held_out, tok, seed, sizes, learning_rate, arms, folder):
+    """Each arm trains the warmed-up student for the same steps at `learning_rate`; each is scored."""
     results = {}
     for arm in arms:
         losses, settings = ARMS[arm]
         student.load_state_dict(warmed)
         args = DistillationConfig(
             output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
-            learning_rate=sizes["arm_learning_rate"], warmup_steps=0.05, save_strategy="no", report_to="none",
+            learning_rate=learning_rate, warmup_steps=0.05, save_strategy="no", report_to="none",
             use_cpu=True, seed=seed, disable_tqdm=True, logging_strategy="no", losses=losses,
             rollout_generation={"max_new_tokens": CHOSEN + 2}, **settings,
         )  # fmt: skip
@@ -209,19 +223,35 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str], teachers: str
             **score(student, teacher, held_out, held_out, tok, seed),
             "time_s": time.perf_counter() - start,
         }
-        print(f"seed {seed} {arm}: {json.dumps(results[arm])}", flush=True)
-    record["arms"] = results
-    return record
+        print(f"seed {seed} lr {learning_rate} {arm}: {json.dumps(results[arm])}", flush=True)
+    return results
+
+
+def by_learning_rate(content: dict) -> tuple[dict, dict[str, dict[int, dict]]]:
+    """A records file's sizes and its records as {learning rate: {seed: record with `arms` of that rate}}; files
+    written with one rate (`arm_learning_rate`, `arms` as {arm: metrics}) are read too."""
+    sizes, rates = content["sizes"], {}
+    for seed, record in content["records"].items():
+        arms = record["arms"]
+        if "arm_learning_rate" in sizes:
+            arms = {str(sizes["arm_learning_rate"]): arms}
+        for rate, results in arms.items():
+            rates.setdefault(rate, {})[int(seed)] = {**record, "arms": results}
+    return sizes, rates
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summary(records: dict[int, dict]) -> str:
+    """One learning rate's table: every arm's metrics, mean ± std over the seeds."""
     seeds = sorted(records)
     metrics = ["valid_greedy", "valid_sampled", "reverse_kl_on_samples", "forward_kl_teacher_forced", "time_s"]
 
     def cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-        values = [value * scale for value in values]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+        mean, spread = mean_std([value * scale for value in values])
+        return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
     lines = [
         "| arm | valid, greedy (%) | valid, sampled (%) | teacher's reverse KL on own samples | teacher-forced "
@@ -242,6 +272,49 @@ def summary(records: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def comparison(rates: dict[str, dict[int, dict]]) -> list[str]:
+    """Does the best on-policy arm beat supervised KD by more than twice the seed-to-seed spread? At each learning
+    rate, and with each arm at its own best rate (by mean greedy validity)."""
+
+    def validity(arm: str, rate: str) -> list[float]:
+        records = rates[rate]
+        return [100 * records[seed]["arms"][arm]["valid_greedy"] for seed in sorted(records)]
+
+    def best_rate(arm: str) -> str:
+        return max(rates, key=lambda rate: statistics.mean(validity(arm, rate)))
+
+    on_policy = [arm for arm in ARMS if ARMS[arm][1].get("lmbda", 0.0) > 0]
+    lines = []
+    choices = [(f"at learning rate {rate}", {arm: rate for arm in ARMS}) for rate in rates]
+    if len(rates) > 1:
+        choices.append(("each arm at its own best learning rate", {arm: best_rate(arm) for arm in ARMS}))
+    for label, chosen in choices:
+        present = [arm for arm in on_policy if arm in rates[chosen[arm]][next(iter(rates[chosen[arm]]))]["arms"]]
+        if "supervised_kd" not in rates[chosen["supervised_kd"]][next(iter(rates[chosen["supervised_kd"]]))]["arms"]:
+            continue
+        best = max(present, key=lambda arm: statistics.mean(validity(arm, chosen[arm])))
+        kd_mean, kd_std = mean_std(validity("supervised_kd", chosen["supervised_kd"]))
+        best_mean, best_std = mean_std(validity(best, chosen[best]))
+        margin = best_mean - kd_mean
+        spread = 2 * max(kd_std, best_std)
+        verdict = "beyond" if margin > spread else "within"
+        lines.append(
+            f"- {label}: the best on-policy arm, `{best}` (lr {chosen[best]}), is valid greedily on "
+            f"{best_mean:.1f}% ± {best_std:.1f} of held-out prompts, supervised KD (lr {chosen['supervised_kd']}) on "
+            f"{kd_mean:.1f}% ± {kd_std:.1f}: {margin:+.1f} points, {verdict} twice the larger seed-to-seed spread "
+            f"({spread:.1f})"
+        )
+    return lines
+
+
+def report(rates: dict[str, dict[int, dict]], facts: str) -> str:
+    lines = ["# On-policy distillation: the letters task", "", facts, ""]
+    for rate in sorted(rates, key=float):
+        lines += [f"## Every arm at learning rate {rate}", "", summary(rates[rate]), ""]
+    lines += ["## On-policy against supervised KD", "", *comparison(rates), ""]
+    return "\n".join(lines)
+
+
 def write_json(path: str, content: dict) -> None:
     """Write `content` whole or not at all: into a temporary file beside `path`, then renamed over it."""
     staging = f"{path}.partial"
@@ -258,12 +331,19 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="the arms to run")
     parser.add_argument("--teachers", help="a folder to keep each seed's trained teacher in, reused when there")
     parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
+    parser.add_argument(
+        "--from-records", nargs="+", metavar="JSON",
+        help="write the report from records files of earlier runs (their seeds and learning rates together)",
+    )  # fmt: skip
     options = parser.parse_args()
+    if options.from_records:
+        return write_from_records(options.from_records)
     sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], teacher_examples=20_000, teacher_steps=1500,
-                 warmup_steps=150, distil_examples=20_000, arm_steps=300, arm_learning_rate=5e-4, eval_prompts=500)  # fmt: skip
+                 warmup_steps=150, distil_examples=20_000, arm_steps=300, arm_learning_rates=[5e-4, 2e-3],
+                 eval_prompts=500)  # fmt: skip
     if options.quick:
         sizes.update(teacher_examples=512, teacher_steps=20, warmup_steps=5, distil_examples=256, arm_steps=3,
-                     eval_prompts=32)  # fmt: skip
+                     arm_learning_rates=[5e-4], eval_prompts=32)  # fmt: skip
         options.seeds = options.seeds[:1]
     sizes.update(options.sizes)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
@@ -276,21 +356,42 @@ def main() -> None:
             records[seed]["seed_time_s"] = time.perf_counter() - seed_start
             if options.records:  # each seed's record as soon as it is complete, so a long run is never lost whole
                 write_json(options.records, {"sizes": sizes, "records": {str(k): v for k, v in records.items()}})
-    table = summary(records)
+    content = {"sizes": sizes, "records": {str(k): v for k, v in records.items()}}
     facts = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, transformers {transformers.__version__}, seeds {options.seeds}, sizes "
+        f"{json.dumps(sizes)}, {time.perf_counter() - started:.0f} s in all"
+    )
+    text = report(by_learning_rate(content)[1], facts)
+    print(text)
+    if not options.quick:
+        write_json(os.path.join(HERE, "ON_POLICY.json"), {"facts": [facts], "runs": [content]})
+        with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def write_from_records(paths: list[str]) -> None:
+    """ON_POLICY.md and .json from the records of several runs (say, one per learning rate, run side by side)."""
+    rates, facts, runs = {}, [], []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+        sizes, found = by_learning_rate(content)
+        for rate, records in found.items():
+            rates.setdefault(rate, {}).update(records)
+        seeds = sorted(int(seed) for seed in content["records"])
+        times = {seed: round(content["records"][str(seed)].get("seed_time_s", float("nan"))) for seed in seeds}
+        facts.append(f"`{os.path.basename(path)}`: seeds {seeds}, sizes {json.dumps(sizes)}, seconds per seed {times}")
+        runs.append(content)
+    machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, seeds {options.seeds}, sizes {json.dumps(sizes)}, "
-        f"{time.perf_counter() - started:.0f} s in all"
+        f"transformers {transformers.__version__}; records of the runs: " + "; ".join(facts)
     )
-    print(table)
-    print(facts)
-    if options.quick:
-        return
-    write_json(
-        os.path.join(HERE, "ON_POLICY.json"), {"facts": facts, "records": {str(k): v for k, v in records.items()}}
-    )
+    text = report(rates, machine)
+    print(text)
+    write_json(os.path.join(HERE, "ON_POLICY.json"), {"facts": facts, "runs": runs})
     with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"# On-policy distillation: the letters task\n\n{facts}\n\n{table}\n")
+        handle.write(text)
 
 
 if __name__ == "__main__":

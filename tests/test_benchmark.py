@@ -52,3 +52,6 @@ def test_quick_on_policy_benchmark_runs_every_arm_and_prints_the_table():
     for row in rows[2:]:
         cells = row.strip("| ").split(" | ")
         assert float(cells[3].split(" ± ")[0]) > 0 and float(cells[5].split(" ± ")[0]) > 0
+    # The verdict: the best on-policy arm against supervised KD, beyond or within twice the seeds' spread.
+    verdict = [line for line in result.stdout.splitlines() if line.startswith("- at learning rate")]
+    assert len(verdict) == 1 and "the best on-policy arm" in verdict[0] and "twice" in verdict[0]
