@@ -452,7 +452,11 @@ def main() -> None:
     path = os.path.join(HERE, "peers.json")
     if set(options.only) != set(PARTS) and not options.quick:  # the other parts as the last full report had them
         with open(path, encoding="utf-8") as handle:
-            results = {**json.load(handle)["results"], **results}
+            earlier = json.load(handle)["results"]
+        for part in PARTS:  # each part kept says which run measured it
+            if part in earlier and part not in results:
+                earlier[part].setdefault("measured", earlier["machine"])
+        results = {**earlier, **results}
     results["machine"] = machine
     ratios = peer_ratios(results)
     report = format_peers(results, ratios)  # formatted in --quick too, so a formatting slip shows up there
