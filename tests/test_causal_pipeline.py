@@ -162,3 +162,29 @@ def test_a_causal_lm_run_distils_on_policy_and_reports_generated_answers_against
     assert student.config.n_layer == 1 and len(tokenizer) == student.config.vocab_size
     with open(os.path.join(tmp_path, "report.json"), encoding="utf-8") as handle:
         assert json.load(handle)["task"] == "causal-lm"
+
+
+def test_the_letters_recipe_runs_its_arms_as_student_kinds_at_small_sizes(tmp_path):
+    """`letters-on-policy` with fewer examples and two of its arms: each arm a student kind from the same teacher,
+    the on-policy arm on its own samples, each beside its SFT baseline, in one report."""
+    from hf_distill.pipeline.kinds import run_student_kinds
+
+    args, config, recipe = parse_args(
+        ["--recipe", "letters-on-policy", "--output_dir", str(tmp_path), "--teacher_max_train_samples", "64",
+         "--max_train_samples", "16", "--max_eval_samples", "8", "--teacher_num_train_epochs", "1",
+         "--per_device_eval_batch_size", "8", "--latency_repeats", "1", "--latency_batch_sizes", "1",
+         "--student_kinds", "supervised_kd", "on_policy_beta_1", "--use_cpu", "true", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    report = run_student_kinds(args, config, recipe)
+    assert list(report["results"]) == [
+        "teacher", "supervised_kd", "supervised_kd baseline", "on_policy_beta_1", "on_policy_beta_1 baseline"
+    ]  # fmt: skip
+    kinds = report["kinds"]
+    assert kinds["on_policy_beta_1"]["completions"] == {"lmbda": 1.0, "seq_kd": False}
+    assert kinds["supervised_kd"]["completions"] is None
+    assert kinds["on_policy_beta_1"]["losses"]["soft_target"]["beta"] == 1.0
+    # Both arms trained as many steps from the same teacher (trained once, kept beside the kinds).
+    assert {kind: run["training_steps"]["student"] for kind, run in kinds.items()} == {
+        "supervised_kd": 1, "on_policy_beta_1": 1
+    }  # fmt: skip
+    assert os.path.isfile(os.path.join(tmp_path, "teacher", "model.safetensors"))
