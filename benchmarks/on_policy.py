@@ -298,11 +298,17 @@ def comparison(rates: dict[str, dict[int, dict]]) -> list[str]:
         margin = best_mean - kd_mean
         spread = 2 * max(kd_std, best_std)
         verdict = "beyond" if margin > spread else "within"
+        # Paired by seed (the same teacher, warmed-up student and prompts): the spread of the per-seed differences.
+        differences = [a - b for a, b in zip(validity(best, chosen[best]), validity("supervised_kd",
+                                                                                   chosen["supervised_kd"]), strict=True)]  # fmt: skip
+        paired_mean, paired_std = mean_std(differences)
+        paired = "beyond" if paired_mean > 2 * paired_std else "within"
         lines.append(
             f"- {label}: the best on-policy arm, `{best}` (lr {chosen[best]}), is valid greedily on "
             f"{best_mean:.1f}% ± {best_std:.1f} of held-out prompts, supervised KD (lr {chosen['supervised_kd']}) on "
             f"{kd_mean:.1f}% ± {kd_std:.1f}: {margin:+.1f} points, {verdict} twice the larger seed-to-seed spread "
-            f"({spread:.1f})"
+            f"({spread:.1f}); seed by seed {', '.join(f'{d:+.1f}' for d in differences)} "
+            f"({paired_mean:+.1f} ± {paired_std:.1f}, {paired} twice its spread)"
         )
     return lines
 
