@@ -477,15 +477,15 @@ def main() -> None:
 
 def peer_ratios(results: dict) -> dict:
     """hf_distill / peer for every part in `results`."""
-    ratios = {}
-    if "causal" in results:
-        causal = results["causal"]
-        ratios.update({
-            "causal_lm_step_vs_trl": causal["step_s"]["hf_distill"] / causal["step_s"]["trl"],
-            "causal_lm_peak_vs_trl": causal["peak_bytes"]["hf_distill"] / causal["peak_bytes"]["trl"],
-            "causal_lm_step_vs_trl_default": causal["step_s"]["hf_distill"] / causal["step_s"]["trl_default"],
-            "causal_lm_peak_vs_trl_default": causal["peak_bytes"]["hf_distill"] / causal["peak_bytes"]["trl_default"],
-        })  # fmt: skip
+
+    def against_trl(prefix: str, part: dict) -> dict:  # step and peak, against TRL and TRL at its default
+        return {
+            f"{prefix}_{what}_vs_{peer}": part[key]["hf_distill"] / part[key][peer]
+            for peer in ("trl", "trl_default")
+            for what, key in (("step", "step_s"), ("peak", "peak_bytes"))
+        }
+
+    ratios = against_trl("causal_lm", results["causal"]) if "causal" in results else {}
     if "vision" in results:
         vision = results["vision"]
         ratios.update({
@@ -494,15 +494,7 @@ def peer_ratios(results: dict) -> dict:
             "vision_online_peak_vs_guide": vision["peak_bytes"]["hf_distill"] / vision["peak_bytes"]["guide"],
         })  # fmt: skip
     if "on_policy" in results:
-        on_policy = results["on_policy"]
-        ratios.update({
-            "on_policy_step_vs_trl": on_policy["step_s"]["hf_distill"] / on_policy["step_s"]["trl"],
-            "on_policy_peak_vs_trl": on_policy["peak_bytes"]["hf_distill"] / on_policy["peak_bytes"]["trl"],
-            "on_policy_step_vs_trl_default": on_policy["step_s"]["hf_distill"] / on_policy["step_s"]["trl_default"],
-            "on_policy_peak_vs_trl_default": (
-                on_policy["peak_bytes"]["hf_distill"] / on_policy["peak_bytes"]["trl_default"]
-            ),
-        })  # fmt: skip
+        ratios.update(against_trl("on_policy", results["on_policy"]))
     return ratios
 
 
