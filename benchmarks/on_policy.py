@@ -283,24 +283,25 @@ def comparison(rates: dict[str, dict[int, dict]]) -> list[str]:
     def best_rate(arm: str) -> str:
         return max(rates, key=lambda rate: statistics.mean(validity(arm, rate)))
 
-    on_policy = [arm for arm in ARMS if ARMS[arm][1].get("lmbda", 0.0) > 0]
+    ran = [
+        arm for arm in ARMS if all(arm in record["arms"] for records in rates.values() for record in records.values())
+    ]
+    on_policy = [arm for arm in ran if ARMS[arm][1].get("lmbda", 0.0) > 0]
+    if "supervised_kd" not in ran or not on_policy:
+        return []
     lines = []
-    choices = [(f"at learning rate {rate}", {arm: rate for arm in ARMS}) for rate in rates]
+    choices = [(f"at learning rate {rate}", {arm: rate for arm in ran}) for rate in rates]
     if len(rates) > 1:
-        choices.append(("each arm at its own best learning rate", {arm: best_rate(arm) for arm in ARMS}))
+        choices.append(("each arm at its own best learning rate", {arm: best_rate(arm) for arm in ran}))
     for label, chosen in choices:
-        present = [arm for arm in on_policy if arm in rates[chosen[arm]][next(iter(rates[chosen[arm]]))]["arms"]]
-        if "supervised_kd" not in rates[chosen["supervised_kd"]][next(iter(rates[chosen["supervised_kd"]]))]["arms"]:
-            continue
-        best = max(present, key=lambda arm: statistics.mean(validity(arm, chosen[arm])))
-        kd_mean, kd_std = mean_std(validity("supervised_kd", chosen["supervised_kd"]))
-        best_mean, best_std = mean_std(validity(best, chosen[best]))
+        best = max(on_policy, key=lambda arm: statistics.mean(validity(arm, chosen[arm])))
+        kd, top = validity("supervised_kd", chosen["supervised_kd"]), validity(best, chosen[best])
+        (kd_mean, kd_std), (best_mean, best_std) = mean_std(kd), mean_std(top)
         margin = best_mean - kd_mean
         spread = 2 * max(kd_std, best_std)
         verdict = "beyond" if margin > spread else "within"
         # Paired by seed (the same teacher, warmed-up student and prompts): the spread of the per-seed differences.
-        differences = [a - b for a, b in zip(validity(best, chosen[best]), validity("supervised_kd",
-                                                                                   chosen["supervised_kd"]), strict=True)]  # fmt: skip
+        differences = [a - b for a, b in zip(top, kd, strict=True)]
         paired_mean, paired_std = mean_std(differences)
         paired = "beyond" if paired_mean > 2 * paired_std else "within"
         lines.append(

@@ -531,17 +531,22 @@ def measured_line(machine: dict) -> str:
     )
 
 
+def section_head(title: str, machine: dict, columns: list[str]) -> list[str]:
+    """A part's heading, the run that measured it, and its table's header."""
+    return [
+        f"## {title}", "", measured_line(machine), "",
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+    ]  # fmt: skip
+
+
 def causal_section(causal: dict, machine: dict) -> list[str]:
     shape, gib = machine["shape"], 2**30
-    lines = [
-        f"## Causal LM: GPT-2-small-shaped teacher (12 x 768, 50,257 tokens) -> 6 layers, batch {shape['lm_batch']} x "
+    lines = section_head(
+        f"Causal LM: GPT-2-small-shaped teacher (12 x 768, 50,257 tokens) -> 6 layers, batch {shape['lm_batch']} x "
         f"{shape['lm_length']} tokens",
-        "",
-        measured_line(machine),
-        "",
-        "| contender | median step (s) | timed steps | peak (GiB) | JSD to the teacher after the steps |",
-        "|---|---|---|---|---|",
-    ]
+        machine,
+        ["contender", "median step (s)", "timed steps", "peak (GiB)", "JSD to the teacher after the steps"],
+    )
     names = {"hf_distill": "hf_distill `DistillationTrainer` (`soft_target`, jsd, T = 1)",
              "trl": "TRL `GKDTrainer` (lmbda 0, beta 0.5, seq_kd off), gradient checkpointing off",
              "trl_default": "TRL `GKDTrainer`, the same at its default gradient checkpointing (on)"}  # fmt: skip
@@ -562,16 +567,13 @@ def causal_section(causal: dict, machine: dict) -> list[str]:
 def on_policy_section(on_policy: dict, machine: dict) -> list[str]:
     shape, gib = machine["shape"], 2**30
     prompt = shape["lm_length"] // 2
-    lines = [
-        f"## Causal LM on-policy: the same pair, batch {shape['lm_batch']}, prompts of {prompt} tokens, "
+    lines = section_head(
+        f"Causal LM on-policy: the same pair, batch {shape['lm_batch']}, prompts of {prompt} tokens, "
         f"{shape['lm_length'] - prompt} sampled",
-        "",
-        measured_line(machine),
-        "",
-        "| contender | median step (s) | of which generating (s) | the rest: teacher, loss, backward, update (s) "
-        "| timed steps | peak (GiB) |",
-        "|---|---|---|---|---|---|",
-    ]
+        machine,
+        ["contender", "median step (s)", "of which generating (s)", "the rest: teacher, loss, backward, update (s)",
+         "timed steps", "peak (GiB)"],
+    )  # fmt: skip
     names = {"hf_distill": "hf_distill (`lmbda=1`, `generalized_jsd` beta 0.5)",
              "trl": "TRL `GKDTrainer` (lmbda 1, beta 0.5), gradient checkpointing off",
              "trl_default": "TRL `GKDTrainer`, at its default gradient checkpointing (on: no KV cache in generation)"}  # fmt: skip
@@ -592,15 +594,12 @@ def on_policy_section(on_policy: dict, machine: dict) -> list[str]:
 
 def vision_section(vision: dict, machine: dict) -> list[str]:
     shape, gib = machine["shape"], 2**30
-    lines = [
-        f"## Vision: ViT-base (patch 16) -> MobileNetV2-1.4, batch {shape['batch']} at {shape['image']} pixels",
-        "",
-        measured_line(machine),
-        "",
-        "| contender | median step (s) | timed steps | 3 epochs end to end (s) | peak (GiB) | guide loss after 3 "
-        "epochs |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = section_head(
+        f"Vision: ViT-base (patch 16) -> MobileNetV2-1.4, batch {shape['batch']} at {shape['image']} pixels",
+        machine,
+        ["contender", "median step (s)", "timed steps", "3 epochs end to end (s)", "peak (GiB)",
+         "guide loss after 3 epochs"],
+    )  # fmt: skip
     names = {"hf_distill": "hf_distill online", "guide": "vision guide's trainer",
              "hf_distill_cached": "hf_distill from its teacher cache (built in the run)"}  # fmt: skip
     for kind in VISION_KINDS:
