@@ -310,13 +310,13 @@ def plan_training_rows(
     compact: bool,
     defer: bool,
     defer_teachers: bool,
-    building: set[str],
 ) -> LogitRowsPlan:
     """Where each model of a `DistillationTrainer` run projects onto the vocabulary in training: the student's plan,
     returned (with the first teacher's fields), and each frozen teacher's own, given to its source (`rows_plan`),
     from the losses of `terms` that read it. `defer` lets the losses run the projections; `defer_teachers` extends
-    that to the teachers (not when `teacher_forward` is overridden), except those in `building` (a cache built first
-    stores projected rows). A teacher that learns computes its task loss from its labels: logits everywhere."""
+    that to the teachers (not when `teacher_forward` is overridden), and so to a teacher-cache build, which projects
+    the rows chunk by chunk as it stores them. A teacher that learns computes its task loss from its labels: logits
+    everywhere."""
     losses = list(terms.losses.values())
     plan = logit_rows_plan(student, None, losses, compact, defer)  # the student probed once
     applies = compaction_applies(student, losses, compact)
@@ -326,6 +326,6 @@ def plan_training_rows(
             source.reference,
             terms.reading(source.name),
             rows=applies and not source.trainable,
-            defer=defer and defer_teachers and source.name not in building,
+            defer=defer and defer_teachers,
         )
     return sources[0].rows_plan if sources else plan

@@ -112,7 +112,8 @@ class FrozenTeacher(TeacherSource):
         deferred: bool = True,
     ) -> Any:
         """The teacher's outputs for a batch; in training its logits at the counted rows only, or (`deferred`, as the
-        plan says) those rows unprojected (`ProjectedRows`). A cache build asks for projected rows, which it stores."""
+        plan says) those rows unprojected (`ProjectedRows`), which the losses, or a cache build, project chunk by
+        chunk."""
         rows = training_rows(self.rows_plan, "teacher", inputs) if training else None
         defer = deferred and rows is not None and self.rows_plan.defers("teacher")
         with project_rows(self.reference, rows, defer) as projection:

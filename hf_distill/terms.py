@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .losses import DistillationLoss, output_flags
+from .logit_rows import ProjectedRows
+from .losses import DistillationLoss, output_flags, rows_per_chunk
+from .losses.row_terms import shared_rows_loss
 from .teacher_roster import naming
 from .teacher_sources import TeacherSource, detached
 
@@ -121,6 +123,39 @@ class TermSet:
             terms[term] = total / normalizer(term, inputs).to(total.device)
             loss = loss + peer.weight * terms[term]
         return loss, terms
+
+    def shared_row_totals(
+        self,
+        student_outputs: Any,
+        inputs: Mapping[str, Any],
+        outputs_of: Callable[[str], Any],
+        computable: Callable,
+        normalizer: Callable,
+    ) -> dict[str, torch.Tensor]:
+        """`{term: sum}` of the terms that take part in one loop over the student's unprojected logit rows
+        ([`hf_distill.losses.row_terms`]): each chunk of rows is projected once for all of them, and their gradients,
+        weighted as the total loss weights the terms (weight / `normalizer`), are taken as the loop goes. Empty when
+        the student's logits are not `ProjectedRows` (`fused_token_logits`) or no term takes part (`row_term`).
+        `outputs_of(term)` is what the term reads of the teachers; `computable(loss, has_teacher, inputs)` as in
+        the trainer."""
+        projected = getattr(student_outputs, "logits", None)
+        if not isinstance(projected, ProjectedRows):
+            return {}
+        parts, coefficients = {}, []
+        for term, loss in self.losses.items():
+            outputs = outputs_of(term)
+            if not computable(loss, outputs is not None, inputs):
+                continue
+            part = loss.row_term(student_outputs, outputs, inputs)
+            if part is not None:
+                parts[term] = part
+                coefficients.append(self.weights[term] / float(normalizer(term, inputs)))
+        if not parts:
+            return {}
+        sizes = [part.chunk_size for part in parts.values() if part.chunk_size is not None]
+        chunk_size = min(sizes) if sizes else rows_per_chunk(projected.shape[-1])
+        totals = shared_rows_loss(projected, list(parts.values()), coefficients, chunk_size)
+        return {term: totals[index] for index, term in enumerate(parts)}
 
     def output_flags(self) -> dict[str, bool]:
         """What the student is asked for beyond its logits (`output_hidden_states`, `output_attentions`)."""

@@ -200,7 +200,6 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
             compact=args.compact_token_logits and not args.torch_compile,
             defer=defer and not self.overrides.compute_distillation_loss,
             defer_teachers=not self.overrides.teacher_forward,
-            building=set(caches or {}),
         )
         # 5. A teacher cache opened (built first if needed): from here on it stands in for the teachers.
         if caches is not None:
@@ -249,8 +248,6 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         (see `teachers`)."""
         return self.roster.model
 
-    # ---- construction --------------------------------------------------------------------------------------------
-
     # ---- override points -------------------------------------------------------------------------
 
     def teacher_forward(
@@ -288,23 +285,27 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combine the configured terms into `(loss, {term: value})`. Override to add or reweight terms.
 
-        Each built-in term is its loss's sum over items divided by `normalizer(term, inputs)`: during
-        training the item count of the whole accumulated batch, otherwise of this batch. A term you add
-        should follow the same rule (a per-batch mean is exact without gradient accumulation).
-        `teacher_outputs` is the teacher's outputs, or with several teachers a mapping `{name: outputs}`
-        (`term_teacher_outputs` gives each term what it reads). It is None (or holds None) where they are unknown
-        (evaluating on data outside a teacher cache): the terms that need them are left out, as are, in evaluation, the terms that need labels on a
-        batch without them. In training, a language model's `logits` may be the `[rows, vocab]` of its labeled
-        positions, or `[0, vocab]` when no loss reads them (see `compact_token_logits`); an override that needs
-        every position's logits sets `compact_token_logits=False`.
+        Each built-in term is its loss's sum over items divided by `normalizer(term, inputs)`: during training the
+        item count of the whole accumulated batch, otherwise of this batch. A term you add should follow the same rule
+        (a per-batch mean is exact without gradient accumulation). `teacher_outputs` is the teacher's outputs, or with
+        several teachers a mapping `{name: outputs}` (`term_teacher_outputs` gives each term what it reads). It is None
+        (or holds None) where they are unknown (evaluating on data outside a teacher cache): the terms that need them
+        are left out, as are, in evaluation, the terms that need labels on a batch without them. In training, a
+        language model's `logits` may be the `[rows, vocab]` of its labeled positions, or `[0, vocab]` when no loss
+        reads them (see `compact_token_logits`), or unprojected rows that the terms reading them share one loop over
+        (`fused_token_logits`, [`hf_distill.losses.row_terms`]); an override that needs every position's logits sets
+        `compact_token_logits=False`.
         """
-        loss = torch.zeros((), device=self.args.device)
-        terms = {}
+        loss, terms = torch.zeros((), device=self.args.device), {}
+        teacher_of = partial(self.term_teacher_outputs, teacher_outputs=teacher_outputs)
+        shared = self.terms.shared_row_totals(
+            student_outputs, inputs, teacher_of, self.term_computable, self.normalizer
+        )
         for term, loss_module in self.terms.losses.items():
             outputs = self.term_teacher_outputs(term, teacher_outputs)
             if not self.term_computable(loss_module, outputs is not None, inputs):
                 continue
-            total = loss_module(student_outputs, outputs, inputs)
+            total = shared[term] if term in shared else loss_module(student_outputs, outputs, inputs)
             terms[term] = total / self.normalizer(term, inputs).to(total.device)
             loss = loss + self.terms.weights[term] * terms[term]
         return loss, terms

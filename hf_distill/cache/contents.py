@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from ..losses import DistillationLoss
+from ..logit_rows import ProjectedRows
+from ..losses import DistillationLoss, rows_per_chunk
 from ..losses.functional import teacher_top_k
 from ..model_kind import describe
 from ..positions import position_mask, token_mask
@@ -193,20 +194,13 @@ class OutputExtractor:
             mask = self.position_mask(inputs)
             stored["rows"] = mask.sum(1)
             rows = outputs.logits
-            if rows.dim() != 2:  # not already the counted rows (hf_distill.logit_rows)
+            if isinstance(rows, torch.Tensor) and rows.dim() != 2:  # not already the counted rows (logit_rows)
                 rows = rows[mask]  # the counted positions, in the order the loss takes them
             elif rows.shape[0] != int(mask.sum()):
                 raise ValueError(
                     f"the teacher returned {rows.shape[0]} logit rows for {int(mask.sum())} counted positions"
                 )
-            if contents["logits"] == "dense":
-                stored["token.logits"] = rows.float()
-            else:
-                values, indices, normalizer, tail = teacher_top_k(rows, contents["top_k"], contents["temperatures"])
-                stored.update({"token.values": values, "token.indices": indices.int()})
-                stored["token.log_normalizer"] = normalizer
-                if tail is not None:
-                    stored["token.tail"] = tail
+            stored.update(token_rows(rows, contents))
         if contents.get("seq2seq"):
             stored["label_checksum"] = label_checksums(inputs)
         for prefix, stack in STATE_PREFIXES.items():
@@ -221,6 +215,27 @@ class OutputExtractor:
                 hidden = states[layer]
                 stored[f"{prefix}hidden.{layer}"] = hidden if mask is None else hidden[mask.to(hidden.device)]
         return stored
+
+
+def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """What a cache stores of a token-level teacher's `[rows, vocab]` logits (or its unprojected rows): all of them
+    (`"dense"`), or the top k with the log normaliser and tail per temperature. Taken `rows_per_chunk` rows at a time,
+    projecting each chunk of unprojected rows as it goes, so that no temporary spans every row of the vocabulary."""
+    chunk_size = rows_per_chunk(rows.shape[-1])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, max(rows.shape[0], 1), chunk_size):  # one empty chunk when no row counts
+        end = min(start + chunk_size, rows.shape[0])
+        logits = rows.logits(start, end) if isinstance(rows, ProjectedRows) else rows[start:end]
+        if contents["logits"] == "dense":
+            parts.setdefault("token.logits", []).append(logits.float())
+            continue
+        values, indices, normalizer, tail = teacher_top_k(logits, contents["top_k"], contents["temperatures"])
+        chunk = {"token.values": values, "token.indices": indices.int(), "token.log_normalizer": normalizer}
+        if tail is not None:
+            chunk["token.tail"] = tail
+        for key, tensor in chunk.items():
+            parts.setdefault(key, []).append(tensor)
+    return {key: torch.cat(tensors) for key, tensors in parts.items()}
 
 
 def _row_counts_key(key: str) -> str | None:

@@ -167,7 +167,7 @@ class TeacherCacheMixin:
                     directory,
                     record,
                     self._cache_batches,
-                    lambda inputs: source.outputs(inputs, None, training=True, deferred=False),
+                    lambda inputs: source.outputs(inputs, None, training=True),
                     OutputExtractor(contents, losses),
                     shard_size=self.teacher_cache_shard_size,
                 )

@@ -19,13 +19,16 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..positions import position_mask, token_mask  # noqa: F401 - also where losses of users import them from
 from ..seq2seq import stack_size
+
+if TYPE_CHECKING:
+    from .row_terms import RowTerm
 
 _REGISTRY: dict[str, type[DistillationLoss]] = {}
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -61,10 +64,11 @@ class DistillationLoss(nn.Module):
     `mixes_teachers` True that names none reads them all, as a [`TeacherEnsemble`]
     (its `setup` is then called once per teacher).
 
-    Three methods say what else a loss takes part in; the trainer and the teacher cache ask every loss, built-in
+    Four methods say what else a loss takes part in; the trainer and the teacher cache ask every loss, built-in
     or registered, the same way: `use_class_probabilities` (labels mixed by mixup/cutmix), `mirror` (the same
-    term for a teacher that learns, deep mutual learning) and `cached_logits` (what it reads of a teacher cache's
-    stored logits).
+    term for a teacher that learns, deep mutual learning), `cached_logits` (what it reads of a teacher cache's
+    stored logits) and `row_term` (its part in the one loop over the student's projected rows that the terms
+    reading them share, [`hf_distill.losses.row_terms`]).
     """
 
     student_outputs: frozenset[str] = frozenset()
@@ -118,6 +122,12 @@ class DistillationLoss(nn.Module):
     def cached_logits(self) -> CachedLogits | None:
         """What this loss reads of the teacher's logits from a teacher cache, known after `setup`; None (the
         default) when it reads them there as the model returns them, or not at all."""
+        return None
+
+    def row_term(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> RowTerm | None:
+        """This batch's term as a [`~hf_distill.losses.row_terms.RowTerm`] of the shared row loop, or None (the
+        default) to be computed by `forward` alone. Asked in training and evaluation when the student's logits are
+        [`~hf_distill.logit_rows.ProjectedRows`]; the total the loop returns must equal what `forward` would."""
         return None
 
     def teacher_hidden_layers(self) -> list[int] | None:

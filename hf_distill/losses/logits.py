@@ -15,13 +15,7 @@ from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
 from .base import CachedLogits, DistillationLoss, TeacherEnsemble, batch_size, register_loss
-from .chunked import (
-    chunked_rows_loss,
-    chunked_soft_target_loss,
-    projected_rows_loss,
-    rows_per_chunk,
-    target_rows,
-)
+from .chunked import chunked_rows_loss, chunked_soft_target_loss, rows_per_chunk
 from .functional import (
     TEACHER_MIXTURES,
     Divergence,
@@ -29,6 +23,13 @@ from .functional import (
     soft_target_loss,
     topk_soft_target_loss,
 )
+from .gradients import (
+    cross_entropy_value_and_grad,
+    divergence_value_and_grad,
+    reads_teacher_probs,
+    topk_value_and_grad,
+)
+from .row_terms import RowChunk, RowTerm, shared_rows_loss, teacher_log_probs, teacher_probs
 
 #: What a span model's logits are replaced with at padding: far enough below any logit to carry no probability.
 _PADDING_LOGIT = -1e4
@@ -264,24 +265,68 @@ class SoftTargetLoss(DistillationLoss):
         )
 
     def _projected_loss(self, student: ProjectedRows, teacher_outputs: Any, mask: torch.Tensor) -> torch.Tensor:
-        """The token-level loss with the student's rows unprojected: against a cache's rows, the teacher's rows
-        (projected too, chunk by chunk, or already logits), or its full logits (their counted positions)."""
+        """The token-level loss with the student's rows unprojected: this term alone in the shared row loop."""
+        term = self._row_term(student, teacher_outputs, mask)
+        return shared_rows_loss(student, [term], chunk_size=term.chunk_size)[0]
+
+    def row_term(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> RowTerm | None:
+        student = getattr(student_outputs, "logits", None)
+        if not self.token_level or self.span or not isinstance(student, ProjectedRows):
+            return None
+        if isinstance(teacher_outputs, TeacherEnsemble):
+            teacher_outputs = self.mixed_teacher(teacher_outputs, inputs)
+        return self._row_term(student, teacher_outputs, self.position_mask(inputs))
+
+    def _row_term(self, student: ProjectedRows, teacher_outputs: Any, mask: torch.Tensor) -> RowTerm:
+        """The divergence on each chunk of the student's unprojected rows against a cache's rows, the teacher's rows
+        (projected too, chunk by chunk, or already logits), or its full logits (their counted positions), with its
+        gradient in closed form ([`hf_distill.losses.gradients`])."""
         self._rows_mask(student, mask, "student")
+        temperature, divergence = self.temperature, self.measure
+        uses_teacher_probs = reads_teacher_probs(divergence)
+        chunk_size = rows_per_chunk(student.shape[-1], self.chunk_size)
         cached = getattr(teacher_outputs, "token_targets", None)
         if cached is not None:
-            row_loss = self._cached_row_loss(cached, mask)
+            if cached.num_rows != int(mask.sum()):
+                self._cached_row_loss(cached, mask)  # raises, naming the fix
+            if cached.logits is not None:
+                teacher_rows = cached.logits
+            else:
+                column = cached.temperature_column(temperature)
+
+                def topk(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+                    start, end = chunk.start, chunk.end
+                    device = chunk.logits.device
+                    tail = None if cached.tail is None else cached.tail[start:end, column].to(device)
+                    return topk_value_and_grad(
+                        chunk.log_probs(temperature),
+                        cached.values[start:end].to(device),
+                        cached.indices[start:end].to(device),
+                        cached.log_normalizer[start:end, column].to(device),
+                        tail,
+                        temperature,
+                        divergence,
+                        chunk.probs(temperature),
+                    )
+
+                return RowTerm(topk, chunk_size)
         else:
-            teacher = teacher_outputs.logits
-            if not isinstance(teacher, ProjectedRows) and teacher.dim() != 2:
-                teacher = teacher[mask.to(teacher.device)]
-            self._rows_mask(teacher, mask, "teacher")
-            temperature, divergence = self.temperature, self.measure
+            teacher_rows = teacher_outputs.logits
+            if not isinstance(teacher_rows, ProjectedRows) and teacher_rows.dim() != 2:
+                teacher_rows = teacher_rows[mask.to(teacher_rows.device)]
+            self._rows_mask(teacher_rows, mask, "teacher")
 
-            def row_loss(rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
-                targets = target_rows(teacher, start, end).to(rows.device)
-                return soft_target_loss(rows, targets, temperature, divergence, reduction="sum")
+        def value_and_grad(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+            return divergence_value_and_grad(
+                chunk.log_probs(temperature),
+                teacher_log_probs(chunk, teacher_rows, temperature),
+                temperature,
+                divergence,
+                chunk.probs(temperature),
+                teacher_probs(chunk, teacher_rows, temperature) if uses_teacher_probs else None,
+            )
 
-        return projected_rows_loss(student, row_loss, rows_per_chunk(student.shape[-1], self.chunk_size))
+        return RowTerm(value_and_grad, chunk_size)
 
     def mixed_teacher(self, ensemble: TeacherEnsemble, inputs: Mapping[str, Any]) -> SimpleNamespace:
         """The teachers' outputs as one teacher's: logits whose distribution at this term's temperature is their
@@ -431,22 +476,32 @@ class HardLabelLoss(DistillationLoss):
             return labels.sum().float()
         return label_positions(labels, self.shift).sum().float()
 
+    def row_term(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> RowTerm | None:
+        logits = getattr(student_outputs, "logits", None)
+        if not (self.language_model and isinstance(logits, ProjectedRows)):
+            return None
+        _, targets = label_rows(inputs["labels"], self.shift)
+        targets = targets.to(logits.device)
+        if targets.numel() != logits.shape[0]:
+            raise ValueError(
+                f"the student's logits hold {logits.shape[0]} rows, but the batch has {targets.numel()} labels: row "
+                "logits must be those of the labeled positions (hf_distill.logit_rows), in row-major order"
+            )
+
+        def value_and_grad(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+            return cross_entropy_value_and_grad(chunk.log_probs(), targets[chunk.start : chunk.end], chunk.probs())
+
+        return RowTerm(value_and_grad, rows_per_chunk(logits.shape[-1], self.chunk_size))
+
     def _mixed(self, labels: torch.Tensor) -> bool:
         return self.class_probabilities and labels.is_floating_point()
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
         logits = getattr(student_outputs, "logits", None)
-        if self.language_model and isinstance(logits, ProjectedRows):
+        term = self.row_term(student_outputs, teacher_outputs, inputs)
+        if term is not None:
             # Unprojected rows (hf_distill.logit_rows): the same cross-entropy, projected chunk by chunk.
-            _, targets = label_rows(inputs["labels"], self.shift)
-            targets = targets.to(logits.device)
-            return projected_rows_loss(
-                logits,
-                lambda rows, start, end: nn.functional.cross_entropy(
-                    rows.float(), targets[start:end], reduction="sum"
-                ),
-                rows_per_chunk(logits.shape[-1], self.chunk_size),
-            )
+            return shared_rows_loss(logits, [term], chunk_size=term.chunk_size)[0]
         if self.language_model and logits is not None and logits.dim() == 2:
             # Logits of the labeled positions only (hf_distill.logit_rows): the model's own cross-entropy, summed.
             _, targets = label_rows(inputs["labels"], self.shift)

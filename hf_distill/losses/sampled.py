@@ -11,8 +11,10 @@ from torch import nn
 from ..logit_rows import ProjectedRows, label_rows
 from ..model_kind import describe
 from .base import DistillationLoss, register_loss
-from .chunked import chunked_rows_loss, projected_rows_loss, rows_per_chunk, target_rows
+from .chunked import chunked_rows_loss, rows_per_chunk, target_rows
+from .gradients import sampled_token_value_and_grad
 from .logits import check_same_outputs
+from .row_terms import RowChunk, RowTerm, shared_rows_loss, teacher_log_probs
 
 
 def sampled_token_loss(
@@ -78,17 +80,36 @@ class SampledTokenLoss(DistillationLoss):
         return label_rows(labels, shift=True)[0].sum().float()
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+        term = self.row_term(student_outputs, teacher_outputs, inputs)
+        if term is not None:
+            return shared_rows_loss(student_outputs.logits, [term], chunk_size=term.chunk_size)[0]
         rows, tokens = label_rows(inputs["labels"], shift=True)
-        student, teacher = student_outputs.logits, teacher_outputs.logits
-        if not isinstance(teacher, ProjectedRows) and teacher.dim() == 3:
-            teacher = teacher[rows.to(teacher.device)]
+        student, teacher = student_outputs.logits, self._teacher_rows(teacher_outputs, rows)
 
         def row_loss(student_rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
             targets = target_rows(teacher, start, end)
             return sampled_token_loss(student_rows, targets, tokens[start:end].to(student_rows.device))
 
-        chunk = rows_per_chunk(student.shape[-1], self.chunk_size)
-        if isinstance(student, ProjectedRows):
-            return projected_rows_loss(student, row_loss, chunk)
         mask = rows.to(student.device) if student.dim() == 3 else None
-        return chunked_rows_loss(student, mask, row_loss, chunk)
+        return chunked_rows_loss(student, mask, row_loss, rows_per_chunk(student.shape[-1], self.chunk_size))
+
+    def row_term(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> RowTerm | None:
+        student = student_outputs.logits
+        if not isinstance(student, ProjectedRows):
+            return None
+        rows, tokens = label_rows(inputs["labels"], shift=True)
+        teacher, tokens = self._teacher_rows(teacher_outputs, rows), tokens.to(student.device)
+
+        def value_and_grad(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+            chosen = tokens[chunk.start : chunk.end]
+            teacher_chosen = teacher_log_probs(chunk, teacher, 1.0).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            return sampled_token_value_and_grad(chunk.log_probs(), teacher_chosen, chosen, chunk.probs())
+
+        return RowTerm(value_and_grad, rows_per_chunk(student.shape[-1], self.chunk_size))
+
+    @staticmethod
+    def _teacher_rows(teacher_outputs: Any, rows: torch.Tensor) -> Any:
+        teacher = teacher_outputs.logits
+        if not isinstance(teacher, ProjectedRows) and teacher.dim() == 3:
+            teacher = teacher[rows.to(teacher.device)]
+        return teacher
