@@ -3,6 +3,7 @@
     python benchmarks/peers.py            # the two pairs below (~25 min on 2 CPU cores)
     python benchmarks/peers.py --quick    # tiny shapes, seconds: a spot check, printed, not a result
     python benchmarks/peers.py --only on_policy   # one part, measured again into the report's other parts
+    (parts: causal, liger, vision, on_policy)
 
 Pairs and contenders (the same teacher, student, data, batch, precision, optimizer, schedule and loss for each):
 - causal LM, GPT-2-small-shaped teacher (12 x 768, 50,257 tokens) -> 6 of its layers, on fixed token sequences:
@@ -10,6 +11,10 @@ Pairs and contenders (the same teacher, student, data, batch, precision, optimiz
   (`lmbda=0`, `seq_kd=False`: off-policy, token-level, on the given sequences; `beta=0.5`, the same
   Jensen-Shannon divergence), with TRL's gradient checkpointing off as in hf_distill ("trl") and at TRL's
   default, on ("trl_default").
+- causal LM against Liger Kernel, the same pair: hf_distill with `soft_target` (jsd, T = 1, weight 0.5) and
+  `hard_label` (weight 0.5) against a `transformers.Trainer` whose loss is Liger's `LigerFusedLinearJSDLoss` (the
+  same 0.5 · CE + 0.5 · JSD, beta 0.5), at its defaults ("liger": compiled, chunks of 1,024 rows) and uncompiled
+  ("liger_eager").
 - ViT-base -> MobileNetV2-1.4 (`run.py`'s pair): the Hugging Face vision guide's trainer, its `compute_loss`
   `(1 - λ)·CE + λ·KL(batchmean)·T²` (λ = 0.5, T = 5) patched only to accept `num_items_in_batch`, against
   hf_distill online (`hard_label` 0.5 + `soft_target` 0.5 at T = 5, the same loss) and from its teacher cache.
@@ -67,6 +72,8 @@ LOSS_TOLERANCE = 1e-3
 VISION_TOLERANCE = 5e-2
 START_TOLERANCE = 1e-5
 CAUSAL_LOSSES = {"soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "jsd"}}
+# Liger Kernel's fused linear JSD computes weight_hard · CE + weight_soft · JSD (beta 0.5, T = 1): the same terms here.
+LIGER_LOSSES = {"soft_target": {"weight": 0.5, "temperature": 1.0, "divergence": "jsd"}, "hard_label": {"weight": 0.5}}
 ON_POLICY_LOSSES = {"soft_target": {"weight": 1.0, "temperature": 1.0, "divergence": "generalized_jsd", "beta": 0.5}}
 GUIDE_TEMPERATURE, GUIDE_LAMBDA = 5.0, 0.5
 # fmt: off
@@ -106,6 +113,41 @@ class GuideTrainer(Trainer):
         return (loss, student_output) if return_outputs else loss
 
 
+class LigerJSDTrainer(Trainer):
+    """`transformers.Trainer` with Liger Kernel's fused linear JSD (`liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`)
+    as its loss, used as Liger's documentation shows: the student's and the teacher's last hidden states and output
+    projections go in, the vocabulary projection and the loss run chunk by chunk inside it, and it returns
+    `weight_hard_loss · CE + weight_soft_loss · JSD_beta`, each a mean over the labeled tokens. `compiled` is Liger's
+    own switch (on by default: `torch.compile` of each chunk's work)."""
+
+    def __init__(self, *args, teacher_model=None, compiled: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: PLC0415
+
+        self.teacher = teacher_model.to(self.args.device).eval()
+        self.liger = LigerFusedLinearJSDLoss(
+            weight_hard_loss=LIGER_LOSSES["hard_label"]["weight"],
+            weight_soft_loss=LIGER_LOSSES["soft_target"]["weight"],
+            beta=0.5,
+            temperature=LIGER_LOSSES["soft_target"]["temperature"],
+            compiled=compiled,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        body = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+        hidden = model.base_model(**body).last_hidden_state[:, :-1]  # position i predicts label i + 1
+        with torch.no_grad():
+            teacher_hidden = self.teacher.base_model(**body).last_hidden_state[:, :-1]
+        loss = self.liger(
+            hidden.reshape(-1, hidden.shape[-1]),
+            model.get_output_embeddings().weight,
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+            self.teacher.get_output_embeddings().weight,
+            inputs["labels"][:, 1:].reshape(-1),
+        )
+        return (loss, None) if return_outputs else loss
+
+
 def common_arguments(scratch: str, batch: int, max_steps: int = -1, epochs: float = 1.0) -> dict:
     return dict(output_dir=scratch, per_device_train_batch_size=batch, max_steps=max_steps, num_train_epochs=epochs,
                 learning_rate=1e-4, save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no",
@@ -140,6 +182,21 @@ def causal_trainer(kind: str, teacher, student, data, shape: dict, scratch: str,
     return GKDTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=data, data_collator=default_data_collator,
         processing_class=token_tokenizer(), callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def liger_trainer(kind: str, teacher, student, data, shape: dict, scratch: str, callbacks=()):
+    """hf_distill with `LIGER_LOSSES`, or Liger Kernel's fused linear JSD with the same weights ("liger": compiled,
+    its default; "liger_eager": `compiled=False`)."""
+    arguments = common_arguments(scratch, shape["lm_batch"], max_steps=shape["lm_steps"] + shape["lm_warmup"])
+    if kind == "hf_distill":
+        config = DistillationConfig(losses=LIGER_LOSSES, **arguments)
+        return DistillationTrainer(
+            model=student, teacher_model=teacher, args=config, train_dataset=data, callbacks=list(callbacks)
+        )
+    return LigerJSDTrainer(
+        model=student, teacher_model=teacher, compiled=kind == "liger", args=TrainingArguments(**arguments),
+        train_dataset=data, callbacks=list(callbacks),
     )  # fmt: skip
 
 
@@ -194,6 +251,7 @@ def vision_trainer(kind: str, teacher, student, data, shape: dict, scratch: str,
 
 
 CAUSAL_KINDS = ("hf_distill", "trl", "trl_default")
+LIGER_KINDS = ("hf_distill", "liger", "liger_eager")
 ON_POLICY_KINDS = CAUSAL_KINDS
 VISION_KINDS = ("hf_distill", "guide", "hf_distill_cached")
 
@@ -248,25 +306,34 @@ def fresh(student, initial):
 # ---- timing ------------------------------------------------------------------------------------------------
 
 
-def time_causal(pair, shape: dict) -> dict:
+def time_causal(pair, shape: dict, kinds=CAUSAL_KINDS, trainer=causal_trainer) -> dict:
+    """Step times of `kinds` (built by `trainer`) in interleaved rounds: the median over every round, and each round's
+    median apart (`round_step_s`), so that a ratio's spread over the rounds can be read."""
     teacher, student, data, check = pair
     initial = {key: value.clone() for key, value in student.state_dict().items()}
-    steps = {kind: [] for kind in CAUSAL_KINDS}
+    steps = {kind: [] for kind in kinds}
+    rounds = {kind: [] for kind in kinds}
     losses = {}
     with tempfile.TemporaryDirectory() as scratch:
         for _ in range(shape["lm_rounds"]):
-            for kind in CAUSAL_KINDS:
+            for kind in kinds:
                 clock = run.StepClock()
-                causal_trainer(kind, teacher, fresh(student, initial), data, shape, scratch, [clock]).train()
+                trainer(kind, teacher, fresh(student, initial), data, shape, scratch, [clock]).train()
                 steps[kind] += clock.times[shape["lm_warmup"] :]
+                rounds[kind].append(statistics.median(clock.times[shape["lm_warmup"] :]))
                 losses[kind] = causal_check_loss(student, teacher, check)
     fresh(student, initial)
     return {
         "step_s": {kind: statistics.median(times) for kind, times in steps.items()},
+        "round_step_s": rounds,
         "steps": {kind: len(times) for kind, times in steps.items()},
         "check_loss": losses,
         "initial_check_loss": causal_check_loss(student, teacher, check),
     }
+
+
+def time_liger(pair, shape: dict) -> dict:
+    return time_causal(pair, shape, LIGER_KINDS, liger_trainer)
 
 
 class CycleClock(TrainerCallback):
@@ -382,12 +449,14 @@ def case_peak(case: str, quick: bool) -> int:
     """Peak bytes of one contender's training run above what its process held before, plus the teacher's weights."""
     shape = SHAPES["quick" if quick else "full"]
     pair, kind = case.split(":")
-    teacher, student, data, _ = pairs(shape, quick)["causal" if pair == "on_policy" else pair]
+    teacher, student, data, _ = pairs(shape, quick)["vision" if pair == "vision" else "causal"]
     teacher_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
     with tempfile.TemporaryDirectory() as scratch:
         short = {**shape, "lm_steps": 2, "lm_warmup": 0}  # the peak of a step is reached in the first two
         if pair == "causal":
             work = lambda: causal_trainer(kind, teacher, student, data, short, scratch).train()  # noqa: E731
+        elif pair == "liger":
+            work = lambda: liger_trainer(kind, teacher, student, data, short, scratch).train()  # noqa: E731
         elif pair == "on_policy":
             prompts = on_policy_data(data, shape)
             work = lambda: on_policy_trainer(kind, teacher, student, prompts, short, scratch).train()  # noqa: E731
@@ -414,7 +483,7 @@ def relative_gap(losses: dict[str, float]) -> float:
     return (max(values) - min(values)) / abs(min(values))
 
 
-PARTS = ("causal", "vision", "on_policy")
+PARTS = ("causal", "liger", "vision", "on_policy")
 
 
 def main() -> None:
@@ -428,16 +497,16 @@ def main() -> None:
     shape = SHAPES["quick" if options.quick else "full"]
     started = time.perf_counter()
     built = pairs(shape, options.quick)
-    timers = {"causal": time_causal, "vision": time_vision, "on_policy": time_on_policy}
+    timers = {"causal": time_causal, "liger": time_liger, "vision": time_vision, "on_policy": time_on_policy}
     results = {part: timers[part](built["vision" if part == "vision" else "causal"], shape) for part in options.only}
     del built
     # Peaks after every timing, so that no measuring process shares the machine with a timed step.
-    kinds = {"causal": CAUSAL_KINDS, "vision": VISION_KINDS[:2], "on_policy": ON_POLICY_KINDS}
+    kinds = {"causal": CAUSAL_KINDS, "liger": LIGER_KINDS, "vision": VISION_KINDS[:2], "on_policy": ON_POLICY_KINDS}
     cases = [f"{part}:{kind}" for part in options.only for kind in kinds[part]]
     for case, peak in measure_peaks(cases, options.quick).items():
         part, kind = case.split(":")
         results[part].setdefault("peak_bytes", {})[kind] = peak
-    for part in ("causal", "vision"):
+    for part in ("causal", "liger", "vision"):
         if part in results:
             results[part]["loss_gap"] = relative_gap(results[part]["check_loss"])
     machine = {
@@ -468,6 +537,7 @@ def main() -> None:
         with open(path, "w", encoding="utf-8") as handle:
             json.dump({"results": results, "ratios": ratios}, handle, indent=1)
     for name, gap, tolerance in (("causal", results.get("causal", {}).get("loss_gap"), LOSS_TOLERANCE),
+                                 ("liger", results.get("liger", {}).get("loss_gap"), LOSS_TOLERANCE),
                                  ("vision", results.get("vision", {}).get("loss_gap"), VISION_TOLERANCE),
                                  ("vision start", results.get("vision", {}).get("start_loss_gap"), START_TOLERANCE)):  # fmt: skip
         if gap is not None and gap > tolerance:
@@ -495,7 +565,28 @@ def peer_ratios(results: dict) -> dict:
         })  # fmt: skip
     if "on_policy" in results:
         ratios.update(against_trl("on_policy", results["on_policy"]))
+    if "liger" in results:
+        liger = results["liger"]
+        for peer, suffix in (("liger", ""), ("liger_eager", "_eager")):
+            for what, key in (("step", "step_s"), ("peak", "peak_bytes")):
+                ratios[f"causal_lm_{what}_vs_liger{suffix}"] = liger[key]["hf_distill"] / liger[key][peer]
     return ratios
+
+
+def round_spread(part: dict, peer: str) -> tuple[float, float] | None:
+    """The lowest and highest hf_distill / `peer` step ratio over a part's rounds (each round's medians)."""
+    rounds = part.get("round_step_s")
+    if not rounds:
+        return None
+    ratios = [ours / theirs for ours, theirs in zip(rounds["hf_distill"], rounds[peer], strict=True)]
+    return min(ratios), max(ratios)
+
+
+def spread_text(part: dict, peer: str) -> str:
+    spread = round_spread(part, peer)
+    if spread is None:
+        return "not recorded"
+    return f"{spread[0]:.3f}–{spread[1]:.3f} over {len(part['round_step_s'][peer])} rounds"
 
 
 def format_peers(results: dict, ratios: dict) -> str:
@@ -508,13 +599,16 @@ def format_peers(results: dict, ratios: dict) -> str:
         + (" (bf16 autocast on the GPU)" if torch.cuda.is_available() else "")
         + ". Ratios are hf_distill / peer: below 1, hf_distill is faster or smaller.",
     ]
-    for part, section in (("causal", causal_section), ("on_policy", on_policy_section), ("vision", vision_section)):
+    sections = (("causal", causal_section), ("liger", liger_section), ("on_policy", on_policy_section),
+                ("vision", vision_section))  # fmt: skip
+    for part, section in sections:
         if part in results:
             lines += ["", *section(results[part], results[part].get("measured", machine))]
     lines += [
         "",
         *run.ratios_lines(
-            "causal_lm_step_vs_trl <= 0.80, causal_lm_peak_vs_trl <= 0.60, vision_online_vs_guide <= 0.95, "
+            "causal_lm_step_vs_trl <= 0.45, causal_lm_peak_vs_trl <= 0.60, causal_lm_step_vs_liger <= 1.0, "
+            "causal_lm_peak_vs_liger <= 1.0, vision_online_vs_guide <= 0.95, "
             "vision_cached_3_epochs_vs_guide <= 0.60, on_policy_step_vs_trl <= 0.80, on_policy_peak_vs_trl <= 0.60",
             ratios,
         ),
@@ -560,7 +654,36 @@ def causal_section(causal: dict, machine: dict) -> list[str]:
         f"Every contender starts from the same student (JSD {causal['initial_check_loss']:.6f} on the check batch) and "
         f"trains {shape['lm_steps'] + shape['lm_warmup']} steps per round ({shape['lm_warmup']} warm-up) over "
         f"{shape['lm_rounds']} interleaved rounds; the check losses differ by {causal['loss_gap']:.2e} (relative; "
-        f"tolerance {LOSS_TOLERANCE}).",
+        f"tolerance {LOSS_TOLERANCE}). hf_distill / TRL per round: {spread_text(causal, 'trl')}; at TRL's default: "
+        f"{spread_text(causal, 'trl_default')}.",
+    ]
+
+
+def liger_section(liger: dict, machine: dict) -> list[str]:
+    shape, gib = machine["shape"], 2**30
+    lines = section_head(
+        f"Causal LM against Liger Kernel's fused linear JSD: the same pair, batch {shape['lm_batch']} x "
+        f"{shape['lm_length']} tokens, 0.5 · CE + 0.5 · JSD (beta 0.5, T = 1)",
+        machine,
+        ["contender", "median step (s)", "hf_distill / it, per round", "timed steps", "peak (GiB)",
+         "JSD to the teacher after the steps"],
+    )  # fmt: skip
+    names = {"hf_distill": "hf_distill `DistillationTrainer` (`soft_target` jsd 0.5, `hard_label` 0.5)",
+             "liger": "`transformers.Trainer` + `LigerFusedLinearJSDLoss` (its defaults: compiled, chunk 1024)",
+             "liger_eager": "the same with `compiled=False`"}  # fmt: skip
+    for kind in LIGER_KINDS:
+        spread = "" if kind == "hf_distill" else spread_text(liger, kind)
+        lines.append(
+            f"| {names[kind]} | {liger['step_s'][kind]:.3f} | {spread} | {liger['steps'][kind]} | "
+            f"{liger['peak_bytes'][kind] / gib:.3f} | {liger['check_loss'][kind]:.6f} |"
+        )
+    return lines + [
+        "",
+        f"Every contender starts from the same student (JSD {liger['initial_check_loss']:.6f} on the check batch) and "
+        f"trains {shape['lm_steps'] + shape['lm_warmup']} steps per round ({shape['lm_warmup']} warm-up, which holds "
+        f"Liger's compilation) over {shape['lm_rounds']} interleaved rounds; the check losses differ by "
+        f"{liger['loss_gap']:.2e} (relative; tolerance {LOSS_TOLERANCE}). Liger's peak includes what `torch.compile` "
+        "holds in the process.",
     ]
 
 
