@@ -406,6 +406,7 @@ def time_vision(pair, shape: dict) -> dict:
     teacher, student, data, check = pair
     initial = {key: value.clone() for key, value in student.state_dict().items()}
     steps = {kind: [] for kind in VISION_KINDS}
+    rounds = {kind: [] for kind in VISION_KINDS}
     totals = {kind: [] for kind in VISION_KINDS}
     losses = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -428,13 +429,16 @@ def time_vision(pair, shape: dict) -> dict:
                 run.synchronize()
                 totals[kind].append(time.perf_counter() - start)
                 steps[kind] += clock.times[1:]  # the first step of a run warms up
+                rounds[kind].append(statistics.median(clock.times[1:]))
                 losses[kind] = vision_check_loss(student, teacher, check)
                 del trainer
     fresh(student, initial)
     return {
         "step_s": {kind: statistics.median(times) for kind, times in steps.items()},
         "steps": {kind: len(times) for kind, times in steps.items()},
+        "round_step_s": rounds,
         "total_s": {kind: statistics.median(times) for kind, times in totals.items()},
+        "round_total_s": totals,
         "check_loss": losses,
         "initial_check_loss": vision_check_loss(student, teacher, check),
         "start_loss": start_loss,
@@ -578,8 +582,11 @@ def round_spread(part: dict, peer: str) -> tuple[float, float] | None:
     rounds = part.get("round_step_s")
     if not rounds:
         return None
-    ratios = [ours / theirs for ours, theirs in zip(rounds["hf_distill"], rounds[peer], strict=True)]
-    return min(ratios), max(ratios)
+    return spread([ours / theirs for ours, theirs in zip(rounds["hf_distill"], rounds[peer], strict=True)])
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
 
 
 def spread_text(part: dict, peer: str) -> str:
@@ -731,7 +738,15 @@ def vision_section(vision: dict, machine: dict) -> list[str]:
             f"| {names[kind]} | {vision['step_s'][kind]:.3f} | {vision['steps'][kind]} | {vision['total_s'][kind]:.1f} | "
             f"{'-' if peak is None else f'{peak / gib:.3f}'} | {vision['check_loss'][kind]:.6f} |"
         )
+    totals = vision.get("round_total_s")
+    cached = "not recorded"
+    if totals:
+        low, high = spread([a / b for a, b in zip(totals["hf_distill_cached"], totals["guide"], strict=True)])
+        cached = f"{low:.3f}–{high:.3f}"
     return lines + [
+        "",
+        f"hf_distill online / the guide per round (median steps): {spread_text(vision, 'guide')}; cached 3 epochs / "
+        f"the guide per round (end to end): {cached}.",
         "",
         f"An epoch is {shape['epoch_batches']} batches; each run is {shape['epochs']} epochs and the rounds "
         f"({shape['vision_rounds']}) interleave the three. End to end: constructing the trainer (the cached "
