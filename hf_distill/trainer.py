@@ -297,10 +297,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         `compact_token_logits=False`.
         """
         loss, terms = torch.zeros((), device=self.args.device), {}
-        teacher_of = partial(self.term_teacher_outputs, teacher_outputs=teacher_outputs)
-        shared = self.terms.shared_row_totals(
-            student_outputs, inputs, teacher_of, self.term_computable, self.normalizer
-        )
+        reads = partial(self.term_teacher_outputs, teacher_outputs=teacher_outputs)
+        shared = self.terms.shared_row_totals(student_outputs, inputs, reads, self.term_computable, self.normalizer)
         for term, loss_module in self.terms.losses.items():
             outputs = self.term_teacher_outputs(term, teacher_outputs)
             if not self.term_computable(loss_module, outputs is not None, inputs):
