@@ -15,6 +15,8 @@ from ..model_kind import describe
 from ..positions import position_mask, token_mask
 from ..seq2seq import stack_size
 
+#: The fewest rows of a token-level teacher's logits a cache build projects and reduces to its top k at a time.
+BUILD_CHUNK_ROWS = 256
 #: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.
 CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
 _CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
@@ -220,8 +222,11 @@ class OutputExtractor:
 def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> dict[str, torch.Tensor]:
     """What a cache stores of a token-level teacher's `[rows, vocab]` logits (or its unprojected rows): all of them
     (`"dense"`), or the top k with the log normaliser and tail per temperature. Taken `rows_per_chunk` rows at a time,
-    projecting each chunk of unprojected rows as it goes, so that no temporary spans every row of the vocabulary."""
-    chunk_size = rows_per_chunk(rows.shape[-1])
+    projecting each chunk of unprojected rows as it goes, so that no temporary spans every row of the vocabulary.
+    Chunks of at least `BUILD_CHUNK_ROWS` rows: without gradients the projection of fewer rows at a time runs slower
+    than in one piece (on 2 CPU cores, 83 rows x 50,257 words took 1.7x the time of one 1,016-row product; 256 rows,
+    1.0x)."""
+    chunk_size = max(rows_per_chunk(rows.shape[-1]), BUILD_CHUNK_ROWS)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # one empty chunk when no row counts
         end = min(start + chunk_size, rows.shape[0])
