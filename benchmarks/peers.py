@@ -490,14 +490,29 @@ def relative_gap(losses: dict[str, float]) -> float:
 PARTS = ("causal", "liger", "vision", "on_policy")
 
 
+def liger_installed() -> bool:
+    """Whether Liger Kernel is importable: it is not among hf_distill's extras (its package requires Triton, a 286 MB
+    wheel its chunked losses do not use); `pip install --no-deps liger-kernel` is enough for the `liger` part."""
+    from importlib.util import find_spec  # noqa: PLC0415
+
+    return find_spec("liger_kernel") is not None
+
+
+def default_parts() -> list[str]:
+    return [part for part in PARTS if part != "liger" or liger_installed()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds (not a result)")
     parser.add_argument(
-        "--only", choices=PARTS, nargs="+", default=list(PARTS),
-        help="measure these parts alone; the report keeps the other parts as peers.json last had them",
+        "--only", choices=PARTS, nargs="+", default=default_parts(),
+        help="measure these parts alone; the report keeps the other parts as peers.json last had them (by default "
+        "every part, the liger one where Liger Kernel is installed)",
     )  # fmt: skip
     options = parser.parse_args()
+    if "liger" in options.only and not liger_installed():
+        parser.error("the liger part needs Liger Kernel: pip install --no-deps liger-kernel")
     shape = SHAPES["quick" if options.quick else "full"]
     started = time.perf_counter()
     built = pairs(shape, options.quick)
@@ -523,7 +538,9 @@ def main() -> None:
     for part in options.only:
         results[part]["measured"] = machine
     path = os.path.join(HERE, "peers.json")
-    if set(options.only) != set(PARTS) and not options.quick:  # the other parts as the last full report had them
+    if (
+        set(options.only) != set(default_parts()) and not options.quick
+    ):  # the other parts as the last full report had them
         with open(path, encoding="utf-8") as handle:
             earlier = json.load(handle)["results"]
         for part in PARTS:  # each part kept says which run measured it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -28,9 +29,14 @@ def test_quick_peers_prints_every_ratio_and_the_contenders_agree():
         "on_policy_peak_vs_trl",
     } <= set(ratios)
     assert all(value > 0 for value in ratios.values())
-    # The report's tables: three contenders off-policy, three on-policy and three vision ones.
+    # The report's tables: three contenders off-policy, three on-policy and three vision ones (and three against
+    # Liger Kernel where it is installed).
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| contender")]
-    assert len(rows) == 9
+    liger = importlib.util.find_spec("liger_kernel") is not None
+    assert len(rows) == 9 + 3 * liger
+    if liger:
+        assert {"causal_lm_step_vs_liger", "causal_lm_peak_vs_liger"} <= set(ratios)
+        assert "warning: the liger" not in result.stdout
     # On-policy, every contender generated once per timed step and the time in generate is part of the step's.
     section = result.stdout.split("## Causal LM on-policy")[1].split("## ")[0]
     on_policy = [line.split(" | ") for line in section.splitlines() if line in rows]
