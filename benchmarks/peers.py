@@ -657,8 +657,20 @@ def section_head(title: str, machine: dict, columns: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
+def contender_rows(part: dict, kinds: tuple[str, ...], names: dict[str, str], spreads: bool) -> list[str]:
+    """A causal part's table rows: median step, (with `spreads`, hf_distill / the contender per round,) timed steps,
+    peak and check loss of each contender."""
+    rows = []
+    for kind in kinds:
+        spread = [] if not spreads else ["" if kind == "hf_distill" else spread_text(part, kind)]
+        cells = [names[kind], f"{part['step_s'][kind]:.3f}", *spread, str(part["steps"][kind]),
+                 f"{part['peak_bytes'][kind] / 2**30:.3f}", f"{part['check_loss'][kind]:.6f}"]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def causal_section(causal: dict, machine: dict) -> list[str]:
-    shape, gib = machine["shape"], 2**30
+    shape = machine["shape"]
     lines = section_head(
         f"Causal LM: GPT-2-small-shaped teacher (12 x 768, 50,257 tokens) -> 6 layers, batch {shape['lm_batch']} x "
         f"{shape['lm_length']} tokens",
@@ -668,11 +680,7 @@ def causal_section(causal: dict, machine: dict) -> list[str]:
     names = {"hf_distill": "hf_distill `DistillationTrainer` (`soft_target`, jsd, T = 1)",
              "trl": "TRL `GKDTrainer` (lmbda 0, beta 0.5, seq_kd off), gradient checkpointing off",
              "trl_default": "TRL `GKDTrainer`, the same at its default gradient checkpointing (on)"}  # fmt: skip
-    for kind in CAUSAL_KINDS:
-        lines.append(
-            f"| {names[kind]} | {causal['step_s'][kind]:.3f} | {causal['steps'][kind]} | "
-            f"{causal['peak_bytes'][kind] / gib:.3f} | {causal['check_loss'][kind]:.6f} |"
-        )
+    lines += contender_rows(causal, CAUSAL_KINDS, names, spreads=False)
     return lines + [
         "",
         f"Every contender starts from the same student (JSD {causal['initial_check_loss']:.6f} on the check batch) and "
@@ -684,7 +692,7 @@ def causal_section(causal: dict, machine: dict) -> list[str]:
 
 
 def liger_section(liger: dict, machine: dict) -> list[str]:
-    shape, gib = machine["shape"], 2**30
+    shape = machine["shape"]
     lines = section_head(
         f"Causal LM against Liger Kernel's fused linear JSD: the same pair, batch {shape['lm_batch']} x "
         f"{shape['lm_length']} tokens, 0.5 · CE + 0.5 · JSD (beta 0.5, T = 1)",
@@ -695,12 +703,7 @@ def liger_section(liger: dict, machine: dict) -> list[str]:
     names = {"hf_distill": "hf_distill `DistillationTrainer` (`soft_target` jsd 0.5, `hard_label` 0.5)",
              "liger": "`transformers.Trainer` + `LigerFusedLinearJSDLoss` (its defaults: compiled, chunk 1024)",
              "liger_eager": "the same with `compiled=False`"}  # fmt: skip
-    for kind in LIGER_KINDS:
-        spread = "" if kind == "hf_distill" else spread_text(liger, kind)
-        lines.append(
-            f"| {names[kind]} | {liger['step_s'][kind]:.3f} | {spread} | {liger['steps'][kind]} | "
-            f"{liger['peak_bytes'][kind] / gib:.3f} | {liger['check_loss'][kind]:.6f} |"
-        )
+    lines += contender_rows(liger, LIGER_KINDS, names, spreads=True)
     return lines + [
         "",
         f"Every contender starts from the same student (JSD {liger['initial_check_loss']:.6f} on the check batch) and "

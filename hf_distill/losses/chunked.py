@@ -20,10 +20,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 
 from ..logit_rows import ProjectedRows
 from .functional import Divergence, check_same_logits, soft_target_loss
+from .row_terms import RowTerm, shared_rows_loss
 
 #: The float32 logits one chunk may hold by default (`rows_per_chunk`): 16 MiB. Kept under the C allocator's
 #: largest mmap threshold (32 MiB in glibc), a chunk's temporaries are reused from the heap, not mapped afresh.
@@ -131,75 +131,16 @@ def chunked_soft_target_loss(
     return _rows_loss(student_rows, positions, row_loss, chunk_size)
 
 
-class _ProjectedRowsLoss(torch.autograd.Function):
-    """The summed `row_loss` of `F.linear(hidden, weight, bias)`, chunk by chunk; the gradients of hidden, weight and
-    bias are accumulated as each chunk is computed (forward), and backward only scales them."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, row_loss, chunk_size):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        needs = ctx.needs_input_grad
-        grad_hidden = torch.empty_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight) if needs[1] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and needs[2] else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            rows = hidden[start:end]
-            with torch.enable_grad():
-                logits = F.linear(rows.to(weight.dtype), weight, bias).detach().requires_grad_(True)
-                loss = row_loss(logits, start, end)
-                (grad_logits,) = torch.autograd.grad(loss, logits)
-            total += loss.detach().float()
-            grad_logits = grad_logits.to(logits.dtype)
-            same = grad_logits.dtype == weight.dtype == hidden.dtype
-            if grad_hidden is not None:
-                if same:  # written in place: no chunk-sized temporary
-                    torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-                else:
-                    grad_hidden[start:end] = (grad_logits @ weight.to(grad_logits.dtype)).to(hidden.dtype)
-            if grad_weight is not None:
-                if same:  # accumulated in place: no vocabulary-sized temporary per chunk
-                    grad_weight.addmm_(grad_logits.t(), rows)
-                else:
-                    grad_weight += (grad_logits.t() @ rows.to(grad_logits.dtype)).to(weight.dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0).to(bias.dtype)
-        ctx.save_for_backward(
-            *(tensor if tensor is not None else torch.empty(0) for tensor in (grad_hidden, grad_weight, grad_bias))
-        )
-        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = [
-            grad * grad_output.to(grad.dtype) if present else None
-            for grad, present in zip(ctx.saved_tensors, ctx.present, strict=True)
-        ]
-        return (*grads, None, None)
-
-
 def projected_rows_loss(projected: ProjectedRows, row_loss: RowLoss, chunk_size: int = 256) -> torch.Tensor:
     """Sum `row_loss(logits, start, end)` over the rows of `projected`, `chunk_size` rows at a time, each chunk's
     logits computed from the hidden states and the vocabulary projection as it is needed.
 
     Same value and gradients (for the hidden states, the projection's weight and bias) as `row_loss` summed over
-    `projected.logits()`, without holding more than one chunk of logits. The gradients are computed in the forward
-    pass; without gradients required nothing extra is done.
+    `projected.logits()`, without holding more than one chunk of logits: the shared row loop
+    ([`hf_distill.losses.row_terms`]) with this one term, differentiated by autograd chunk by chunk in the forward
+    pass. Without gradients required nothing extra is done.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    hidden, weight, bias = projected.hidden, projected.weight, projected.bias
-    wants_grad = torch.is_grad_enabled() and any(
-        tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias)
-    )
-    if not wants_grad:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            total += row_loss(F.linear(hidden[start:end].to(weight.dtype), weight, bias), start, end).float()
-        return total
-    return _ProjectedRowsLoss.apply(hidden, weight, bias, row_loss, chunk_size)
+    return shared_rows_loss(projected, [RowTerm.from_row_loss(row_loss)], chunk_size=chunk_size)[0]
 
 
 def target_rows(logits: torch.Tensor | ProjectedRows, start: int, end: int) -> torch.Tensor:

@@ -35,8 +35,10 @@ class RowChunk:
     """Rows `start..end-1` of the student's logits (float32, no gradient), with what several terms read of them
     computed once: the log-softmax at each temperature (`log_probs`) and anything else a term `shares`."""
 
-    def __init__(self, logits: torch.Tensor, start: int, end: int):
+    def __init__(self, logits: torch.Tensor, start: int, end: int, wants_grad: bool = True):
         self.logits, self.start, self.end = logits, start, end
+        #: False when the loop only sums (no gradient required): a term may then return None for its gradient.
+        self.wants_grad = wants_grad
         self._shared: dict[Hashable, Any] = {}
 
     def log_probs(self, temperature: float = 1.0) -> torch.Tensor:
@@ -59,7 +61,8 @@ class RowChunk:
 
 
 #: `value_and_grad(chunk) -> (value, gradient)`: the term's loss summed over the chunk's rows (a float32 scalar) and
-#: its gradient with respect to `chunk.logits` (`[rows, vocab]`, float32; it may be written to in place after).
+#: its gradient with respect to `chunk.logits` (`[rows, vocab]`, float32; it may be written to in place after), or
+#: None when `chunk.wants_grad` is False.
 ValueAndGrad = Callable[[RowChunk], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -82,7 +85,10 @@ class RowTerm:
         """A term from `row_loss(logits, start, end)`, the summed loss of a chunk's logits (the form
         `projected_rows_loss` takes), differentiated with autograd."""
 
-        def value_and_grad(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        def value_and_grad(chunk: RowChunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if not chunk.wants_grad:
+                with torch.no_grad():
+                    return row_loss(chunk.logits, chunk.start, chunk.end).float(), None
             with torch.enable_grad():
                 logits = chunk.logits.detach().requires_grad_(True)
                 value = row_loss(logits, chunk.start, chunk.end).float()
@@ -106,7 +112,7 @@ def _run_chunks(hidden, weight, bias, terms, coefficients, chunk_size, grads_wan
         end = min(start + chunk_size, rows)
         chunk_hidden = hidden[start:end]
         logits = F.linear(chunk_hidden.to(weight.dtype), weight, bias)
-        chunk = RowChunk(logits.float(), start, end)
+        chunk = RowChunk(logits.float(), start, end, differentiate)
         combined = None
         for index, term in enumerate(terms):
             value, grad = term.value_and_grad(chunk)
