@@ -29,7 +29,10 @@ def test_quick_benchmark_prints_every_ratio():
         "cached_over_hard_label",
         "kd_peak_over_hard_label",
         "finite_check_overhead",
+        "hard_label_over_plain",
     }
+    # Each ratio's spread over the rounds, per pair.
+    assert sum(line.startswith("| ") and "(" in line and "–" in line for line in lines) == 3
     assert ratios["online_over_parts"] > 0 and ratios["kd_peak_over_plain"] > 0
     assert 0 < ratios["token_kl_peak_saving"] < 1
     # Steps/s, FLOPs and, given a peak (a GPU's is looked up by name), the fraction of it reached, per step kind.
