@@ -669,6 +669,16 @@ def contender_rows(part: dict, kinds: tuple[str, ...], names: dict[str, str], sp
     return rows
 
 
+def same_work(part: dict, shape: dict, warmup: str) -> str:
+    """A causal part's closing sentence: the common start, the steps and rounds, and how far the check losses differ."""
+    return (
+        f"Every contender starts from the same student (JSD {part['initial_check_loss']:.6f} on the check batch) and "
+        f"trains {shape['lm_steps'] + shape['lm_warmup']} steps per round ({shape['lm_warmup']} {warmup}) over "
+        f"{shape['lm_rounds']} interleaved rounds; the check losses differ by {part['loss_gap']:.2e} (relative; "
+        f"tolerance {LOSS_TOLERANCE})."
+    )
+
+
 def causal_section(causal: dict, machine: dict) -> list[str]:
     shape = machine["shape"]
     lines = section_head(
@@ -683,10 +693,8 @@ def causal_section(causal: dict, machine: dict) -> list[str]:
     lines += contender_rows(causal, CAUSAL_KINDS, names, spreads=False)
     return lines + [
         "",
-        f"Every contender starts from the same student (JSD {causal['initial_check_loss']:.6f} on the check batch) and "
-        f"trains {shape['lm_steps'] + shape['lm_warmup']} steps per round ({shape['lm_warmup']} warm-up) over "
-        f"{shape['lm_rounds']} interleaved rounds; the check losses differ by {causal['loss_gap']:.2e} (relative; "
-        f"tolerance {LOSS_TOLERANCE}). hf_distill / TRL per round: {spread_text(causal, 'trl')}; at TRL's default: "
+        same_work(causal, shape, "warm-up")
+        + f" hf_distill / TRL per round: {spread_text(causal, 'trl')}; at TRL's default: "
         f"{spread_text(causal, 'trl_default')}.",
     ]
 
@@ -706,11 +714,8 @@ def liger_section(liger: dict, machine: dict) -> list[str]:
     lines += contender_rows(liger, LIGER_KINDS, names, spreads=True)
     return lines + [
         "",
-        f"Every contender starts from the same student (JSD {liger['initial_check_loss']:.6f} on the check batch) and "
-        f"trains {shape['lm_steps'] + shape['lm_warmup']} steps per round ({shape['lm_warmup']} warm-up, which holds "
-        f"Liger's compilation) over {shape['lm_rounds']} interleaved rounds; the check losses differ by "
-        f"{liger['loss_gap']:.2e} (relative; tolerance {LOSS_TOLERANCE}). Liger's peak includes what `torch.compile` "
-        "holds in the process.",
+        same_work(liger, shape, "warm-up, which holds Liger's compilation")
+        + " Liger's peak includes what `torch.compile` holds in the process.",
     ]
 
 

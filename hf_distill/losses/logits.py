@@ -287,8 +287,7 @@ class SoftTargetLoss(DistillationLoss):
         chunk_size = rows_per_chunk(student.shape[-1], self.chunk_size)
         cached = getattr(teacher_outputs, "token_targets", None)
         if cached is not None:
-            if cached.num_rows != int(mask.sum()):
-                self._cached_row_loss(cached, mask)  # raises, naming the fix
+            self._check_cached_rows(cached, mask)
             if cached.logits is not None:
                 teacher_rows = cached.logits
             else:
@@ -386,13 +385,18 @@ class SoftTargetLoss(DistillationLoss):
             )
         return None
 
-    def _cached_row_loss(self, targets: Any, mask: torch.Tensor):
-        """The per-row loss against a cache's rows, stored in the order of the counted positions."""
+    @staticmethod
+    def _check_cached_rows(targets: Any, mask: torch.Tensor) -> None:
+        """Refuse a cache's rows that are not the batch's counted positions."""
         if targets.num_rows != int(mask.sum()):
             raise ValueError(
                 f"the teacher cache holds {targets.num_rows} target positions for this batch but the loss counts "
                 f"{int(mask.sum())}: the labels (masking) differ from those the cache was built with; rebuild it"
             )
+
+    def _cached_row_loss(self, targets: Any, mask: torch.Tensor):
+        """The per-row loss against a cache's rows, stored in the order of the counted positions."""
+        self._check_cached_rows(targets, mask)
         temperature, divergence = self.temperature, self.measure
         if targets.logits is not None:
             return lambda rows, start, end: soft_target_loss(
