@@ -119,12 +119,15 @@ def main() -> None:
         if kill_at:
             calls = {"count": 0}
 
-            def count(_module, _inputs):
+            def count(_module, args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if ids is None or ids.shape[0] != 4:
+                    return  # the one-example probes of the teacher's projection are not cache batches
                 calls["count"] += 1
                 if calls["count"] == kill_at:
                     die()
 
-            teacher.register_forward_pre_hook(count)
+            teacher.register_forward_pre_hook(count, with_kwargs=True)
         args = config(output, {"soft_target": {"weight": 1.0}}, teacher_cache=str(output / "cache"),
                       teacher_cache_top_k=0, per_device_eval_batch_size=4)  # fmt: skip
         DistillationTrainer.teacher_cache_shard_size = 8
