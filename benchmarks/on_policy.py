@@ -40,6 +40,8 @@ import time
 import torch
 import transformers
 from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
 
@@ -171,19 +173,20 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str], teachers: str
     teacher = gpt2(*sizes["teacher"], tok, seed)
     start = time.perf_counter()
     kept = (
-        os.path.join(teachers, f"teacher-{seed}-{json.dumps(sizes['teacher'])}-{sizes['teacher_steps']}.pt")
+        os.path.join(teachers, f"teacher-{seed}-{json.dumps(sizes['teacher'])}-{sizes['teacher_steps']}.safetensors")
         if teachers
         else None
     )
     if kept and os.path.exists(kept):  # a teacher trained by an earlier run with the same sizes and seed
-        saved = torch.load(kept, weights_only=True)
-        teacher.load_state_dict(saved["weights"] if "weights" in saved else saved)
-        teacher_time = float(saved.get("seconds", float("nan")))  # its training time then
+        teacher.load_state_dict(load_file(kept))
+        with safe_open(kept, "pt") as handle:
+            teacher_time = float((handle.metadata() or {}).get("seconds", "nan"))  # its training time then
     else:
         plain_training(teacher, train, sizes["teacher_steps"], 1e-3, seed, os.path.join(folder, "teacher"))
         teacher_time = time.perf_counter() - start
         if kept:  # whole or not at all: another run may be reading the folder
-            torch.save({"weights": teacher.state_dict(), "seconds": torch.tensor(teacher_time)}, f"{kept}.partial")
+            weights = {key: value.clone() for key, value in teacher.state_dict().items()}  # tied: one copy each
+            save_file(weights, f"{kept}.partial", metadata={"seconds": str(teacher_time)})
             os.replace(f"{kept}.partial", kept)
     record = {"teacher": score(teacher, teacher, held_out, held_out, tok, seed), "teacher_time_s": teacher_time}
     print(f"seed {seed} teacher: {json.dumps(record)}", flush=True)

@@ -239,6 +239,31 @@ def _top_k_loss(student, teacher, k, temperature, divergence="forward_kl"):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("temperatures", [[1.0], [0.5, 2.0]])
+def test_teacher_top_k_normaliser_and_tail_match_their_definitions_in_float64(temperatures):
+    """log Z_T = logsumexp(z / T) and tail = logsumexp of the rows outside the top k at T, minus log Z_T; also on
+    peaked rows, whose tails lie beyond float32's exponentials, and rows with masked (-inf) words."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 3000, generator=generator) * 3
+    logits[0] *= 40  # a tail near e^-216
+    logits[1] *= 12
+    logits[2, 100:] = float("-inf")  # a finite tail over a masked vocabulary
+    logits[3, 10:] = float("-inf")  # nothing outside the top k
+    values, indices, normalizers, tails = L.teacher_top_k(logits, 64, temperatures)
+    exact = logits.double()
+    expected_values, expected_indices = exact.topk(64, dim=-1)
+    torch.testing.assert_close(values.double(), expected_values)
+    assert torch.equal(indices, expected_indices)
+    for column, temperature in enumerate(temperatures):
+        normalizer = torch.logsumexp(exact / temperature, dim=-1)
+        rest = (exact / temperature).scatter(-1, expected_indices, float("-inf"))
+        tail = torch.logsumexp(rest, dim=-1) - normalizer
+        torch.testing.assert_close(normalizers[:, column].double(), normalizer, rtol=1e-6, atol=1e-5)
+        assert torch.isneginf(tails[3, column]) and torch.isfinite(tails[:3, column]).all()
+        finite = torch.isfinite(tail)
+        torch.testing.assert_close(tails[finite, column].double(), tail[finite], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("divergence", L.DIVERGENCES)
 def test_top_k_over_the_whole_vocabulary_is_the_exact_loss(divergence):
     generator = torch.Generator().manual_seed(0)

@@ -248,13 +248,23 @@ def teacher_top_k(
     k = min(k, teacher_logits.shape[-1])
     logits = teacher_logits.float()
     values, indices = logits.topk(k, dim=-1)
+    # The row's largest logit is the first of the top k: every temperature shifts by it, and the exponentials of one
+    # pass give both the normaliser and, with the top k zeroed in place, the tail, summed apart rather than as a
+    # difference so that a tail far smaller than the row keeps its precision.
+    shifted = logits - values[..., :1]
     normalizers, tails = [], []
     for temperature in temperatures:
-        scaled = logits / temperature
-        normalizer = torch.logsumexp(scaled, dim=-1)
-        normalizers.append(normalizer)
+        exponentials = shifted.div(temperature).exp_() if temperature != 1 else shifted.exp()
+        total = exponentials.sum(-1)
+        normalizers.append(values[..., 0] / temperature + total.log())
         if k < logits.shape[-1]:
-            tails.append(torch.logsumexp(scaled.scatter(-1, indices, float("-inf")), dim=-1) - normalizer)
+            tail = exponentials.scatter_(-1, indices, 0.0).sum(-1).log() - total.log()
+            # A tail near or below float32's smallest normal number (a very peaked row) is taken by its own maximum.
+            vanished = (tail < -80).nonzero().flatten()
+            if len(vanished):
+                rest = (logits[vanished] / temperature).scatter_(-1, indices[vanished], float("-inf"))
+                tail[vanished] = torch.logsumexp(rest, dim=-1) - normalizers[-1][vanished]
+            tails.append(tail)
     tail = torch.stack(tails, dim=-1) if tails else None
     return values, indices, torch.stack(normalizers, dim=-1), tail
 
