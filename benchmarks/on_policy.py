@@ -342,12 +342,16 @@ def main() -> None:
     parser.add_argument("--teachers", help="a folder to keep each seed's trained teacher in, reused when there")
     parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
     parser.add_argument(
+        "--report", default=os.path.join(HERE, "ON_POLICY"),
+        help="where the report goes: REPORT.md and REPORT.json (default benchmarks/ON_POLICY)",
+    )  # fmt: skip
+    parser.add_argument(
         "--from-records", nargs="+", metavar="JSON",
         help="write the report from records files of earlier runs (their seeds and learning rates together)",
     )  # fmt: skip
     options = parser.parse_args()
     if options.from_records:
-        return write_from_records(options.from_records)
+        return write_from_records(options.from_records, options.report)
     sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], teacher_examples=20_000, teacher_steps=1500,
                  warmup_steps=150, distil_examples=20_000, arm_steps=300, arm_learning_rates=[5e-4, 2e-3],
                  eval_prompts=500)  # fmt: skip
@@ -375,12 +379,12 @@ def main() -> None:
     text = report(by_learning_rate(content)[1], facts)
     print(text)
     if not options.quick:
-        write_json(os.path.join(HERE, "ON_POLICY.json"), {"facts": [facts], "runs": [content]})
-        with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
+        write_json(f"{options.report}.json", {"facts": [facts], "runs": [content]})
+        with open(f"{options.report}.md", "w", encoding="utf-8") as handle:
             handle.write(text)
 
 
-def write_from_records(paths: list[str]) -> None:
+def write_from_records(paths: list[str], report_path: str) -> None:
     """ON_POLICY.md and .json from the records of several runs (say, one per learning rate, run side by side)."""
     rates, facts, runs = {}, [], []
     for path in paths:
@@ -399,8 +403,8 @@ def write_from_records(paths: list[str]) -> None:
     )
     text = report(rates, machine)
     print(text)
-    write_json(os.path.join(HERE, "ON_POLICY.json"), {"facts": facts, "runs": runs})
-    with open(os.path.join(HERE, "ON_POLICY.md"), "w", encoding="utf-8") as handle:
+    write_json(f"{report_path}.json", {"facts": facts, "runs": runs})
+    with open(f"{report_path}.md", "w", encoding="utf-8") as handle:
         handle.write(text)
 
 

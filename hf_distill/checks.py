@@ -23,6 +23,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .model_kind import SPAN_LABELS, describe
+from .vocabulary import shared_columns
 
 logger = logging.getLogger(__name__)
 
@@ -117,32 +118,41 @@ def _check_label_range(model: nn.Module, dataset: Dataset, name: str) -> None:
 
 
 def check_same_inputs(
-    student: nn.Module, teacher: nn.Module | None, processing_class: Any = None, teacher_source: str | None = None
-) -> None:
-    """The teacher reads the student's inputs, so both must read them alike: the same vocabulary for token ids
-    (and, when both tokenizers are known, the same tokens and special tokens); for pixels, a warning when the two
-    image processors prepare them differently."""
+    student: nn.Module,
+    teacher: nn.Module | None,
+    processing_class: Any = None,
+    teacher_source: str | None = None,
+    teacher_processing_class: Any = None,
+) -> int | None:
+    """The teacher reads the student's inputs, so both must read them alike: the same vocabulary for token ids, or a
+    teacher's that extends the student's (`hf_distill.vocabulary`; the columns its logits are cut to are returned),
+    and, when both tokenizers are known, the same tokens and special tokens; for pixels, a warning when the two
+    image processors prepare them differently. `teacher_processing_class`, when not given, is read from
+    `teacher_source` (the teacher's folder or Hub id)."""
     if teacher is None:
-        return
+        return None
     student_vocab = getattr(student.config, "vocab_size", None)
     teacher_vocab = getattr(teacher.config, "vocab_size", None)
     reads_tokens = "input_ids" in inspect.signature(student.forward).parameters
+    tokenizer = isinstance(processing_class, PreTrainedTokenizerBase) or isinstance(
+        getattr(processing_class, "tokenizer", None), PreTrainedTokenizerBase
+    )
+    if teacher_processing_class is None and teacher_source is not None and (tokenizer or processing_class is None):
+        teacher_processing_class = _load_quietly(AutoTokenizer, teacher_source) if reads_tokens else None
     if reads_tokens and None not in (student_vocab, teacher_vocab) and student_vocab != teacher_vocab:
-        raise ValueError(
-            f"the teacher reads the student's input_ids, but its vocabulary has {teacher_vocab} tokens and the "
-            f"student's {student_vocab}, so it would read other words: use a teacher with the student's tokenizer "
-            "(cross-tokenizer distillation is not supported)"
-        )
-    if teacher_source is None or processing_class is None:
-        return
+        columns = shared_columns(student, teacher, processing_class, teacher_processing_class)
+        kind = describe(student)
+        return columns if kind.language_model or kind.seq2seq else None
     if isinstance(processing_class, PreTrainedTokenizerBase):
-        teacher_tokenizer = _load_quietly(AutoTokenizer, teacher_source)
-        if teacher_tokenizer is not None:
-            _compare_tokenizers(processing_class, teacher_tokenizer, teacher_source)
-    elif isinstance(processing_class, BaseImageProcessor):
+        if isinstance(teacher_processing_class, PreTrainedTokenizerBase):
+            _compare_tokenizers(
+                processing_class, teacher_processing_class, teacher_source or "teacher_processing_class"
+            )
+    elif isinstance(processing_class, BaseImageProcessor) and teacher_source is not None:
         teacher_processor = _load_quietly(AutoImageProcessor, teacher_source)
         if teacher_processor is not None:
             _compare_image_processors(processing_class, teacher_processor, teacher_source)
+    return None
 
 
 def _load_quietly(auto_class: type, source: str) -> Any:

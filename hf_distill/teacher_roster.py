@@ -45,6 +45,8 @@ class TeacherRoster:
         learning (`dict[str, str]`): `{name: "trainable" or "ema"}` for the teachers that change in training.
         facts (`dict[str, dict]`): `card.model_facts` of each teacher as given, for the model card.
         caches (`dict`): each teacher's cache when a teacher-output cache stands in for the teachers.
+        columns (`dict[str, int]`): for a teacher whose vocabulary extends the student's, the student's vocabulary
+            size, to which its logits are cut ([`hf_distill.vocabulary`]).
     """
 
     def __init__(self, names: list[str], weights: dict[str, float], learning: dict[str, str]):
@@ -52,6 +54,7 @@ class TeacherRoster:
         self.sources: dict[str, TeacherSource] = {}
         self.facts: dict[str, dict[str, Any] | None] = {}
         self.caches: dict[str, Any] = {}
+        self.columns: dict[str, int] = {}
 
     @property
     def several(self) -> bool:
@@ -142,23 +145,42 @@ def build_source(
     arguments = (name, prepared, unwrapped, roster.facts.get(name), teacher_call_flags(unwrapped),
                  output_flags(wanted), label_keys, forward)  # fmt: skip
     if kind == "trainable":
-        return TrainableTeacher(*arguments)
-    if kind == "ema":
-        return EMATeacher(*arguments, momentum=args.ema_momentum)
-    return FrozenTeacher(*arguments)
+        source = TrainableTeacher(*arguments)
+    elif kind == "ema":
+        source = EMATeacher(*arguments, momentum=args.ema_momentum)
+    else:
+        source = FrozenTeacher(*arguments)
+    source.columns = roster.columns.get(name)
+    return source
 
 
 def check_teacher_inputs(
-    student: nn.Module, given: Mapping[str, Any], models: dict[str, nn.Module], caches: Any, processor: Any
-) -> None:
-    """Each teacher reads the student's inputs alike (vocabulary, tokenizer), a cache's teacher by its config."""
+    student: nn.Module,
+    given: Mapping[str, Any],
+    models: dict[str, nn.Module],
+    caches: Any,
+    processor: Any,
+    teacher_processors: Any = None,
+) -> dict[str, int]:
+    """Each teacher reads the student's inputs alike (vocabulary, tokenizer), a cache's teacher by its config.
+    `teacher_processors`: the teachers' tokenizers (one, or {name: tokenizer}). Returns, for each teacher whose
+    vocabulary extends the student's, the columns its logits are cut to (`hf_distill.vocabulary`)."""
     names = list(given) or list(caches)
+    if isinstance(teacher_processors, Mapping):
+        unknown = sorted(set(teacher_processors) - set(names))
+        if unknown:
+            raise ValueError(f"teacher_processing_class names teachers {unknown}; the teachers are {names}")
+    columns = {}
     for name in names:
         finished = None if caches is None else caches[name]
         known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
         source = given[name] if isinstance(given.get(name), str) and given[name] != EMA_TEACHER else None
+        tokenizer = teacher_processors.get(name) if isinstance(teacher_processors, Mapping) else teacher_processors
         with naming(name, len(names)):
-            check_same_inputs(student, known, processor, source)
+            cut = check_same_inputs(student, known, processor, source, tokenizer)
+        if cut is not None:
+            columns[name] = cut
+    return columns
 
 
 def teacher_mapping(teacher_model: Any, student: nn.Module) -> dict[str, nn.Module | str]:

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from .logit_rows import LogitRowsPlan, project_rows
 from .positions import label_positions
+from .vocabulary import cut_logits
 
 #: The name of the teacher of a run that has only one.
 DEFAULT_TEACHER = "teacher"
@@ -90,6 +91,8 @@ class FrozenTeacher(TeacherSource):
         self.call_flags, self.output_flags, self.label_keys = dict(call_flags), dict(output_flags), tuple(label_keys)
         self.forward = forward or self.run
         self.rows_plan = LogitRowsPlan()
+        #: The student's vocabulary size when this teacher's extends it: its logits are cut to it.
+        self.columns: int | None = None
 
     def run(
         self, inputs: Mapping[str, Any], output_hidden_states: bool = False, output_attentions: bool = False
@@ -118,7 +121,7 @@ class FrozenTeacher(TeacherSource):
         defer = deferred and rows is not None and self.rows_plan.defers("teacher")
         with project_rows(self.reference, rows, defer) as projection:
             outputs = self.forward(inputs, **self.output_flags)
-        return projection.wrap(outputs)
+        return cut_logits(projection.wrap(outputs), self.columns)
 
 
 class TrainableTeacher(FrozenTeacher):
@@ -175,7 +178,12 @@ class CachedTeacher(TeacherSource):
 
     def outputs(self, inputs: Mapping[str, Any], examples: torch.Tensor | None, training: bool = True) -> Any | None:
         if examples is None:
-            return None
+            if training:  # never a step without the teacher's terms, silently
+                raise ValueError(
+                    "a training batch came without the examples' indices a teacher cache reads its outputs by: the "
+                    "data collator must pass on hf_distill.cache.INDEX_KEY"
+                )
+            return None  # evaluation data is not in the cache: the teacher's terms are left out
         return self.cache.outputs_for(examples.tolist(), inputs, self.device)
 
 

@@ -23,6 +23,7 @@ from .losses import DistillationLoss, output_flags, rows_per_chunk
 from .losses.row_terms import shared_rows_loss
 from .teacher_roster import naming
 from .teacher_sources import TeacherSource, detached
+from .vocabulary import teacher_columns
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,12 @@ class TermSet:
         """The losses that read teacher `name`."""
         return [loss for term, loss in self.losses.items() if name in self.routes[term]]
 
-    def set_up(self, student: nn.Module, references: dict[str, Any]) -> None:
-        """Set each loss up against the student and every teacher it reads."""
+    def set_up(self, student: nn.Module, references: dict[str, Any], columns: Mapping[str, int] | None = None) -> None:
+        """Set each loss up against the student and every teacher it reads (`columns`: the teachers whose logits are
+        cut to the student's vocabulary, [`hf_distill.vocabulary`])."""
         for term, loss in self.losses.items():
             for name in self.routes[term] or [None]:
-                with naming(name, len(references)):
+                with naming(name, len(references)), teacher_columns((columns or {}).get(name)):
                     loss.setup(student, None if name is None else references[name])
 
     def place(self, device: torch.device, dtype: torch.dtype, deepspeed: bool) -> None:

@@ -84,6 +84,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
             each as a source in `teachers` ([`hf_distill.teacher_sources`]).
         args ([`DistillationConfig`]): training arguments and the `losses` to combine.
         rollout_backend (*optional*): what samples completions with `lmbda` / `seq_kd` ([`hf_distill.rollouts`]).
+        teacher_processing_class (*optional*): the teacher's tokenizer (or `{name: tokenizer}`), read from the
+            teacher's folder when not given; a teacher whose vocabulary extends the student's ([`hf_distill.vocabulary`]).
         **kwargs: every other [`~transformers.Trainer`] argument (datasets, collator, processing_class,
             compute_metrics, callbacks, optimizers...).
 
@@ -116,6 +118,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         teacher_model: nn.Module | str | Mapping[str, nn.Module | str] | None = None,
         args: DistillationConfig | None = None,
         rollout_backend: RolloutBackend | None = None,
+        teacher_processing_class: Any = None,
         **kwargs: Any,
     ):
         args = checked_trainer_args(args, model, kwargs)
@@ -144,7 +147,9 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
             built, model, args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), kwargs.get("data_collator")
         )
         if teacher_terms:
-            check_teacher_inputs(model, given, models, caches, kwargs.get("processing_class"))
+            self.roster.columns = check_teacher_inputs(
+                model, given, models, caches, kwargs.get("processing_class"), teacher_processing_class
+            )
 
         super().__init__(model=model, args=args, **kwargs)  # seeds the random streams training draws from
         with preserved_random_state():  # probes and a cache build draw nothing training would
@@ -166,7 +171,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         references = {name: source.reference for name, source in self.roster.sources.items()}
         if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
             references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
-        self.terms.set_up(student, references)
+        self.terms.set_up(student, references, self.roster.columns)
         self.terms.place(self.args.device, next(student.parameters()).dtype, self.is_deepspeed_enabled)
         self.terms.add_peers(self.roster.sources, student, self.args.device)
         self.extra_parts = ExtraTrainedParts(self.terms.losses, self.roster)
@@ -211,6 +216,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
             self.teacher_cache = next(iter(opened.values()))
             del models
             self.train_dataset = IndexedDataset(self.train_dataset)
+            self._check_example_index()
 
     def _teacher_runner(self, name: str, several: bool):
         """How teacher `name`'s source runs a batch: through `teacher_forward`, so that an override applies."""
@@ -361,15 +367,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         # The student's terms read a learning teacher's predictions detached, as that teacher's terms read its own.
         loss, terms = self.compute_distillation_loss(student_outputs, self.roster.detached(teacher_outputs), inputs)
         if self.terms.peers:  # deep mutual learning: the learning teachers' own terms
-            peer_loss, peer_values = self.terms.peer_loss(
-                student_outputs,
-                teacher_outputs,
-                inputs,
-                self.roster,
-                self.term_computable,
-                self.normalizer,
-                self.args.device,
-            )
+            peer_loss, peer_values = self.terms.peer_loss(student_outputs, teacher_outputs, inputs, self.roster,
+                                                          self.term_computable, self.normalizer, self.args.device)  # fmt: skip
             loss, terms = loss + peer_loss, {**terms, **peer_values}
         self._record_terms(terms, inputs, training=model.training)
         if self.finite_guard is not None and model.training:

@@ -14,10 +14,13 @@ from helpers import (
     bert_classifier,
     bert_masked_lm,
     bert_qa,
+    causal_lm,
     config,
     image_dataset,
     masked_lm_dataset,
     mobilenet_classifier,
+    pad_right,
+    prompt_completion_dataset,
     qa_dataset,
     seq2seq_dataset,
     text_dataset,
@@ -34,6 +37,7 @@ from hf_distill import DistillationTrainer
 from hf_distill.cache import INDEX_KEY, TeacherCache
 from hf_distill.pipeline import build_student
 from hf_distill.seq2seq import with_decoder_inputs
+from hf_distill.teacher_sources import CachedTeacher
 
 MLM_LOSSES = {
     "soft_target": {"weight": 1.0, "temperature": 2.0},
@@ -369,3 +373,18 @@ def test_encoder_decoder_student_trains_from_the_cache_alone(tmp_path):
     # The same student from the same start on the same cache: the same run, without a teacher.
     for before, after in zip(train_logs(first), train_logs(second), strict=True):
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+
+
+def test_a_collator_that_drops_the_example_index_is_refused_before_training(tmp_path):
+    """The cache reads each example's outputs by its index: a collator that keeps only named keys would leave every
+    step without the teacher's terms. Refused when the trainer is built; a batch without it in training is an error."""
+    losses = {"soft_target": {"weight": 1.0}, "hard_label": {"weight": 1.0}}
+    with pytest.raises(ValueError, match="drops the 'hf_distill_example_index' key"):
+        DistillationTrainer(
+            model=causal_lm(1), teacher_model=causal_lm(0), train_dataset=prompt_completion_dataset(8),
+            args=config(tmp_path, losses, teacher_cache=str(tmp_path / "cache")), data_collator=pad_right,
+        )  # fmt: skip
+    source = CachedTeacher("teacher", None, None, None, torch.device("cpu"))
+    with pytest.raises(ValueError, match="must pass on hf_distill.cache.INDEX_KEY"):
+        source.outputs({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, None, training=True)
+    assert source.outputs({}, None, training=False) is None  # evaluation data outside the cache

@@ -49,7 +49,7 @@ def test_plain_training_arguments_are_refused(tmp_path):
 
 
 def test_vocabulary_mismatch_for_token_level_soft_targets(tmp_path):
-    with pytest.raises(ValueError, match="vocabulary has 80 tokens and the student's 64.*student's tokenizer"):
+    with pytest.raises(ValueError, match="vocabulary has 80 entries and the student's 64.*teacher_processing_class"):
         build(tmp_path, bert_masked_lm(layers=2), bert_masked_lm(vocab_size=80), {"soft_target": {}})
 
 

@@ -26,6 +26,7 @@ STATE_PREFIXES = {"": None, "encoder_": "encoder", "decoder_": "decoder"}
 #: Contents keys a record may lack (the stacks a model does not have; caches written before encoder-decoders).
 _ABSENT = {
     "seq2seq": False,
+    "teacher_columns": None,  # the teacher's logits cut to the student's vocabulary (hf_distill.vocabulary)
     **{f"{prefix}hidden_layers": [] for prefix in STATE_PREFIXES},
     **{f"num_{prefix}hidden_states": None for prefix in STATE_PREFIXES},
 }
@@ -101,7 +102,8 @@ def contents_mismatch(stored: dict[str, Any], needed: dict[str, Any]) -> list[st
     """Why a cache holding `stored` cannot serve losses that need `needed` (empty when it can)."""
     problems = []
     stored, needed = {**_ABSENT, **stored}, {**_ABSENT, **needed}
-    for key in ("token_level", "shift", "seq2seq", *(f"num_{prefix}hidden_states" for prefix in STATE_PREFIXES)):
+    for key in ("token_level", "shift", "seq2seq", "teacher_columns",
+                *(f"num_{prefix}hidden_states" for prefix in STATE_PREFIXES)):  # fmt: skip
         if stored[key] != needed[key]:
             problems.append(f"{key} is {stored[key]} in the cache, {needed[key]} now")
     if needed["logits"] is not None and (stored["logits"], stored["top_k"]) != (needed["logits"], needed["top_k"]):

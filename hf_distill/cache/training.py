@@ -140,14 +140,23 @@ class TeacherCacheMixin:
                     f"the teacher cache {directories[name]} of teacher {name!r} is not finished, and that teacher was "
                     "not given: pass it in teacher_model to build (or finish) its cache"
                 )
-            opened[name] = self._use_teacher_cache(directories[name], caches[name], source, references[name], losses)
+            opened[name] = self._use_teacher_cache(
+                directories[name], caches[name], source, references[name], losses, self.roster.columns.get(name)
+            )
         return opened
 
     def _use_teacher_cache(
-        self, directory: str, cache: TeacherCache | None, source: Any, reference: Any, losses: list[Any]
+        self,
+        directory: str,
+        cache: TeacherCache | None,
+        source: Any,
+        reference: Any,
+        losses: list[Any],
+        columns: int | None = None,
     ) -> TeacherCache:
         """Open one teacher's cache in `directory`, building (or finishing) it first with `source` (a
-        `FrozenTeacher`) if needed, and check it serves this run."""
+        `FrozenTeacher`) if needed, and check it serves this run (`columns`: the student's vocabulary, when the
+        teacher's logits are cut to it)."""
         # ZeRO-3 leaves each process a shard of the teacher's weights: nothing to hash, or to build a cache from.
         split_teacher = zero_stage(self.accelerator) == 3
         if split_teacher and cache is None and not TeacherCache.is_finished(directory):
@@ -157,6 +166,8 @@ class TeacherCacheMixin:
                 "ZeRO-3 (one process, DDP or ZeRO-2), then train from it under ZeRO-3 with no teacher at all"
             )
         contents = cache_contents(losses, reference, self.args.teacher_cache_top_k)
+        if columns is not None and contents["logits"] is not None:
+            contents["teacher_columns"] = columns
         in_memory = None if source is None or split_teacher else source.reference
         # The teacher's size as given (a GPU run may have cast it to half precision since).
         facts = None if source is None else source.facts
@@ -200,6 +211,25 @@ class TeacherCacheMixin:
         for batch in loader:
             batch = self._prepare_inputs(batch)
             yield with_decoder_inputs(student, batch) if seq2seq else batch
+
+    def _check_example_index(self) -> None:
+        """Before any step: the data collator must pass on each example's index (`INDEX_KEY`), by which the cache's
+        outputs are read; a collator that builds its batches from named keys only would drop it."""
+        if self.data_collator is None or len(self.train_dataset) == 0:
+            return
+        dataset = self.train_dataset
+        collator = self._get_collator_with_removed_columns(self.data_collator, description="teacher cache")
+        try:
+            batch = collator([dataset[0]])
+        except Exception:  # noqa: BLE001 - a collator that fails here fails in training too, with its own error
+            return
+        if INDEX_KEY not in batch:
+            raise ValueError(
+                f"the data collator ({type(self.data_collator).__name__}) drops the '{INDEX_KEY}' key that a teacher "
+                f"cache reads each example's outputs by (it returned only {sorted(batch)}): pass on every key of the "
+                f"examples it is given, or at least {INDEX_KEY!r} (hf_distill.cache.INDEX_KEY) as a tensor of the "
+                "examples' indices, or train without teacher_cache"
+            )
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

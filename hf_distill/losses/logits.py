@@ -14,6 +14,7 @@ from ..logit_rows import ProjectedRows, label_rows
 from ..model_kind import SPAN_LABELS, describe
 from ..positions import label_positions, logit_positions
 from ..seq2seq import decoder_start_token_id
+from ..vocabulary import setup_columns
 from .base import CachedLogits, DistillationLoss, TeacherEnsemble, batch_size, register_loss
 from .chunked import chunked_rows_loss, chunked_soft_target_loss, rows_per_chunk
 from .functional import (
@@ -73,11 +74,13 @@ def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
     if span:
         return  # distributions over the positions of the same inputs: nothing else to match
     if student_kind.language_model or seq2seq:
-        student_vocab, teacher_vocab = student_config.vocab_size, getattr(teacher_config, "vocab_size", None)
+        student_vocab, teacher_vocab = student_config.vocab_size, setup_columns(teacher)
         if student_vocab != teacher_vocab:
             raise ValueError(
                 f"token-level soft targets need one vocabulary, but the student has {student_vocab} tokens and the "
-                f"teacher {teacher_vocab}: build the student with the teacher's tokenizer (or drop soft_target)"
+                f"teacher {teacher_vocab}: if the teacher's tokenizer extends the student's, give DistillationTrainer both "
+                "(processing_class, teacher_processing_class); otherwise build the student with the teacher's "
+                "tokenizer (or drop soft_target)"
             )
         return
     if student_config.num_labels != teacher_config.num_labels:
