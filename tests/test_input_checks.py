@@ -39,7 +39,9 @@ def tokenizer(words, **special) -> BertTokenizer:
 
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
     # A larger teacher vocabulary may extend the student's: only the two tokenizers can tell (tests/test_vocabulary.py).
-    with pytest.raises(ValueError, match=r"vocabulary has 120 entries and the student's 100.*teacher_processing_class"):
+    with pytest.raises(
+        ValueError, match=r"vocabulary has 120 entries and the student's 100.*teacher_processing_class"
+    ):
         build(tmp_path, bert_classifier(1, layers=2, vocab_size=100), bert_classifier(0, vocab_size=120))
     # Without soft targets too: hidden states of a teacher reading other words are no target either.
     with pytest.raises(ValueError, match="cross-tokenizer distillation is not supported"):
