@@ -264,7 +264,11 @@ def summary(records: dict[int, dict]) -> str:
     for label, rows in (
         ("teacher", [records[s]["teacher"] for s in seeds]),
         ("warmed-up student (start of every arm)", [records[s]["warmed_up_student"] for s in seeds]),
-        *((arm, [records[s]["arms"][arm] for s in seeds]) for arm in records[seeds[0]]["arms"]),
+        *(
+            (arm, [records[s]["arms"][arm] for s in seeds])
+            for arm in ARMS
+            if all(arm in records[s]["arms"] for s in seeds)
+        ),
     ):
         cells = [
             cell([row[m] for row in rows], 100.0 if m.startswith("valid") else 1.0, 1 if m.startswith("valid")
@@ -276,15 +280,13 @@ def summary(records: dict[int, dict]) -> str:
 
 
 def comparison(rates: dict[str, dict[int, dict]]) -> list[str]:
-    """Does the best on-policy arm beat supervised KD by more than twice the seed-to-seed spread? At each learning
-    rate, and with each arm at its own best rate (by mean greedy validity)."""
+    """Does the best on-policy arm beat supervised KD by more than twice the seed-to-seed spread? By validity of the
+    greedy and of the sampled answers, at each learning rate, and with each arm at its own best rate (by the mean of
+    that validity)."""
 
-    def validity(arm: str, rate: str) -> list[float]:
+    def validity(arm: str, rate: str, metric: str) -> list[float]:
         records = rates[rate]
-        return [100 * records[seed]["arms"][arm]["valid_greedy"] for seed in sorted(records)]
-
-    def best_rate(arm: str) -> str:
-        return max(rates, key=lambda rate: statistics.mean(validity(arm, rate)))
+        return [100 * records[seed]["arms"][arm][metric] for seed in sorted(records)]
 
     ran = [
         arm for arm in ARMS if all(arm in record["arms"] for records in rates.values() for record in records.values())
@@ -292,28 +294,36 @@ def comparison(rates: dict[str, dict[int, dict]]) -> list[str]:
     on_policy = [arm for arm in ran if ARMS[arm][1].get("lmbda", 0.0) > 0]
     if "supervised_kd" not in ran or not on_policy:
         return []
-    lines = []
-    choices = [(f"at learning rate {rate}", {arm: rate for arm in ran}) for rate in rates]
-    if len(rates) > 1:
-        choices.append(("each arm at its own best learning rate", {arm: best_rate(arm) for arm in ran}))
-    for label, chosen in choices:
-        best = max(on_policy, key=lambda arm: statistics.mean(validity(arm, chosen[arm])))
-        kd, top = validity("supervised_kd", chosen["supervised_kd"]), validity(best, chosen[best])
+
+    def verdict(label: str, chosen: dict[str, str], metric: str, how: str) -> str:
+        best = max(on_policy, key=lambda arm: statistics.mean(validity(arm, chosen[arm], metric)))
+        kd = validity("supervised_kd", chosen["supervised_kd"], metric)
+        top = validity(best, chosen[best], metric)
         (kd_mean, kd_std), (best_mean, best_std) = mean_std(kd), mean_std(top)
         margin = best_mean - kd_mean
         spread = 2 * max(kd_std, best_std)
-        verdict = "beyond" if margin > spread else "within"
+        against_arms = "beyond" if margin > spread else "within"
         # Paired by seed (the same teacher, warmed-up student and prompts): the spread of the per-seed differences.
         differences = [a - b for a, b in zip(top, kd, strict=True)]
         paired_mean, paired_std = mean_std(differences)
         paired = "beyond" if paired_mean > 2 * paired_std else "within"
-        lines.append(
-            f"- {label}: the best on-policy arm, `{best}` (lr {chosen[best]}), is valid greedily on "
+        return (
+            f"- {label}: the best on-policy arm, `{best}` (lr {chosen[best]}), is valid {how} on "
             f"{best_mean:.1f}% ± {best_std:.1f} of held-out prompts, supervised KD (lr {chosen['supervised_kd']}) on "
-            f"{kd_mean:.1f}% ± {kd_std:.1f}: {margin:+.1f} points, {verdict} twice the larger seed-to-seed spread "
-            f"({spread:.1f}); seed by seed {', '.join(f'{d:+.1f}' for d in differences)} "
+            f"{kd_mean:.1f}% ± {kd_std:.1f}: {margin:+.1f} points, {against_arms} twice the larger seed-to-seed "
+            f"spread ({spread:.1f}); seed by seed {', '.join(f'{d:+.1f}' for d in differences)} "
             f"({paired_mean:+.1f} ± {paired_std:.1f}, {paired} twice its spread)"
         )
+
+    lines = []
+    for metric, how in (("valid_greedy", "greedily"), ("valid_sampled", "when sampled")):
+        choices = [(f"at learning rate {rate}", {arm: rate for arm in ran}) for rate in rates]
+        if len(rates) > 1:
+            best_rates = {
+                arm: max(rates, key=lambda rate, arm=arm: statistics.mean(validity(arm, rate, metric))) for arm in ran
+            }
+            choices.append(("each arm at its own best learning rate", best_rates))
+        lines += [verdict(label, chosen, metric, how) for label, chosen in choices]
     return lines
 
 
@@ -392,7 +402,15 @@ def write_from_records(paths: list[str], report_path: str) -> None:
             content = json.load(handle)
         sizes, found = by_learning_rate(content)
         for rate, records in found.items():
-            rates.setdefault(rate, {}).update(records)
+            for seed, record in records.items():
+                earlier = rates.setdefault(rate, {}).get(seed)
+                if earlier is None:
+                    rates[rate][seed] = record
+                elif earlier["sizes"] != sizes:
+                    raise ValueError(f"{path}: seed {seed} at learning rate {rate} was run with other sizes before")
+                else:  # the same seed's other arms, from a run of those arms alone
+                    earlier["arms"] = {**earlier["arms"], **record["arms"]}
+                rates[rate][seed]["sizes"] = sizes
         seeds = sorted(int(seed) for seed in content["records"])
         times = {seed: round(content["records"][str(seed)].get("seed_time_s", float("nan"))) for seed in seeds}
         facts.append(f"`{os.path.basename(path)}`: seeds {seeds}, sizes {json.dumps(sizes)}, seconds per seed {times}")

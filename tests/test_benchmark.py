@@ -57,4 +57,45 @@ def test_quick_on_policy_benchmark_runs_every_arm_and_prints_the_table():
         assert float(cells[3].split(" ± ")[0]) > 0 and float(cells[5].split(" ± ")[0]) > 0
     # The verdict: the best on-policy arm against supervised KD, beyond or within twice the seeds' spread.
     verdict = [line for line in result.stdout.splitlines() if line.startswith("- at learning rate")]
-    assert len(verdict) == 1 and "the best on-policy arm" in verdict[0] and "twice" in verdict[0]
+    assert len(verdict) == 2 and all("the best on-policy arm" in line and "twice" in line for line in verdict)
+    assert "valid greedily" in verdict[0] and "valid when sampled" in verdict[1]
+
+
+def test_on_policy_report_from_records_joins_the_arms_of_one_seed_run_apart(tmp_path):
+    """Records of one seed's arms from two runs (the same sizes) make one row per arm; the verdicts read greedy and
+    sampled validity, paired by seed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "on_policy", os.path.join(os.path.dirname(BENCHMARK), "on_policy.py")
+    )
+    on_policy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(on_policy)
+    scores = {"valid_greedy": 1.0, "reverse_kl_on_samples": 0.1, "forward_kl_teacher_forced": 0.1, "time_s": 1.0}
+    sizes = {"arm_learning_rates": [0.0005], "warmup_steps": 450}
+
+    def record(arms: dict[str, float]) -> dict:
+        return {"teacher": scores, "warmed_up_student": scores, "seed_time_s": 1.0,
+                "arms": {"0.0005": {arm: {**scores, "valid_sampled": value} for arm, value in arms.items()}}}  # fmt: skip
+
+    first = {
+        "sizes": sizes,
+        "records": {str(seed): record({"supervised_kd": 0.70 + seed / 100}) for seed in (1, 2, 3)},
+    }
+    second = {
+        "sizes": sizes,
+        "records": {str(seed): record({"on_policy_beta_1": 0.80 + seed / 50}) for seed in (1, 2, 3)},
+    }
+    for name, content in (("first", first), ("second", second)):
+        on_policy.write_json(str(tmp_path / f"{name}.json"), content)
+    on_policy.write_from_records([str(tmp_path / "first.json"), str(tmp_path / "second.json")], str(tmp_path / "out"))
+    text = (tmp_path / "out.md").read_text(encoding="utf-8")
+    assert "| supervised_kd |" in text and "| on_policy_beta_1 |" in text
+    (sampled,) = [line for line in text.splitlines() if "valid when sampled" in line]
+    assert (
+        "+12.0 points, beyond" in sampled
+        and "seed by seed +11.0, +12.0, +13.0 (+12.0 ± 1.0, beyond twice its spread)" in sampled
+    )
+    with pytest.raises(ValueError, match="was run with other sizes before"):
+        on_policy.write_json(str(tmp_path / "third.json"), {**second, "sizes": {**sizes, "warmup_steps": 150}})
+        on_policy.write_from_records([str(tmp_path / "first.json"), str(tmp_path / "third.json")], str(tmp_path / "x"))
