@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from hf_distill.logit_rows import ProjectedRows
+from hf_distill.losses import row_terms
 from hf_distill.losses.functional import Divergence, soft_target_loss, teacher_top_k, topk_soft_target_loss
 from hf_distill.losses.gradients import (
     cross_entropy_value_and_grad,
@@ -157,8 +158,12 @@ def three_terms(teacher: ProjectedRows, tokens: torch.Tensor) -> tuple[list[RowT
     return terms, full
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-group", "groups-of-5"])
 @pytest.mark.parametrize("combine", ["planned", "other"])
-def test_the_shared_loop_gives_each_term_and_every_gradient_of_the_projected_logits(combine):
+def test_the_shared_loop_gives_each_term_and_every_gradient_of_the_projected_logits(combine, grouped, monkeypatch):
+    if grouped:  # groups of 5 rows projected at once (5, 5, 3), chunks of 4 inside them: (0-4, 4-5), (5-9, 9-10)...
+        monkeypatch.setattr(row_terms, "GROUP_ELEMENTS", 5 * VOCAB)
+        assert row_terms.group_rows(ROWS, 4, VOCAB) == 5
     student, teacher = projected(0), projected(1, bias=False)
     tokens = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(2))
     terms, full = three_terms(teacher, tokens)
@@ -188,6 +193,13 @@ def test_without_gradients_the_loop_only_sums():
         expected = torch.stack([function(student.logits()) for function in full])
     assert not totals.requires_grad
     torch.testing.assert_close(totals, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_are_projected_a_group_at_a_time_in_groups_of_even_size():
+    assert row_terms.group_rows(1016, 83, 50257) == 508  # 2**25 elements hold 667 rows: two groups of 508
+    assert row_terms.group_rows(1016, 83, 30522) == 1016  # BERT's vocabulary: one group
+    assert row_terms.group_rows(5000, 83, 50257) == 625  # 8 groups
+    assert row_terms.group_rows(10, 64, 10**9) == 10  # never fewer rows than a chunk's
 
 
 def test_each_chunk_is_projected_once_for_all_terms():
