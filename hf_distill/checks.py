@@ -137,8 +137,8 @@ def check_same_inputs(
     tokenizer = isinstance(processing_class, PreTrainedTokenizerBase) or isinstance(
         getattr(processing_class, "tokenizer", None), PreTrainedTokenizerBase
     )
-    if teacher_processing_class is None and teacher_source is not None and (tokenizer or processing_class is None):
-        teacher_processing_class = _load_quietly(AutoTokenizer, teacher_source) if reads_tokens else None
+    if teacher_processing_class is None and teacher_source is not None and tokenizer and reads_tokens:
+        teacher_processing_class = _load_quietly(AutoTokenizer, teacher_source)
     if reads_tokens and None not in (student_vocab, teacher_vocab) and student_vocab != teacher_vocab:
         columns = shared_columns(student, teacher, processing_class, teacher_processing_class)
         kind = describe(student)
