@@ -78,8 +78,8 @@ def check_same_outputs(student: nn.Module, teacher: nn.Module) -> None:
         if student_vocab != teacher_vocab:
             raise ValueError(
                 f"token-level soft targets need one vocabulary, but the student has {student_vocab} tokens and the "
-                f"teacher {teacher_vocab}: if the teacher's tokenizer extends the student's, give DistillationTrainer both "
-                "(processing_class, teacher_processing_class); otherwise build the student with the teacher's "
+                f"teacher {teacher_vocab}: if the teacher's tokenizer extends the student's, give DistillationTrainer "
+                "both (processing_class, teacher_processing_class); otherwise build the student with the teacher's "
                 "tokenizer (or drop soft_target)"
             )
         return
