@@ -269,9 +269,13 @@ class RolloutMixin:
             self.args, student, self._sampling_teachers(), self.terms.losses, self.processing_class, backend
         )
 
+    def _sampling_sources(self) -> list[FrozenTeacher]:
+        """The sources of the teachers in memory that can sample (`seq_kd` uses the first)."""
+        return [source for source in self.roster.sources.values() if isinstance(source, FrozenTeacher)]
+
     def _sampling_teachers(self) -> list[nn.Module]:
-        """The teachers in memory that can sample (`seq_kd` uses the first)."""
-        return [source.model for source in self.roster.sources.values() if isinstance(source, FrozenTeacher)]
+        """The models of `_sampling_sources`."""
+        return [source.model for source in self._sampling_sources()]
 
     def _with_completions(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The micro-batches of one optimizer step, their completions sampled from the student or the teacher when
@@ -282,7 +286,7 @@ class RolloutMixin:
             return batches
         model, suppress = self.model, ()
         if self.completion_source == "teacher":
-            source = next(s for s in self.roster.sources.values() if isinstance(s, FrozenTeacher))
+            source = self._sampling_sources()[0]
             model, columns = source.model, source.columns
             if columns is not None:  # the teacher's tokens beyond the student's vocabulary are never sampled
                 suppress = range(columns, source.reference.config.vocab_size)
