@@ -169,7 +169,10 @@ def check_teacher_inputs(
     if isinstance(teacher_processors, Mapping):
         unknown = sorted(set(teacher_processors) - set(names))
         if unknown:
-            raise ValueError(f"teacher_processing_class names teachers {unknown}; the teachers are {names}")
+            raise ValueError(
+                f"teacher_processing_class names teachers {unknown}; the teachers are {names}: key the tokenizers by "
+                "those names (or pass one tokenizer for every teacher)"
+            )
     columns = {}
     for name in names:
         finished = None if caches is None else caches[name]

@@ -181,3 +181,12 @@ def test_a_teacher_tokenizer_is_read_from_the_teacher_s_folder(tmp_path):
         train_dataset=prompt_completion_dataset(8), data_collator=pad_right, processing_class=tokenizer(),
     )  # fmt: skip
     assert trainer.teachers["teacher"].columns == VOCAB
+
+
+def test_tokenizers_keyed_by_a_teacher_that_is_not_there_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"names teachers \['other'\]; the teachers are \['teacher'\]: key the"):
+        DistillationTrainer(
+            model=causal_lm(1), teacher_model=padded(teacher_lm()), args=config(tmp_path, LOSSES),
+            train_dataset=prompt_completion_dataset(8), data_collator=pad_right, processing_class=tokenizer(),
+            teacher_processing_class={"other": tokenizer(["<extra_0>"])},
+        )  # fmt: skip
