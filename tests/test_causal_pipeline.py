@@ -59,19 +59,23 @@ def test_an_example_is_the_prompt_then_the_completion_and_its_end_with_labels_on
 class Echo(torch.nn.Module):
     """A stand-in causal LM: its logits put all the mass on `answer`'s tokens in turn, and `generate` writes them."""
 
-    def __init__(self, answers: list[list[int]], vocab: int, eos: int):
+    def __init__(self, answers: list[list[int]], vocab: int, eos: int, sampled: list[list[int]] | None = None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.answers, self.vocab, self.eos = answers, vocab, eos
-        self.calls = 0
+        self.answers = {False: answers, True: answers if sampled is None else sampled}
+        self.vocab, self.eos = vocab, eos
+        self.calls = {False: 0, True: 0}
+        self.sampling = []
 
     def forward(self, input_ids, attention_mask=None):
         return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
 
     def generate(self, input_ids, attention_mask, generation_config):
-        assert generation_config.do_sample is False  # scored greedily
-        rows = self.answers[self.calls : self.calls + input_ids.shape[0]]
-        self.calls += input_ids.shape[0]
+        sample = generation_config.do_sample
+        if sample:  # sampled from the full distribution at temperature 1, the same stream for every model
+            self.sampling.append((generation_config.temperature, generation_config.top_k, torch.rand(1).item()))
+        rows = self.answers[sample][self.calls[sample] : self.calls[sample] + input_ids.shape[0]]
+        self.calls[sample] += input_ids.shape[0]
         width = max(len(row) for row in rows) + 2
         new = torch.full((len(rows), width), self.eos)
         for index, row in enumerate(rows):
@@ -97,8 +101,18 @@ def test_generated_completions_are_scored_by_the_metric_and_the_references_give_
     score = lambda metric, model: causal.evaluate_generation(  # noqa: E731
         model, split, collator, tokenizer, references, metric, batch_size=2, max_new_tokens=10
     )
-    checked = score("letters", Echo(answers, len(tokenizer), tokenizer.eos_token_id))
+    # Sampled, it answers the first prompt validly and the others with a repeat.
+    sampled = [answers[0], answers[1], answers[1]]
+    echo = Echo(answers, len(tokenizer), tokenizer.eos_token_id, sampled)
+    checked = score("letters", echo)
     assert checked["accuracy"] == pytest.approx(2 / 3)
+    assert checked["sampled_accuracy"] == pytest.approx(1 / 3)
+    assert [setting[:2] for setting in echo.sampling] == [(1.0, 0), (1.0, 0)]
+    # Every model is sampled from the same random stream (batch by batch), whatever the random state before.
+    torch.manual_seed(1234)
+    again = Echo(answers, len(tokenizer), tokenizer.eos_token_id, sampled)
+    score("letters", again)
+    assert again.sampling == echo.sampling
     assert checked["perplexity"] == pytest.approx(len(tokenizer), rel=1e-5)
     assert score("exact_match", Echo(answers, len(tokenizer), tokenizer.eos_token_id))["accuracy"] == pytest.approx(
         1 / 3
@@ -107,7 +121,7 @@ def test_generated_completions_are_scored_by_the_metric_and_the_references_give_
     assert mine["accuracy"] == pytest.approx(1 / 3)
     # Perplexity alone generates nothing; its accuracy is the share of reference tokens ranked first.
     uniform = score("perplexity", Echo([], len(tokenizer), tokenizer.eos_token_id))
-    assert set(uniform) == {"accuracy", "perplexity"}
+    assert set(uniform) == {"accuracy", "perplexity"}  # and no sampled accuracy
 
 
 def reverse_order(prompt: str, completion: str) -> bool:
@@ -151,12 +165,14 @@ def test_a_causal_lm_run_distils_on_policy_and_reports_generated_answers_against
     assert set(results) == {"teacher", "student", "baseline"}
     for row in results.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["perplexity"]) and row["perplexity"] > 1.0
+        assert 0.0 <= row["sampled_accuracy"] <= 1.0
     assert report["training_steps"] == {"student": 4, "baseline": 4}
     assert report["generation_metric"] == "letters"
     assert report["completions"] == {"lmbda": 1.0, "seq_kd": False}
     with open(os.path.join(tmp_path, "report.md"), encoding="utf-8") as handle:
         text = handle.read()
     assert "greedy completion passes `letters`" in text and "lmbda = 1.0" in text
+    assert "| sampled_accuracy |" in text and "sampled at temperature 1" in text
     student = AutoModelForCausalLM.from_pretrained(report["student_dir"])
     tokenizer = AutoTokenizer.from_pretrained(report["student_dir"])
     assert student.config.n_layer == 1 and len(tokenizer) == student.config.vocab_size

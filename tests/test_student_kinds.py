@@ -192,3 +192,36 @@ def test_a_kind_with_bad_settings_is_refused_before_any_kind_trains(tmp_path, mo
     settings = '{"width": {"student_width": {"hidden_size": 8, "heads": 2}}}'
     with pytest.raises(ValueError, match="student_width must be a mapping"):
         kinds_run(tmp_path, "--student_kinds", "layers", "width", "--student_kind_settings", settings)
+
+
+def test_kinds_over_seeds_compare_each_kind_with_the_first_on_both_accuracies_paired_by_seed():
+    """Made-up per-seed reports of two kinds: the combined table carries the sampled accuracy, and each kind is set
+    against the first, paired by seed, with the difference called beyond noise only past twice the spread."""
+    from hf_distill.pipeline.kinds import combine_kinds_over_seeds, kinds_seeds_report_lines
+
+    def run(greedy: float, sampled: float) -> dict:
+        row = {"accuracy": greedy, "sampled_accuracy": sampled, "perplexity": 3.0, "parameters": 10, "size_bytes": 40}
+        teacher = {**row, "accuracy": 1.0, "sampled_accuracy": 0.9, "parameters": 20, "size_bytes": 80}
+        return {
+            "results": {"teacher": teacher, "student": row},
+            "summary": {"retention": greedy, "size_ratio": 0.5},
+            "training_steps": {"student": 3},
+            "timings_s": {"total": 1.0},
+            "student_dir": "run/student",
+        }
+
+    # sampled: kd 0.70/0.72/0.71, on-policy 0.80/0.81/0.83 (+10, +9, +12); greedy: both 1.0 on every seed
+    kd, on_policy = [(1.0, 0.70), (1.0, 0.72), (1.0, 0.71)], [(1.0, 0.80), (1.0, 0.81), (1.0, 0.83)]
+    reports = [
+        {"kinds": {"kd": run(*a), "on_policy": run(*b)}, "timings_s": {"kd": 1.0, "on_policy": 1.0}}
+        for a, b in zip(kd, on_policy, strict=True)
+    ]
+    combined = combine_kinds_over_seeds(reports, [1, 2, 3])
+    text = "\n".join(kinds_seeds_report_lines(combined))
+    assert "sampled_accuracy (mean ± std)" in text
+    assert "| on_policy | 100.00% ± 0.00% | 81.33% ± 1.53% |" in text
+    assert (
+        "- sampled_accuracy, each kind's student - kd's, paired by seed (points): on_policy +10.33 ± 1.53 (beyond"
+        in text
+    )
+    assert "- accuracy, each kind's student - kd's, paired by seed (points): on_policy +0.00 ± 0.00\n" in text + "\n"

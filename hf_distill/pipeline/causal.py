@@ -14,8 +14,11 @@ Held-out generations are scored by `--generation_metric`:
 - `perplexity`: nothing is generated; the accuracy is then the share of reference completion tokens each model
   ranks first (teacher-forced).
 By default, the data set's own checker when it ships one (`offline:letters`), else `exact_match`. The report's
-accuracy is the share of held-out prompts whose greedy completion passes; the perplexity of the reference
-completions (teacher-forced) is reported beside it.
+accuracy is the share of held-out prompts whose greedy completion passes; its sampled accuracy the share whose
+completion sampled at temperature 1 from the full distribution (one sample a prompt, from a fixed seed, so every model
+of a run is scored on the same random stream) passes: where greedy answers are all valid, the sampled ones still
+tell the models apart, as GKD and MiniLLM score them. The perplexity of the reference completions (teacher-forced) is
+reported beside them.
 
 The letters task (`--dataset offline:letters`, `--processor offline:letters`): a prompt of 8 distinct letters of a
 16-letter alphabet in alphabetical order, then `=`; a valid completion lists the same 8 letters, each once, in any
@@ -39,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from ..randomness import preserved_random_state
 from ..rollouts import cut_after_end, left_padded, split_prompts
 
 LETTERS = [chr(ord("a") + index) for index in range(16)]
@@ -48,6 +52,8 @@ LETTERS_SIZES = {"train": 20_000, "validation": 500}
 EXACT_MATCH, PERPLEXITY = "exact_match", "perplexity"
 #: Generation settings for scoring: greedy, up to this many new tokens unless `--eval_max_new_tokens` says otherwise.
 EVAL_MAX_NEW_TOKENS = 64
+#: The seed of the sampled completions scored (the same for every model, so they share the random stream).
+EVAL_SAMPLING_SEED = 0
 
 
 def letters_examples(count: int, seed: int) -> Dataset:
@@ -184,18 +190,22 @@ def evaluate_generation(
     name: str = "model",
 ) -> dict[str, float]:
     """`accuracy`: the share of held-out prompts whose greedy completion passes `metric` (under `perplexity`,
-    the share of reference completion tokens the model ranks first), and `perplexity`: exp of the mean
-    cross-entropy of the reference completion tokens. `references` holds the prompt and completion texts of
-    `eval_split`'s examples, in its order."""
+    the share of reference completion tokens the model ranks first); `sampled_accuracy` (not under `perplexity`):
+    the share whose completion sampled at temperature 1 passes; `perplexity`: exp of the mean cross-entropy of the
+    reference completion tokens. `references` holds the prompt and completion texts of `eval_split`'s examples, in
+    its order."""
     score = scorer(metric)
     device = next(model.parameters()).device
     training = model.training
     model.eval()
-    passed, log_likelihood, tokens, hits = 0, 0.0, 0, 0
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, use_cache=True,
-    )  # fmt: skip
+    passed = {"greedy": 0, "sampled": 0}
+    log_likelihood, tokens, hits = 0.0, 0, 0
+    common = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "use_cache": True}  # fmt: skip
+    configs = {
+        "greedy": GenerationConfig(do_sample=False, **common),
+        "sampled": GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, **common),
+    }
     prompt_column, completion_column = references.column_names[:2]
     try:
         for start in tqdm(range(0, len(eval_split), batch_size), desc=f"Evaluating the {name}", leave=False):
@@ -213,14 +223,25 @@ def evaluate_generation(
             if score is None:
                 continue
             input_ids, attention_mask = left_padded(split_prompts(batch), tokenizer.pad_token_id, device)
-            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-            for offset, row in enumerate(sequences[:, input_ids.shape[1] :]):
-                text = tokenizer.decode(cut_after_end(row, [tokenizer.eos_token_id]), skip_special_tokens=True)
-                example = references[start + offset]
-                passed += score(example[prompt_column], example[completion_column], text)
+            for how, config in configs.items():
+                with preserved_random_state():
+                    torch.manual_seed(EVAL_SAMPLING_SEED + start)  # per batch: the same stream for every model
+                    sequences = model.generate(
+                        input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                    )
+                for offset, row in enumerate(sequences[:, input_ids.shape[1] :]):
+                    text = tokenizer.decode(cut_after_end(row, [tokenizer.eos_token_id]), skip_special_tokens=True)
+                    example = references[start + offset]
+                    passed[how] += score(example[prompt_column], example[completion_column], text)
     finally:
         model.train(training)
     if tokens == 0:
         raise ValueError("the held-out split has no completion token to score")
-    accuracy = hits / tokens if score is None else passed / len(eval_split)
-    return {"accuracy": accuracy, "perplexity": math.exp(-log_likelihood / tokens)}
+    perplexity = math.exp(-log_likelihood / tokens)
+    if score is None:
+        return {"accuracy": hits / tokens, "perplexity": perplexity}
+    return {
+        "accuracy": passed["greedy"] / len(eval_split),
+        "sampled_accuracy": passed["sampled"] / len(eval_split),
+        "perplexity": perplexity,
+    }

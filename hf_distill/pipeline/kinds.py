@@ -27,7 +27,7 @@ from .report import (
     write_report_files,
 )  # report sets matplotlib's file-only backend first
 from .run import run_pipeline
-from .spread import combine_reports, plus_minus
+from .spread import combine_reports, plus_minus, spread
 
 #: Kinds that need no settings of their own.
 DEFAULT_KINDS: dict[str, dict[str, Any]] = {"layers": {}, "int8": {"student_quantization": "int8"}}
@@ -123,7 +123,8 @@ def kinds_report_lines(report: dict[str, Any]) -> list[str]:
     results = report["results"]
     teacher = results["teacher"]
     eager, compiled = _batches(teacher, "latency_ms_batch_"), _batches(teacher, "compiled_latency_ms_batch_")
-    header = ["model", "accuracy", "parameters (M)", "size (MB)"]
+    sampled = "sampled_accuracy" in teacher
+    header = ["model", "accuracy", *(["sampled_accuracy"] if sampled else []), "parameters (M)", "size (MB)"]
     header += [f"CPU ms, batch {b} (speed-up)" for b in eager]
     header += [f"compiled CPU ms, batch {b} (speed-up)" for b in compiled]
     lines = [
@@ -135,7 +136,8 @@ def kinds_report_lines(report: dict[str, Any]) -> list[str]:
         # Each kind's rows are timed beside the teacher in that kind's own run: speed-ups are within one run.
         kind = name.removesuffix(" baseline")
         reference = report["kinds"][kind]["results"]["teacher"] if kind in report["kinds"] else row
-        cells = [name, f"{row['accuracy']:.2%}", f"{row['parameters'] / 1e6:.2f}", f"{row['size_bytes'] / 1e6:.1f}"]
+        cells = [name, f"{row['accuracy']:.2%}", *([f"{row['sampled_accuracy']:.2%}"] if sampled else []),
+                 f"{row['parameters'] / 1e6:.2f}", f"{row['size_bytes'] / 1e6:.1f}"]  # fmt: skip
         for prefix, batches in (("latency_ms_batch_", eager), ("compiled_latency_ms_batch_", compiled)):
             for batch in batches:
                 key = f"{prefix}{batch}"
@@ -223,7 +225,10 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     seeds = report["seeds"]
     any_kind = next(iter(report["kinds"].values()))
     speedups = [key for key in any_kind["summary"] if key.startswith(("speedup_batch_", "compiled_speedup_batch_"))]
-    header = ["model", "accuracy (mean ± std)", "parameters (M)", "size (MB)"]
+    teacher = any_kind["results"]["teacher"]
+    sampled = "sampled_accuracy" in teacher
+    header = ["model", "accuracy (mean ± std)", *(["sampled_accuracy (mean ± std)"] if sampled else []),
+              "parameters (M)", "size (MB)"]  # fmt: skip
     header += [("compiled " if key.startswith("compiled_") else "") + f"speed-up, batch {key.rsplit('_', 1)[1]}"
                for key in speedups]  # fmt: skip
     lines = [
@@ -231,9 +236,9 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
         "",
         *markdown_header(header),
     ]
-    teacher = any_kind["results"]["teacher"]
     lines.append(f"| teacher | {plus_minus(teacher['accuracy'], 100, unit='%')} | "
-                 f"{teacher['parameters']['mean'] / 1e6:.2f} | {teacher['size_bytes']['mean'] / 1e6:.1f} |"
+                 + (f"{plus_minus(teacher['sampled_accuracy'], 100, unit='%')} | " if sampled else "")
+                 + f"{teacher['parameters']['mean'] / 1e6:.2f} | {teacher['size_bytes']['mean'] / 1e6:.1f} |"
                  + " 1.00x |" * len(speedups))  # fmt: skip
     for kind, combined in report["kinds"].items():
         for name in ("student", "baseline"):
@@ -241,6 +246,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
                 continue
             row = combined["results"][name]
             cells = [kind if name == "student" else f"{kind} baseline", plus_minus(row["accuracy"], 100, unit="%"),
+                     *([plus_minus(row["sampled_accuracy"], 100, unit="%")] if sampled else []),
                      f"{row['parameters']['mean'] / 1e6:.2f}", f"{row['size_bytes']['mean'] / 1e6:.1f}"]  # fmt: skip
             for key in speedups:
                 latency = key.replace("speedup_batch_", "latency_ms_batch_")
@@ -262,6 +268,7 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
         if "size_ratio" in summary:
             parts.append(f"{1 / summary['size_ratio']['mean']:.2f}x smaller")
         lines.append(f"- {kind}: " + "; ".join(parts) + f"; baseline: {report['baselines'][kind]}")
+    lines += kinds_against_first(report, seeds)
     lines.append(
         "- std: the sample standard deviation over the seeds; a baseline's speed-up is from the mean latencies; "
         "each kind's speed-ups are over the teacher timed in the same run"
@@ -269,6 +276,29 @@ def kinds_seeds_report_lines(report: dict[str, Any]) -> list[str]:
     timings = [seconds for seconds in report.get("timings_s", []) if seconds is not None]
     if timings:
         lines.append(f"- time taken: {sum(timings):.0f} s in all ({', '.join(f'{s:.0f} s' for s in timings)})")
+    return lines
+
+
+def kinds_against_first(report: dict[str, Any], seeds: list[int]) -> list[str]:
+    """Each kind's student against the first kind's, paired by seed, on every accuracy the rows carry: the mean and
+    std of the per-seed differences, and whether the mean is beyond twice the larger of the two kinds' own spreads."""
+    kinds = list(report["kinds"])
+    if len(kinds) < 2 or len(seeds) < 2:
+        return []
+    first = report["kinds"][kinds[0]]["results"]["student"]
+    lines = []
+    for metric in ("accuracy", "sampled_accuracy"):
+        if metric not in first:
+            continue
+        parts = []
+        for kind in kinds[1:]:
+            row = report["kinds"][kind]["results"]["student"][metric]
+            differences = [100 * (a - b) for a, b in zip(row["values"], first[metric]["values"], strict=True)]
+            paired = spread(differences)
+            noise = 2 * 100 * max(row["std"], first[metric]["std"])
+            beyond = abs(row["mean"] - first[metric]["mean"]) * 100 > noise
+            parts.append(f"{kind} {paired['mean']:+.2f} ± {paired['std']:.2f}" + (" (beyond 2 std)" if beyond else ""))
+        lines.append(f"- {metric}, each kind's student - {kinds[0]}'s, paired by seed (points): " + "; ".join(parts))
     return lines
 
 

@@ -246,7 +246,7 @@ def refinement_lines(report: dict[str, Any]) -> list[str]:
 def report_lines(report: dict[str, Any]) -> list[str]:
     """The teacher/student(/baseline) table and the student's summary, as Markdown lines."""
     results, summary = report["results"], report["summary"]
-    metrics = [key for key in ("accuracy", "perplexity") if key in results["student"]]
+    metrics = [key for key in ("accuracy", "sampled_accuracy", "perplexity") if key in results["student"]]
     untrusted = summary.get("latency_untrusted", {})
     lines = [
         f"# Distillation report: {report.get('recipe') or 'custom run'}",
@@ -301,6 +301,11 @@ def report_lines(report: dict[str, Any]) -> list[str]:
             f"completion passes `{metric}`"
         )
         lines.append(f"- accuracy: {scored}")
+        if "sampled_accuracy" in metrics:
+            lines.append(
+                "- sampled_accuracy: the same share for one completion a prompt sampled at temperature 1 from the "
+                "full distribution, every model on the same random stream"
+            )
         lines.append(
             "- perplexity: exp(mean cross-entropy) over the reference completion tokens of the held-out split"
         )

@@ -68,6 +68,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
         "model",
         f"{metric} (mean ± std)",
         *[f"seed {seed}" for seed in seeds],
+        *(["sampled_accuracy (mean ± std)"] if "sampled_accuracy" in student else []),
         "parameters (M)",
         "size (MB)",
         *[
@@ -86,6 +87,7 @@ def seeds_report_lines(report: dict[str, Any]) -> list[str]:
             name,
             plus_minus(row[metric], scale, unit=unit),
             *[f"{value * scale:.2f}{unit}" for value in row[metric]["values"]],
+            *([plus_minus(row["sampled_accuracy"], 100, unit="%")] if "sampled_accuracy" in student else []),
             f"{row['parameters']['mean'] / 1e6:.2f}",
             f"{row['size_bytes']['mean'] / 1e6:.1f}",
             *[plus_minus(row[key], digits=1) for key in latencies],

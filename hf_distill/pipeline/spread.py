@@ -9,7 +9,7 @@ from typing import Any
 from .report import ordered_rows
 
 #: The figures of a model's row whose spread is reported (latencies are added by batch size).
-ROW_FIGURES = ("accuracy", "perplexity", "parameters", "size_bytes")
+ROW_FIGURES = ("accuracy", "sampled_accuracy", "perplexity", "parameters", "size_bytes")
 #: The summary's figures whose spread is reported (speed-ups are added by batch size).
 SUMMARY_FIGURES = ("retention", "gap_closure", "size_ratio")
 #: Latencies (eager, compiled) and speed-ups, by batch size.
