@@ -155,6 +155,11 @@ def check_same_inputs(
     return None
 
 
+def load_tokenizer(source: str) -> Any:
+    """The tokenizer in a teacher's folder or Hub repository, None when it has none."""
+    return _load_quietly(AutoTokenizer, source)
+
+
 def _load_quietly(auto_class: type, source: str) -> Any:
     """The teacher's own tokenizer or image processor, None when its folder or repository has none."""
     try:
@@ -164,7 +169,10 @@ def _load_quietly(auto_class: type, source: str) -> Any:
 
 
 def _compare_tokenizers(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, source: str) -> None:
-    fix = "use a teacher trained with the student's tokenizer (cross-tokenizer distillation is not supported)"
+    fix = (
+        "use a teacher trained with the student's tokenizer, or, for causal LMs, the uld or gold loss, which "
+        "re-tokenize the text for the teacher (docs/cross-tokenizer.md)"
+    )
     if student.get_vocab() != teacher.get_vocab():
         differ = sorted(set(student.get_vocab().items()) ^ set(teacher.get_vocab().items()))[:5]
         raise ValueError(

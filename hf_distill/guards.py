@@ -46,9 +46,12 @@ class NonFiniteGuard:
         """Record whether `value` (a tensor, or a tuple of them such as hidden states) is finite; no host sync."""
         if isinstance(value, ProjectedRows):  # logits left to the losses: finite hidden states, finite logits
             value = value.hidden
-        tensors = (
-            [value] if isinstance(value, torch.Tensor) else [t for t in value or () if isinstance(t, torch.Tensor)]
-        )
+        if isinstance(value, torch.Tensor):
+            tensors = [value]
+        elif isinstance(value, Sequence):
+            tensors = [t for t in value if isinstance(t, torch.Tensor)]
+        else:  # not model outputs (a cross-tokenizer teacher's alignment): nothing to watch
+            tensors = []
         tensors = [tensor for tensor in tensors if tensor.numel() and tensor.is_floating_point()]
         if not tensors:
             return

@@ -265,6 +265,14 @@ class RolloutMixin:
 
     def _set_up_rollouts(self, backend: RolloutBackend | None) -> None:
         student = self.accelerator.unwrap_model(self.model)
+        sampler = next(iter(self._sampling_sources()), None)
+        retokenizer = getattr(sampler, "retokenizer", None)
+        if self.args.seq_kd and retokenizer is not None and not retokenizer.identical:
+            raise ValueError(
+                "seq_kd trains on the teacher's samples, written in the teacher's tokens, which the student cannot "
+                "read: with a teacher of another tokenizer, train on the student's own samples (lmbda) or the "
+                "dataset's completions (seq_kd=False)"
+            )
         self.rollouts = build_rollouts(
             self.args, student, self._sampling_teachers(), self.terms.losses, self.processing_class, backend
         )

@@ -18,8 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from .alignment import Retokenizer, teacher_retokenizer
 from .cache.training import ConfigOnly
-from .checks import check_same_inputs
+from .checks import check_same_inputs, load_tokenizer
 from .config import DistillationConfig
 from .losses import DistillationLoss, TeacherEnsemble, output_flags
 from .teacher import load_teacher, teacher_call_flags
@@ -47,6 +48,8 @@ class TeacherRoster:
         caches (`dict`): each teacher's cache when a teacher-output cache stands in for the teachers.
         columns (`dict[str, int]`): for a teacher whose vocabulary extends the student's, the student's vocabulary
             size, to which its logits are cut ([`hf_distill.vocabulary`]).
+        retokenizers (`dict[str, Retokenizer]`): for a teacher read by cross-tokenizer losses (`uld`, `gold`), how
+            the student's batches are re-tokenized for it and aligned ([`hf_distill.alignment`]).
     """
 
     def __init__(self, names: list[str], weights: dict[str, float], learning: dict[str, str]):
@@ -55,6 +58,7 @@ class TeacherRoster:
         self.facts: dict[str, dict[str, Any] | None] = {}
         self.caches: dict[str, Any] = {}
         self.columns: dict[str, int] = {}
+        self.retokenizers: dict[str, Retokenizer] = {}
 
     @property
     def several(self) -> bool:
@@ -151,6 +155,7 @@ def build_source(
     else:
         source = FrozenTeacher(*arguments)
     source.columns = roster.columns.get(name)
+    source.retokenizer = roster.retokenizers.get(name)
     return source
 
 
@@ -161,10 +166,13 @@ def check_teacher_inputs(
     caches: Any,
     processor: Any,
     teacher_processors: Any = None,
-) -> dict[str, int]:
+    reading: Callable[[str], list[DistillationLoss]] | None = None,
+) -> tuple[dict[str, int], dict[str, Retokenizer]]:
     """Each teacher reads the student's inputs alike (vocabulary, tokenizer), a cache's teacher by its config.
-    `teacher_processors`: the teachers' tokenizers (one, or {name: tokenizer}). Returns, for each teacher whose
-    vocabulary extends the student's, the columns its logits are cut to (`hf_distill.vocabulary`)."""
+    `teacher_processors`: the teachers' tokenizers (one, or {name: tokenizer}); `reading(name)`: the losses that read
+    teacher `name`. Returns, for each teacher whose vocabulary extends the student's, the columns its logits are cut
+    to (`hf_distill.vocabulary`), and for each teacher read by cross-tokenizer losses its `Retokenizer`
+    (`hf_distill.alignment`)."""
     names = list(given) or list(caches)
     if isinstance(teacher_processors, Mapping):
         unknown = sorted(set(teacher_processors) - set(names))
@@ -173,17 +181,23 @@ def check_teacher_inputs(
                 f"teacher_processing_class names teachers {unknown}; the teachers are {names}: key the tokenizers by "
                 "those names (or pass one tokenizer for every teacher)"
             )
-    columns = {}
+    columns, retokenizers = {}, {}
     for name in names:
         finished = None if caches is None else caches[name]
         known = models[name] if finished is None else ConfigOnly(finished.teacher_config())
         source = given[name] if isinstance(given.get(name), str) and given[name] != EMA_TEACHER else None
         tokenizer = teacher_processors.get(name) if isinstance(teacher_processors, Mapping) else teacher_processors
         with naming(name, len(names)):
+            losses = reading(name) if reading is not None else []
+            if any(getattr(loss, "cross_tokenizer", False) for loss in losses):
+                if tokenizer is None and source is not None:
+                    tokenizer = load_tokenizer(source)
+                retokenizers[name] = teacher_retokenizer(student, known, losses, processor, tokenizer, name)
+                continue
             cut = check_same_inputs(student, known, processor, source, tokenizer)
         if cut is not None:
             columns[name] = cut
-    return columns
+    return columns, retokenizers
 
 
 def teacher_mapping(teacher_model: Any, student: nn.Module) -> dict[str, nn.Module | str]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .alignment import ALIGNMENT_KEY, Retokenizer
 from .logit_rows import LogitRowsPlan, project_rows
 from .positions import label_positions
 from .vocabulary import cut_logits
@@ -93,6 +94,8 @@ class FrozenTeacher(TeacherSource):
         self.rows_plan = LogitRowsPlan()
         #: The student's vocabulary size when this teacher's extends it: its logits are cut to it.
         self.columns: int | None = None
+        #: For a teacher with another tokenizer: the student's batches re-tokenized for it and aligned.
+        self.retokenizer: Retokenizer | None = None
 
     def run(
         self, inputs: Mapping[str, Any], output_hidden_states: bool = False, output_attentions: bool = False
@@ -117,6 +120,11 @@ class FrozenTeacher(TeacherSource):
         """The teacher's outputs for a batch; in training its logits at the counted rows only, or (`deferred`, as the
         plan says) those rows unprojected (`ProjectedRows`), which the losses, or a cache build, project chunk by
         chunk."""
+        if self.retokenizer is not None:  # its own tokenization of the text, every position projected
+            teacher_inputs, alignment = self.retokenizer(inputs)
+            outputs = self.forward(teacher_inputs, **self.output_flags)
+            outputs[ALIGNMENT_KEY] = alignment
+            return outputs
         rows = training_rows(self.rows_plan, "teacher", inputs) if training else None
         defer = deferred and rows is not None and self.rows_plan.defers("teacher")
         with project_rows(self.reference, rows, defer) as projection:

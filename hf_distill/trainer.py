@@ -147,8 +147,9 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
             built, model, args, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), kwargs.get("data_collator")
         )
         if teacher_terms:
-            self.roster.columns = check_teacher_inputs(
-                model, given, models, caches, kwargs.get("processing_class"), teacher_processing_class
+            tokenizers = (kwargs.get("processing_class"), teacher_processing_class)
+            self.roster.columns, self.roster.retokenizers = check_teacher_inputs(
+                model, given, models, caches, *tokenizers, self.terms.reading
             )
 
         super().__init__(model=model, args=args, **kwargs)  # seeds the random streams training draws from

@@ -48,7 +48,7 @@ def shared_columns(student: nn.Module, teacher: Any, student_tokenizer: Any, tea
             f"the student's vocabulary has {width} entries and the teacher's {teacher_width}: the student reads or "
             f"predicts ids the teacher has no embedding or logit for. If both use one tokenizer, resize the student's "
             f"embeddings to the teacher's (student.resize_token_embeddings({teacher_width})); for two different "
-            "tokenizers: cross-tokenizer distillation is not supported"
+            "tokenizers, distil a causal LM with the uld or gold loss (docs/cross-tokenizer.md)"
         )
     if student_tokenizer is None or teacher_tokenizer is None:
         raise ValueError(
@@ -65,7 +65,7 @@ def shared_columns(student: nn.Module, teacher: Any, student_tokenizer: Any, tea
         raise ValueError(
             f"the student's tokens do not keep their ids in the teacher's tokenizer ({len(moved)} differ, e.g. "
             f"{shown}), so the teacher would read other words: distil from a teacher whose tokenizer extends the "
-            "student's (cross-tokenizer distillation is not supported)"
+            "student's, or, for causal LMs, the uld or gold loss, which re-tokenize the text for the teacher"
         )
     among = sorted((index, token) for token, index in teacher_vocab.items() if index < width and token not in
                    student_vocab)  # fmt: skip

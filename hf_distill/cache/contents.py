@@ -43,7 +43,8 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
     if refused:
         raise ValueError(
             f"the losses {refused} read the teacher in ways a teacher cache cannot replay (forward hooks on its "
-            "modules, probes, or attention maps too large to store): train them online (teacher_cache=None) or "
+            "modules, probes, attention maps too large to store, or a teacher with another tokenizer): train them "
+            "online (teacher_cache=None) or "
             "drop them"
         )
     asked = {loss.term: loss.cached_logits() for loss in teacher_losses}

@@ -1,8 +1,9 @@
 """The loss library: one registry, each loss a pure tensor function (`functional`) plus a small module.
 
 Importing this package registers the built-in losses: `soft_target`, `hard_label`, `hidden_state`,
-`attention`, `relation`, `feature_map`, `deep_to_shallow` (self-distillation) and `sampled_token`
-(on-policy, from the teacher's log-probability of each sampled token).
+`attention`, `relation`, `feature_map`, `deep_to_shallow` (self-distillation), `sampled_token`
+(on-policy, from the teacher's log-probability of each sampled token), and `uld` and `gold` (a teacher with another
+tokenizer).
 """
 
 from . import functional
@@ -18,6 +19,7 @@ from .base import (
     register_loss,
 )
 from .chunked import chunked_soft_target_loss, projected_rows_loss, rows_per_chunk
+from .cross_tokenizer import GOLDLoss, ULDLoss
 from .feature_map import FeatureMapLoss
 from .hidden import AttentionLoss, HiddenStateLoss, RelationLoss
 from .logits import HardLabelLoss, SoftTargetLoss
@@ -30,12 +32,14 @@ __all__ = [
     "DeepToShallowLoss",
     "DistillationLoss",
     "FeatureMapLoss",
+    "GOLDLoss",
     "HardLabelLoss",
     "HiddenStateLoss",
     "RelationLoss",
     "SampledTokenLoss",
     "SoftTargetLoss",
     "TeacherEnsemble",
+    "ULDLoss",
     "available_losses",
     "build_losses",
     "chunked_soft_target_loss",

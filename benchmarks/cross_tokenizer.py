@@ -1,0 +1,278 @@
+"""Distilling across tokenizers: a character-level teacher into a student with a BPE tokenizer. Offline, over seeds.
+
+    python benchmarks/cross_tokenizer.py             # seeds 1 2 3; writes benchmarks/CROSS_TOKENIZER.md and .json
+    python benchmarks/cross_tokenizer.py --quick     # tiny sizes, a minute: a spot check, printed, not a result
+
+The task is the letters task written as text: a prompt of 8 distinct letters of a 16-letter alphabet in order, then
+`=` (`"acdfghkm="`); a valid answer writes the same 8 letters, each once, in any order (`"hcafgdkm"`), then ends.
+The training answers are random orders, so which letters may come next depends on those already written.
+
+Two tokenizers are built here with `tokenizers`: the teacher's has one token per character; the student's is a BPE
+trained on the training text (no pre-tokenizer, so its merges are pairs and triples of letters), which writes an
+answer in about half as many tokens, in ways that differ from example to example. Per seed, every model a GPT-2
+built from a config: the teacher (4 layers, width 128) trains on 20,000 examples in its tokens; each arm trains the
+same student (2 layers, width 128, the same initialisation) for the same steps, batch, learning rate and examples:
+- `sft`: the labels alone (`hard_label`);
+- `uld`: labels + ULD's sorted distance to the character teacher (`uld`, Boizard et al.);
+- `gold`: labels + GOLD's hybrid (`gold`: generalized JSD over the tokens both vocabularies hold, the single
+  letters, and the sorted distance over the rest);
+- `gold_alone`: the hybrid without the labels;
+- `same_tokenizer_kd`: labels + forward KL to a teacher of the same shape trained the same way in the student's
+  own tokens (`soft_target`): what distillation gives where the two tokenizers agree.
+Scored on 500 held-out prompts: validity of greedy and of sampled (temperature 1) answers, and each arm's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import transformers
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
+
+from hf_distill import DistillationConfig, DistillationTrainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LETTERS = "abcdefghijklmnop"
+CHOSEN = 8
+SPECIAL = ["<pad>", "<s>", "</s>"]
+LABELS = {"hard_label": {"weight": 1.0}}
+ARMS = {
+    "sft": (LABELS, "characters"),
+    "uld": ({**LABELS, "uld": {"weight": 1.0}}, "characters"),
+    "gold": ({**LABELS, "gold": {"weight": 1.0, "beta": 0.0}}, "characters"),
+    "gold_alone": ({"gold": {"weight": 1.0, "beta": 0.0}}, "characters"),
+    "same_tokenizer_kd": ({**LABELS, "soft_target": {"weight": 1.0, "temperature": 1.0}}, "student"),
+}
+
+
+def texts(count: int, seed: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs: 8 sorted letters then `=`, and a random order of them."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(count):
+        chosen = sorted(torch.randperm(len(LETTERS), generator=generator)[:CHOSEN].tolist())
+        order = [chosen[int(i)] for i in torch.randperm(CHOSEN, generator=generator)]
+        pairs.append(("".join(LETTERS[i] for i in chosen) + "=", "".join(LETTERS[i] for i in order)))
+    return pairs
+
+
+def finished(model: Tokenizer) -> PreTrainedTokenizerFast:
+    model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    model.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def character_tokenizer() -> PreTrainedTokenizerFast:
+    vocabulary = {token: index for index, token in enumerate([*SPECIAL, *LETTERS, "="])}
+    model = Tokenizer(models.WordLevel(vocabulary, unk_token=None))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return finished(model)
+
+
+def bpe_tokenizer(corpus: list[str], size: int) -> PreTrainedTokenizerFast:
+    """A BPE of `size` tokens trained on `corpus`, with every letter and `=` in its alphabet."""
+    model = Tokenizer(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, initial_alphabet=[*LETTERS, "="],
+                                  show_progress=False)  # fmt: skip
+    model.train_from_iterator(corpus, trainer)
+    return finished(model)
+
+
+def tokenized(pairs: list[tuple[str, str]], tok: PreTrainedTokenizerFast) -> Dataset:
+    rows = []
+    for prompt, answer in pairs:
+        head = tok(prompt)["input_ids"]
+        tail = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": head + tail, "attention_mask": [1] * len(head + tail),
+                     "labels": [-100] * len(head) + tail})  # fmt: skip
+    return Dataset.from_list(rows)
+
+
+def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+    length = max(len(row["input_ids"]) for row in rows)
+    return {
+        key: torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows])
+        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+    }
+
+
+def gpt2(layers: int, width: int, heads: int, tok: PreTrainedTokenizerFast, seed: int) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=32, n_embd=width, n_layer=layers, n_head=heads,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config)
+
+
+def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
+    args = TrainingArguments(
+        output_dir=folder, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3, warmup_steps=0.05,
+        lr_scheduler_type="cosine", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+        disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+
+
+def valid(prompt: str, answer: str) -> bool:
+    return len(answer) == CHOSEN and set(answer) == set(prompt[:-1])
+
+
+@torch.no_grad()
+def score(model, tok, held_out: list[tuple[str, str]], seed: int) -> dict[str, float]:
+    """The share of held-out prompts whose greedy / sampled (temperature 1) answer is valid."""
+    model.eval()
+    tok.padding_side = "left"
+    prompts = tok([prompt for prompt, _ in held_out], return_tensors="pt", padding=True)
+    results = {}
+    for name, settings in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_k": 0})):
+        torch.manual_seed(seed)
+        out = model.generate(**prompts, max_new_tokens=CHOSEN + 2, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, **settings)  # fmt: skip
+        answers = []
+        for row in out[:, prompts["input_ids"].shape[1] :].tolist():
+            ended = tok.eos_token_id in row
+            answers.append(tok.decode(row[: row.index(tok.eos_token_id)]) if ended else None)
+        results[f"valid_{name}"] = sum(
+            answer is not None and valid(prompt, answer) for (prompt, _), answer in zip(held_out, answers, strict=True)
+        ) / len(held_out)
+    return results
+
+
+def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
+    train = texts(sizes["examples"], seed)
+    held_out = texts(sizes["eval_prompts"], 10_000 + seed)
+    characters = character_tokenizer()
+    student_tok = bpe_tokenizer([prompt + answer for prompt, answer in train], sizes["student_vocab"])
+    lengths = [len(student_tok(answer, add_special_tokens=False)["input_ids"]) for _, answer in held_out]
+    record = {"student_vocab": len(student_tok), "student_tokens_per_answer": statistics.mean(lengths)}
+    teachers = {}
+    for name, tok in (("characters", characters), ("student", student_tok)):
+        if not any(ARMS[arm][1] == name for arm in arms):
+            continue
+        set_seed(seed)
+        teacher = gpt2(*sizes["teacher"], tok, seed)
+        start = time.perf_counter()
+        plain_training(teacher, tokenized(train, tok), sizes["teacher_steps"], seed, os.path.join(folder, name))
+        teachers[name] = (teacher, tok)
+        record[f"teacher_{name}"] = {**score(teacher, tok, held_out, seed), "time_s": time.perf_counter() - start}
+        print(f"seed {seed} teacher ({name} tokens): {json.dumps(record[f'teacher_{name}'])}", flush=True)
+    distil = tokenized(train[: sizes["distil_examples"]], student_tok)
+    record["arms"] = {}
+    for arm in arms:
+        losses, which = ARMS[arm]
+        teacher, teacher_tok = teachers[which]
+        student = gpt2(*sizes["student"], student_tok, seed + 1)
+        args = DistillationConfig(
+            output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
+            learning_rate=sizes["learning_rate"], warmup_steps=0.05, save_strategy="no", report_to="none",
+            use_cpu=True, seed=seed, disable_tqdm=True, logging_strategy="no", losses=losses,
+        )  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student, teacher_model=None if arm == "sft" else teacher, args=args, train_dataset=distil,
+            data_collator=collate, processing_class=student_tok, teacher_processing_class=teacher_tok,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        record["arms"][arm] = {**score(student, student_tok, held_out, seed), "time_s": time.perf_counter() - start}
+        print(f"seed {seed} {arm}: {json.dumps(record['arms'][arm])}", flush=True)
+    return record
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report(records: dict[int, dict], facts: str) -> str:
+    seeds = sorted(records)
+    arms = list(records[seeds[0]]["arms"])
+    lines = [
+        "# Distilling across tokenizers: a character-level teacher, a BPE student (the letters task as text)",
+        "",
+        f"{facts}. Generated by `python benchmarks/cross_tokenizer.py`; mean ± sample std over seeds {seeds}.",
+        "",
+        "| model | valid, greedy (%) | valid, sampled (%) | " + " | ".join(f"seed {s} sampled" for s in seeds) +
+        " | time (s) |",
+        "|---|---|---|" + "---|" * len(seeds) + "---|",
+    ]  # fmt: skip
+
+    def row(name: str, rows: list[dict]) -> str:
+        greedy = mean_std([100 * r["valid_greedy"] for r in rows])
+        sampled = mean_std([100 * r["valid_sampled"] for r in rows])
+        time_s = mean_std([r["time_s"] for r in rows])
+        per_seed = " | ".join(f"{100 * r['valid_sampled']:.1f}" for r in rows)
+        return (f"| {name} | {greedy[0]:.1f} ± {greedy[1]:.1f} | {sampled[0]:.1f} ± {sampled[1]:.1f} | {per_seed} | "
+                f"{time_s[0]:.0f} |")  # fmt: skip
+
+    for key in ("teacher_characters", "teacher_student"):
+        if key in records[seeds[0]]:
+            lines.append(row(f"teacher ({key.split('_')[1]} tokens)", [records[s][key] for s in seeds]))
+    for arm in arms:
+        lines.append(row(arm, [records[s]["arms"][arm] for s in seeds]))
+    lines += ["", "Against `sft` (the labels alone), paired by seed, in points:", ""]
+    for arm in arms:
+        if arm == "sft" or "sft" not in arms:
+            continue
+        for metric in ("valid_greedy", "valid_sampled"):
+            differences = [100 * (records[s]["arms"][arm][metric] - records[s]["arms"]["sft"][metric]) for s in seeds]
+            spread = max(mean_std([100 * records[s]["arms"][a][metric] for s in seeds])[1] for a in (arm, "sft"))
+            mean, std = mean_std(differences)
+            verdict = "beyond" if abs(mean) > 2 * spread else "within"
+            lines.append(f"- {arm}, {metric.split('_')[1]}: {mean:+.1f} ± {std:.1f} (per seed "
+                         f"{', '.join(f'{d:+.1f}' for d in differences)}; {verdict} twice the larger seed spread, "
+                         f"{spread:.1f})")  # fmt: skip
+    vocab = mean_std([records[s]["student_vocab"] for s in seeds])[0]
+    tokens = mean_std([records[s]["student_tokens_per_answer"] for s in seeds])[0]
+    lines += ["", f"The student's BPE: {vocab:.0f} tokens; an answer of 8 letters is {tokens:.2f} of its tokens "
+              "(the teacher's: 8).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a spot check, printed, not a result")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
+    parser.add_argument("--report", default=os.path.join(HERE, "CROSS_TOKENIZER"),
+                        help="where the report goes: REPORT.md and REPORT.json")  # fmt: skip
+    options = parser.parse_args()
+    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_vocab=96, examples=20_000, teacher_steps=1500,
+                 distil_examples=9_600, arm_steps=300, learning_rate=5e-4, eval_prompts=500)  # fmt: skip
+    if options.quick:
+        sizes.update(examples=512, teacher_steps=20, distil_examples=128, arm_steps=3, eval_prompts=32)
+        options.seeds = options.seeds[:1]
+    sizes.update(options.sizes)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
+    records, started = {}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in options.seeds:
+            seed_start = time.perf_counter()
+            records[seed] = one_seed(seed, sizes, os.path.join(folder, str(seed)), options.arms)
+            records[seed]["seed_time_s"] = time.perf_counter() - seed_start
+    facts = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+        f"threads, torch {torch.__version__}, transformers {transformers.__version__}, sizes {json.dumps(sizes)}, "
+        f"{time.perf_counter() - started:.0f} s in all"
+    )
+    text = report(records, facts)
+    print(text)
+    if not options.quick:
+        with open(f"{options.report}.json", "w", encoding="utf-8") as handle:
+            json.dump({"facts": facts, "sizes": sizes, "records": {str(k): v for k, v in records.items()}}, handle,
+                      indent=1)  # fmt: skip
+        with open(f"{options.report}.md", "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+if __name__ == "__main__":
+    main()
