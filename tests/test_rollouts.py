@@ -8,7 +8,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from helpers import LM_EOS, LM_PAD, VOCAB, bert_classifier, causal_lm, config, pad_right, prompt_completion_dataset
+from helpers import (
+    LM_EOS,
+    LM_PAD,
+    VOCAB,
+    bert_classifier,
+    causal_lm,
+    config,
+    pad_right,
+    prompt_completion_dataset,
+    seq2seq_dataset,
+    t5,
+)
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.losses import SampledTokenLoss
@@ -151,8 +162,8 @@ def test_rollout_settings_are_checked_when_the_config_is_built(tmp_path, setting
         DistillationConfig(output_dir=str(tmp_path), **settings)
 
 
-def test_a_student_that_is_not_a_causal_lm_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="causal LM"):
+def test_a_student_that_is_not_a_causal_lm_or_an_encoder_decoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="causal LM or an encoder-decoder"):
         DistillationTrainer(
             model=bert_classifier(), teacher_model=bert_classifier(seed=1), args=config(tmp_path, lmbda=1.0)
         )
@@ -338,3 +349,46 @@ def test_sampled_token_trains_alike_on_fused_row_and_full_logits(tmp_path):
 def test_sampled_token_is_refused_for_a_student_that_is_not_a_causal_lm():
     with pytest.raises(ValueError, match="sampled_token scores the tokens a causal LM generated"):
         SampledTokenLoss().setup(bert_classifier(), bert_classifier(seed=1))
+
+
+def stack(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Rows of equal widths as one batch (an encoder-decoder's micro-batch as the rollouts leave it)."""
+    return {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "attention_mask", "labels")}
+
+
+def test_an_encoder_decoder_student_trains_on_its_decoders_samples_exactly_as_on_those_labels(tmp_path):
+    """T5 student and teacher, lmbda 1: each step samples the decoder from all its micro-batches' encoder inputs at
+    once; the new labels are the sampled tokens after the decoder's start, cut after the end token, -100 after; and
+    training on them is training on a dataset of those labels (decoder inputs rebuilt from them for both models)."""
+    backend = CountingBackend()
+
+    def run(folder, data, **settings):
+        return Recording(
+            model=t5(2), teacher_model=t5(1, layers=3), args=config(tmp_path / folder, JSD, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, train_sampling_strategy="sequential", **settings),
+            train_dataset=data, data_collator=stack, rollout_backend=backend if settings.get("lmbda") else None,
+        )  # fmt: skip
+
+    data = seq2seq_dataset(8, padded=True)
+    on_policy = run("on", data, lmbda=1.0, rollout_generation={"max_new_tokens": 5})
+    on_policy.train()
+    assert len(backend.calls) == 2 and all(shape == (4, data[0]["input_ids"].__len__()) for _, _, shape, _ in
+                                           backend.calls)  # fmt: skip
+    for index, (_, source, batch) in enumerate(on_policy.seen):
+        assert source == "student"
+        rows = [data[2 * index + row] for row in range(2)]  # sequential: the encoder inputs are the dataset's
+        assert batch["input_ids"].tolist() == [row["input_ids"] for row in rows]
+        assert batch["labels"].tolist() != [row["labels"][: batch["labels"].shape[1]] for row in rows]  # sampled
+        for labels in batch["labels"].tolist():
+            kept = [token for token in labels if token != -100]
+            assert 1 <= len(kept) <= 5 and labels[: len(kept)] == kept  # -100 only after the completion
+            assert 1 not in kept[:-1]  # nothing after the end token (T5's eos is 1)
+    rows = [
+        {key: batch[key][row].tolist() for key in ("input_ids", "attention_mask", "labels")}
+        for _, _, batch in on_policy.seen
+        for row in range(batch["input_ids"].shape[0])
+    ]
+    replay = run("replay", Dataset.from_list(rows))
+    replay.train()
+    for (name, mine), theirs in zip(on_policy.model.named_parameters(), replay.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
