@@ -168,6 +168,21 @@ class Alignment:
     def count(self) -> int:
         return int(self.student_rows.numel())
 
+    def group_means(self, hidden: torch.Tensor, side: str) -> torch.Tensor:
+        """`[groups, width]`: the mean of `hidden` (`[batch, length, width]`, one side's) over each group's tokens."""
+        rows, later = (self.student_rows, self.student_later) if side == "student" else (self.teacher_rows,
+                                                                                           self.teacher_later)  # fmt: skip
+        groups = torch.arange(rows.numel(), device=rows.device)
+        positions = torch.cat([rows + 1, later[:, 0] + 1])  # a group's tokens follow the positions predicting them
+        owners = torch.cat([groups, later[:, 2]])
+        flat = hidden.flatten(0, -2)
+        sums = torch.zeros(rows.numel(), flat.shape[-1], dtype=flat.dtype, device=flat.device)
+        sums = sums.index_add(0, owners, flat[positions])
+        counts = torch.zeros(rows.numel(), dtype=flat.dtype, device=flat.device).index_add(
+            0, owners, torch.ones_like(owners, dtype=flat.dtype)
+        )
+        return sums / counts[:, None]
+
     def to(self, device: torch.device) -> Alignment:
         move = {name: getattr(self, name).to(device) for name in ("student_rows", "teacher_rows", "student_later",
                                                                   "teacher_later")}  # fmt: skip
@@ -200,12 +215,15 @@ def teacher_retokenizer(
             "this teacher"
         )
     readers = [loss.term for loss in losses if not getattr(loss, "cross_tokenizer", False)
-               and getattr(loss, "teacher_outputs", ())]  # fmt: skip
+               and not hasattr(loss, "align_groups") and getattr(loss, "teacher_outputs", ())]  # fmt: skip
     if readers and not identical:
         raise ValueError(
-            f"{readers} read teacher {name!r}'s hidden states or attention maps, which are not aligned across "
-            f"tokenizers: distil from a teacher with another tokenizer with {terms} alone"
+            f"{readers} read teacher {name!r}'s attention maps or relations, which are not aligned across "
+            f"tokenizers: with a teacher of another tokenizer, use {terms} and hidden_state (over aligned groups)"
         )
+    for loss in losses:
+        if hasattr(loss, "align_groups") and not identical:
+            loss.align_groups()
     student_width, teacher_width = student.config.vocab_size, teacher.config.vocab_size
     for loss in cross:
         match = getattr(loss, "match", None)

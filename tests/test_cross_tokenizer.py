@@ -165,6 +165,27 @@ def test_with_one_tokenizer_gold_is_soft_target_with_the_generalized_jsd(tmp_pat
         assert gold.compute_loss(gold.model, batch).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_hidden_states_across_tokenizers_are_compared_group_by_group_as_computed_by_hand(tmp_path):
+    """`hidden_state` beside `gold`: each side's last hidden states averaged over each aligned group's tokens, the
+    mean squared difference per group, over the student's completion tokens."""
+    losses = {"gold": {"weight": 1.0}, "hidden_state": {"weight": WEIGHT, "layer_map": [[-1, -1]]}}
+    trainer = trainer_for(tmp_path, losses, teacher_tokenizer=PIECES, teacher=gpt2(PIECES, 1, width=16))
+    batch = collate([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    teacher_inputs, alignment = Retokenizer(WORDS, PIECES)(batch)
+    with torch.no_grad():
+        mine = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True).hidden_states[-1].double()  # fmt: skip
+        theirs = trainer.teacher_model(**teacher_inputs, output_hidden_states=True).hidden_states[-1].double()
+    total = 0.0
+    for row, groups in enumerate(alignment.groups):
+        for student_tokens, teacher_tokens in groups:
+            a = mine[row, list(student_tokens)].mean(0)
+            b = theirs[row, list(teacher_tokens)].mean(0)
+            total += float((a - b).pow(2).mean())
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert trainer.evaluate(trainer.train_dataset)["eval_hidden_state"] == pytest.approx(total / tokens, rel=1e-5)
+
+
 def test_cross_tokenizer_distillation_trains_and_logs_its_term(tmp_path):
     trainer = trainer_for(tmp_path, {"gold": {"weight": 1.0}, "hard_label": {"weight": 0.5}}, max_steps=3)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -179,7 +200,7 @@ def test_cross_tokenizer_distillation_trains_and_logs_its_term(tmp_path):
     [
         ({"uld": {"weight": 1.0}}, None, "need both: pass the student's tokenizer as processing_class"),
         ({"uld": {"weight": 1.0}, "soft_target": {"weight": 1.0}}, CHARACTERS, "read its logits position by position"),
-        ({"gold": {"weight": 1.0}, "hidden_state": {"weight": 1.0}}, CHARACTERS, "not aligned across tokenizers"),
+        ({"gold": {"weight": 1.0}, "relation": {"weight": 1.0}}, CHARACTERS, "not aligned across tokenizers"),
         ({"gold": {"weight": 1.0, "beta": 1.5}}, CHARACTERS, "beta must be a number in"),
         ({"gold": {"weight": 1.0, "matched_weight": 2}}, CHARACTERS, "matched_weight must be a number in"),
         ({"uld": {"weight": 1.0, "temperature": 0}}, CHARACTERS, "temperature must be a number > 0"),

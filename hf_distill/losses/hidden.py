@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..alignment import ALIGNMENT_KEY
 from ..model_kind import describe
+from ..positions import logit_positions
 from ..seq2seq import STACKS, check_stack
 from .base import (
     DistillationLoss,
@@ -71,11 +73,22 @@ class HiddenStateLoss(DistillationLoss):
 
     One item per real token (or per example for inputs without an attention mask; for a decoder stack, per
     labeled decoder position); averaged over layers.
+
+    Beside `uld` or `gold`, with a teacher that has another tokenizer ([`hf_distill.alignment`]), positions are
+    the aligned groups of the completion: each side's hidden states averaged over the group's tokens, one distance
+    per group, the student's completion tokens as its items.
     """
 
     student_outputs = frozenset({"hidden_states"})
     teacher_outputs = frozenset({"hidden_states"})
     accepts_row_logits = True  # reads no logits
+    #: Set by `align_groups`: the teacher has another tokenizer and positions are aligned groups.
+    aligned = False
+
+    def align_groups(self) -> None:
+        """Compare the two models over the aligned groups of a teacher with another tokenizer (called by the
+        trainer before `setup`)."""
+        self.aligned = True
 
     def __init__(
         self, distance: str = "mse", layer_map: list | None = None, projection: bool = True, stack: str | None = None
@@ -92,6 +105,7 @@ class HiddenStateLoss(DistillationLoss):
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
         check_stack(self.term, self.stack, student, teacher)
+        self.kind = describe(student)
         self.pairs = resolve_layer_map(self.term, self.layer_map, student, teacher, first_layer=0, stack=self.stack)
         student_width = config_value(student, "hidden_size", self.term, self.stack)
         teacher_width = config_value(teacher, "hidden_size", self.term, self.stack)
@@ -104,6 +118,8 @@ class HiddenStateLoss(DistillationLoss):
             self.projectors = nn.ModuleList(nn.Linear(student_width, teacher_width) for _ in self.pairs)
 
     def count_items(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.aligned:  # the completion's tokens, as the cross-tokenizer terms count them
+            return logit_positions(self.kind, inputs).sum().float()
         return count_positions(inputs, self.stack)
 
     def teacher_hidden_layers(self) -> list[int]:
@@ -114,14 +130,18 @@ class HiddenStateLoss(DistillationLoss):
             stack_states(student_outputs, self.stack),
             stack_states(teacher_outputs, self.stack),
         )
+        alignment = teacher_outputs.get(ALIGNMENT_KEY) if self.aligned else None
         total = 0.0
         for index, (student_layer, teacher_layer) in enumerate(self.pairs):
-            student_hidden = student_states[student_layer]
+            student_hidden, teacher_hidden = student_states[student_layer], teacher_states[teacher_layer]
             if len(self.projectors):
                 student_hidden = self.projectors[index](student_hidden)
-            per_position = hidden_state_loss(
-                student_hidden, teacher_states[teacher_layer], self.distance, reduction="none"
-            )
+            if alignment is not None:  # another tokenizer: one distance per aligned group of tokens
+                student_groups = alignment.group_means(student_hidden, "student")
+                teacher_groups = alignment.group_means(teacher_hidden, "teacher")
+                total = total + hidden_state_loss(student_groups, teacher_groups, self.distance, reduction="sum")
+                continue
+            per_position = hidden_state_loss(student_hidden, teacher_hidden, self.distance, reduction="none")
             total = total + sum_positions(per_position, inputs, self.stack)
         return total / len(self.pairs)
 
