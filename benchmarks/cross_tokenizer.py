@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--report", default=os.path.join(HERE, "CROSS_TOKENIZER"),
                         help="where the report goes: REPORT.md and REPORT.json")  # fmt: skip
     options = parser.parse_args()
-    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_vocab=96, examples=20_000, teacher_steps=1500,
+    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_vocab=128, examples=20_000, teacher_steps=1500,
                  distil_examples=9_600, arm_steps=300, learning_rate=5e-4, eval_prompts=500)  # fmt: skip
     if options.quick:
         sizes.update(examples=512, teacher_steps=20, distil_examples=128, arm_steps=3, eval_prompts=32)

@@ -153,15 +153,18 @@ class Alignment:
     Attributes:
         student_rows, teacher_rows (`torch.Tensor`, `[groups]`): the position whose distribution predicts each
             group's first token.
-        student_later, teacher_later (`torch.Tensor`, `[n, 3]`): (position, token, group) of each later token.
+        student_later, teacher_later (`torch.Tensor`, `[n, 3]`): (position, token, group) of each later token, in
+            order within each group.
+        student_first, teacher_first (`torch.Tensor`, `[groups]`): each group's first token.
         groups (`list[list[tuple[range, range]]]`): each example's scored groups (student, teacher token indices).
-        matched (`int`): scored groups whose two sides are one token each.
     """
 
     student_rows: torch.Tensor
     teacher_rows: torch.Tensor
     student_later: torch.Tensor
     teacher_later: torch.Tensor
+    student_first: torch.Tensor
+    teacher_first: torch.Tensor
     groups: list[list[tuple[range, range]]] = field(default_factory=list)
 
     @property
@@ -170,8 +173,7 @@ class Alignment:
 
     def group_means(self, hidden: torch.Tensor, side: str) -> torch.Tensor:
         """`[groups, width]`: the mean of `hidden` (`[batch, length, width]`, one side's) over each group's tokens."""
-        rows, later = (self.student_rows, self.student_later) if side == "student" else (self.teacher_rows,
-                                                                                           self.teacher_later)  # fmt: skip
+        rows, _, later = self.side(side)
         groups = torch.arange(rows.numel(), device=rows.device)
         positions = torch.cat([rows + 1, later[:, 0] + 1])  # a group's tokens follow the positions predicting them
         owners = torch.cat([groups, later[:, 2]])
@@ -184,9 +186,12 @@ class Alignment:
         return sums / counts[:, None]
 
     def to(self, device: torch.device) -> Alignment:
-        move = {name: getattr(self, name).to(device) for name in ("student_rows", "teacher_rows", "student_later",
-                                                                  "teacher_later")}  # fmt: skip
-        return Alignment(**move, groups=self.groups)
+        names = ("student_rows", "teacher_rows", "student_later", "teacher_later", "student_first", "teacher_first")
+        return Alignment(**{name: getattr(self, name).to(device) for name in names}, groups=self.groups)
+
+    def side(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One side's (rows, first tokens, later tokens)."""
+        return getattr(self, f"{side}_rows"), getattr(self, f"{side}_first"), getattr(self, f"{side}_later")
 
 
 def teacher_retokenizer(
@@ -287,8 +292,9 @@ class Retokenizer:
         """One tokenizer: the student's inputs, and a group for each position a causal LM's loss counts."""
         positions = logit_positions(_CAUSAL_LM, inputs).flatten().nonzero().squeeze(-1)
         empty = torch.zeros((0, 3), dtype=torch.long, device=positions.device)
+        first = inputs["input_ids"].flatten()[positions + 1]
         teacher_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask") if key in inputs}
-        return teacher_inputs, Alignment(positions, positions, empty, empty)
+        return teacher_inputs, Alignment(positions, positions, empty, empty, first, first)
 
     def example(self, ids: list[int], start: int) -> tuple[list[int], list[tuple[range, range]]]:
         """One example: the teacher's ids, and the groups of the completion (`ids[start:]`) with a position before
@@ -326,12 +332,14 @@ class Retokenizer:
         for index, row in enumerate(rows):
             teacher_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
             attention[index, : len(row)] = 1
-        student_rows, teacher_rows, student_later, teacher_later = [], [], [], []
+        student_rows, teacher_rows, student_later, teacher_later, student_first, teacher_first = [], [], [], [], [], []
         for example, groups in enumerate(per_example):
             for mine, theirs in groups:
                 group = len(student_rows)
                 student_rows.append(example * student_length + mine.start - 1)
                 teacher_rows.append(example * width + theirs.start - 1)
+                student_first.append(int(input_ids[example, mine.start]))
+                teacher_first.append(int(teacher_ids[example, theirs.start]))
                 student_later += [(example * student_length + k - 1, int(input_ids[example, k]), group)
                                   for k in mine[1:]]  # fmt: skip
                 teacher_later += [(example * width + k - 1, int(teacher_ids[example, k]), group) for k in theirs[1:]]
@@ -340,6 +348,8 @@ class Retokenizer:
             torch.tensor(teacher_rows, dtype=torch.long),
             torch.tensor(student_later, dtype=torch.long).reshape(-1, 3),
             torch.tensor(teacher_later, dtype=torch.long).reshape(-1, 3),
+            torch.tensor(student_first, dtype=torch.long),
+            torch.tensor(teacher_first, dtype=torch.long),
             per_example,
         )
         teacher_inputs = {"input_ids": teacher_ids.to(device), "attention_mask": attention.to(device)}

@@ -60,9 +60,9 @@ def trainer_for(tmp_path, losses, teacher_tokenizer=CHARACTERS, teacher=None, **
     )  # fmt: skip
 
 
-def groups_by_hand(student, teacher, batch, teacher_tokenizer=CHARACTERS):
+def groups_by_hand(student, teacher, batch, teacher_tokenizer=CHARACTERS, merge="first"):
     """Each scored group's merged distributions, float64, from loops: the softmax at the position before the group's
-    first token, times the probability of each later token at the position before it."""
+    first (`merge` "first") or last token, times the probability of each other token at the position before it."""
     teacher_inputs, alignment = Retokenizer(WORDS, teacher_tokenizer)(batch)
     with torch.no_grad():
         q = torch.softmax(
@@ -74,9 +74,11 @@ def groups_by_hand(student, teacher, batch, teacher_tokenizer=CHARACTERS):
         for mine, theirs in groups:
             merged = []
             for probs, ids, span in ((q, batch["input_ids"], mine), (p, teacher_inputs["input_ids"], theirs)):
-                distribution = probs[row, span.start - 1].clone()
-                for k in span[1:]:
-                    distribution *= probs[row, k - 1, ids[row, k]]
+                base = span[0] if merge == "first" else span[-1]
+                distribution = probs[row, base - 1].clone()
+                for k in span:
+                    if k != base:
+                        distribution *= probs[row, k - 1, ids[row, k]]
                 merged.append(distribution)
             pairs.append(merged)
     return pairs, int((batch["labels"][:, 1:] != -100).sum())
@@ -104,11 +106,14 @@ def gold_by_hand(q, p, student_ids, teacher_ids, beta: float, weight: float) -> 
 
 
 def test_merged_group_distributions_and_uld_equal_their_formulas_on_small_tensors():
-    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])
-    # one group predicted at position 0 whose later token (id 2) is predicted at position 1
-    merged = group_log_probs(logits, torch.tensor([0]), torch.tensor([[1, 2, 0]]), temperature=1.0).exp()
-    expected = torch.softmax(logits[0, 0], -1) * torch.softmax(logits[0, 1], -1)[2]
-    assert torch.allclose(merged[0], expected)
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 0.0, -1.0], [0.5, 0.5, 0.0], [2.0, 0.0, 1.0]]])
+    probs = torch.softmax(logits[0], -1)
+    # group 0: tokens 1, 2, 0 predicted at positions 0, 1, 2; group 1: token 2 alone, predicted at position 3
+    rows, first, later = torch.tensor([0, 3]), torch.tensor([1, 2]), torch.tensor([[1, 2, 0], [2, 0, 0]])
+    merged = group_log_probs(logits, rows, later, 1.0, first, merge="first").exp()
+    assert torch.allclose(merged[0], probs[0] * probs[1, 2] * probs[2, 0]) and torch.allclose(merged[1], probs[3])
+    merged = group_log_probs(logits, rows, later, 1.0, first, merge="last").exp()
+    assert torch.allclose(merged[0], probs[2] * probs[0, 1] * probs[1, 2]) and torch.allclose(merged[1], probs[3])
     q, p = torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[0.1, 0.5, 0.1, 0.3]])
     assert uld_loss(q.log(), p.log()).item() == pytest.approx(0.2 + 0.1 + 0.0 + 0.1)
 
@@ -128,12 +133,12 @@ def test_gold_on_small_tensors_equals_its_formula():
         assert value == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("loss", ["uld", "gold"])
-def test_a_teacher_with_another_tokenizer_is_distilled_over_aligned_groups_as_computed_by_hand(tmp_path, loss):
-    options = {"weight": WEIGHT, **({"beta": 0.3} if loss == "gold" else {})}
+@pytest.mark.parametrize(("loss", "merge"), [("uld", "first"), ("gold", "first"), ("gold", "last")])
+def test_a_teacher_with_another_tokenizer_is_distilled_over_aligned_groups_as_computed_by_hand(tmp_path, loss, merge):
+    options = {"weight": WEIGHT, "merge": merge, **({"beta": 0.3} if loss == "gold" else {})}
     trainer = trainer_for(tmp_path, {loss: options}, teacher_tokenizer=PIECES)
     batch = collate([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
-    pairs, tokens = groups_by_hand(trainer.model, trainer.teacher_model, batch, PIECES)
+    pairs, tokens = groups_by_hand(trainer.model, trainer.teacher_model, batch, PIECES, merge)
     assert len(pairs) > tokens / 2  # most groups scored: words are several characters, the EOS its own group
     if loss == "uld":
         expected = sum(uld_by_hand(q, p) for q, p in pairs) / tokens
@@ -204,6 +209,7 @@ def test_cross_tokenizer_distillation_trains_and_logs_its_term(tmp_path):
         ({"gold": {"weight": 1.0, "beta": 1.5}}, CHARACTERS, "beta must be a number in"),
         ({"gold": {"weight": 1.0, "matched_weight": 2}}, CHARACTERS, "matched_weight must be a number in"),
         ({"uld": {"weight": 1.0, "temperature": 0}}, CHARACTERS, "temperature must be a number > 0"),
+        ({"uld": {"weight": 1.0, "merge": "middle"}}, CHARACTERS, "merge must be one of"),
     ],
 )
 def test_cross_tokenizer_mistakes_are_refused_with_the_fix(tmp_path, losses, teacher_tokenizer, message):

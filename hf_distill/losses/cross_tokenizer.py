@@ -37,21 +37,44 @@ from ..positions import logit_positions
 from .base import DistillationLoss, TeacherEnsemble, register_loss
 from .functional import Divergence
 
+#: How a group's distribution is merged from its tokens (`group_log_probs`).
+MERGES = ("first", "last")
 
-def group_log_probs(logits: torch.Tensor, rows: torch.Tensor, later: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log of each group's merged distribution `[groups, vocab]`: the log-softmax (at `temperature`) at the row that
-    predicts its first token, plus the log-probabilities of its later tokens (`later`: position, token, group)."""
+
+def group_log_probs(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    later: torch.Tensor,
+    temperature: float,
+    first: torch.Tensor | None = None,
+    merge: str = "first",
+) -> torch.Tensor:
+    """log of each group's merged distribution `[groups, vocab]`, at `temperature`. `rows`: the position predicting
+    each group's first token (`first`), `later`: (position predicting it, token, group) of each later token, in order.
+
+    `merge="first"`: the distribution over the first token times the probabilities of the later ones (TRL's
+    "observed"); `"last"`: the distribution over the last token, given the ones before it, times their probabilities
+    (TRL's "bayesian", the chain rule). One-token groups are the same either way."""
     flat = logits.flatten(0, -2)
-    merged = F.log_softmax(flat[rows].float() / temperature, dim=-1)
-    if later.numel():
-        tokens = F.log_softmax(flat[later[:, 0]].float() / temperature, dim=-1)
-        taken = tokens.gather(-1, later[:, 1:2]).squeeze(-1)
-        merged = (
-            merged
-            + torch.zeros(rows.shape[0], dtype=merged.dtype, device=merged.device).index_add(0, later[:, 2], taken)[
-                :, None
-            ]
-        )
+    base, scalars = rows, later
+    if merge == "last" and later.numel():
+        count = rows.shape[0]
+        order = torch.arange(later.shape[0], device=later.device)
+        last = torch.full((count,), -1, dtype=torch.long, device=later.device)
+        last = last.scatter_reduce(0, later[:, 2], order, reduce="amax")
+        several = last >= 0
+        base = torch.where(several, later[last.clamp(min=0), 0], rows)
+        kept = torch.ones(later.shape[0], dtype=torch.bool, device=later.device)
+        kept[last[several]] = False
+        groups = torch.arange(count, device=rows.device)
+        firsts = torch.stack([rows[several], first[several], groups[several]], dim=-1)
+        scalars = torch.cat([firsts, later[kept]])
+    merged = F.log_softmax(flat[base].float() / temperature, dim=-1)
+    if scalars.numel():
+        tokens = F.log_softmax(flat[scalars[:, 0]].float() / temperature, dim=-1)
+        taken = tokens.gather(-1, scalars[:, 1:2]).squeeze(-1)
+        offsets = torch.zeros(rows.shape[0], dtype=merged.dtype, device=merged.device)
+        merged = merged + offsets.index_add(0, scalars[:, 2], taken)[:, None]
     return merged
 
 
@@ -119,11 +142,13 @@ class CrossTokenizerLoss(DistillationLoss):
     cross_tokenizer = True
     cacheable = False
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, merge: str = "first"):
         super().__init__()
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"{type(self).__name__} temperature must be a number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        if merge not in MERGES:
+            raise ValueError(f"{type(self).__name__} merge must be one of {MERGES}, got {merge!r}")
+        self.temperature, self.merge = float(temperature), merge
         self.kind = None
 
     def setup(self, student: nn.Module, teacher: nn.Module | None) -> None:
@@ -150,11 +175,13 @@ class CrossTokenizerLoss(DistillationLoss):
                 f"{self.term}'s teacher outputs carry no token alignment: it is computed when the trainer knows both "
                 "tokenizers (processing_class for the student's, teacher_processing_class for the teacher's)"
             )
-        student = group_log_probs(student_outputs.logits, alignment.student_rows, alignment.student_later,
-                                  self.temperature)  # fmt: skip
+        rows, first, later = alignment.side("student")
+        student = group_log_probs(student_outputs.logits, rows, later, self.temperature, first, self.merge)
         with torch.no_grad():
-            teacher = group_log_probs(teacher_outputs.logits.detach(), alignment.teacher_rows,
-                                      alignment.teacher_later, self.temperature)  # fmt: skip
+            rows, first, later = alignment.side("teacher")
+            teacher = group_log_probs(
+                teacher_outputs.logits.detach(), rows, later, self.temperature, first, self.merge
+            )
         return student, teacher
 
 
@@ -166,6 +193,9 @@ class ULDLoss(CrossTokenizerLoss):
 
     Options:
         temperature (`float`, defaults to 1.0): both distributions are softmaxes at this temperature.
+        merge (`str`, defaults to `"first"`): a group's distribution is the one over its first token times the
+            probabilities of the others (`"first"`), or the one over its last token times those of the ones before
+            (`"last"`) ([`group_log_probs`]).
     """
 
     def forward(self, student_outputs: Any, teacher_outputs: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -184,10 +214,13 @@ class GOLDLoss(CrossTokenizerLoss):
         beta (`float`, defaults to 0.5): the generalized JSD's weight of the teacher (0: forward KL, 1: reverse KL).
         matched_weight (`float`, *optional*): the weight of the matched part, in [0, 1]; by default the share of
             the teacher's vocabulary that is matched, |M| / V_teacher (the rest weighs 1 − that).
+        merge (`str`, defaults to `"first"`): as for `uld`.
     """
 
-    def __init__(self, temperature: float = 1.0, beta: float = 0.5, matched_weight: float | None = None):
-        super().__init__(temperature)
+    def __init__(
+        self, temperature: float = 1.0, beta: float = 0.5, matched_weight: float | None = None, merge: str = "first"
+    ):
+        super().__init__(temperature, merge)
         Divergence("generalized_jsd", beta)  # refuses a beta outside [0, 1]
         if matched_weight is not None and (
             isinstance(matched_weight, bool) or not isinstance(matched_weight, (int, float))

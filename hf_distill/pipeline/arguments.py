@@ -152,6 +152,14 @@ class PipelineArguments:
         default=None,
         metadata={"help": "Tokenizer or image processor (Hub id or folder). Default: the teacher's own."},
     )
+    teacher_processor: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LM: the teacher's tokenizer when it is not the student's (--processor): the teacher "
+            "trains and is scored in its own tokens, and the student learns from it with the uld or gold loss "
+            "(docs/cross-tokenizer.md). The student needs --student_config. Default: the student's tokenizer."
+        },
+    )
     image_size: int | None = field(
         default=None,
         metadata={
@@ -393,6 +401,22 @@ class PipelineArguments:
                 "a causal-LM teacher built from --teacher_config needs a tokenizer: --processor <Hub id or folder> "
                 "(offline:letters for the letters task)"
             )
+        if self.teacher_processor is not None:
+            if self.task != CAUSAL_LM:
+                raise ValueError(
+                    "--teacher_processor (a teacher with another tokenizer) applies to --task causal-lm alone"
+                )
+            if self.student_config is None:
+                raise ValueError(
+                    "a teacher with another tokenizer (--teacher_processor) has embeddings over other tokens, so the "
+                    "student cannot be made of its layers: give --student_config (a config whose vocabulary comes "
+                    "from --processor)"
+                )
+            if self.generations > 1 or self.ema_teacher or self.teachers:
+                raise ValueError(
+                    "--teacher_processor names one teacher's tokenizer: drop --generations, --ema_teacher and "
+                    "--teachers (their teachers read the student's tokens)"
+                )
         if self.transfer_dataset is not None:
             if self.task == CAUSAL_LM:
                 raise ValueError(

@@ -106,6 +106,33 @@ def letters_tokenizer_dir() -> str:
     return folder
 
 
+def letters_characters_tokenizer_dir() -> str:
+    """A folder holding a character-level tokenizer of the letters task's text (every letter, `=` and the space one
+    token each; the same special tokens as `letters_tokenizer_dir`'s): another tokenizer of the same text, for
+    distilling across tokenizers (written once per machine, atomically)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    from ..saving import staged_folder  # noqa: PLC0415
+
+    folder = os.path.join(tempfile.gettempdir(), "hf_distill-offline", "letters-characters-tokenizer-v1")
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return folder
+    special = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+    vocabulary = {token: index for index, token in enumerate([*special, " ", "=", *LETTERS])}
+    model = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    model.decoder = decoders.Fuse()
+    model.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with staged_folder(folder, last=("tokenizer.json",)) as staging:
+        tokenizer.save_pretrained(staging)
+    return folder
+
+
 #: Checkers by name: `(prompt, completion) -> bool`.
 CHECKERS: dict[str, Callable[[str, str], bool]] = {"letters": letters_valid}
 #: The checker each offline data set ships.

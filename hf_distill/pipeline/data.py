@@ -61,6 +61,13 @@ class PreparedData:
     settings: DataSettings | None = None
     #: Causal LM: the held-out prompt and completion texts, in `eval`'s order, for scoring generated completions.
     eval_references: Dataset | None = None
+    #: Causal LM with a teacher of another tokenizer (`--teacher_processor`): the same splits in the teacher's tokens,
+    #: which the teacher trains and is scored on.
+    teacher_view: PreparedData | None = None
+
+    def for_teacher(self) -> PreparedData:
+        """The data as the teacher reads it: `teacher_view` when it has its own tokenizer, else this."""
+        return self if self.teacher_view is None else self.teacher_view
 
     @property
     def distill_train(self) -> Dataset:
@@ -246,7 +253,11 @@ def prepare_data(
         )  # fmt: skip
 
     if args.task == CAUSAL_LM:
-        return _causal_lm_data(args, processor, train, teacher_train, held_out)
+        data = _causal_lm_data(args, processor, train, teacher_train, held_out)
+        if args.teacher_processor is not None:  # the teacher reads the same text in its own tokens
+            teacher_tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.teacher_processor))
+            data.teacher_view = _causal_lm_data(args, teacher_tokenizer, train, teacher_train, held_out)
+        return data
 
     _check_columns(train, [args.text_column], ["--text_column"])
 

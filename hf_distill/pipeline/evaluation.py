@@ -140,6 +140,7 @@ def measure_latency(
     repeats: int = 20,
     warmup: int = 3,
     compile: bool = False,
+    views: dict[str, PreparedData] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median CPU wall time of one forward pass, in milliseconds, per model and batch size (held-out inputs), and
     the spread of the repeats (`latency_spread_batch_<b>`: interquartile range over the median).
@@ -151,7 +152,8 @@ def measure_latency(
 
     With `compile`, every model runs under `torch.compile` (`compiled_models`): the warm-up rounds compile, and
     the timed rounds run under torch's "fail_on_recompile" stance, so a figure is never an eager run in disguise.
-    The keys are then `compiled_latency_ms_batch_<b>` and `compiled_latency_spread_batch_<b>`.
+    The keys are then `compiled_latency_ms_batch_<b>` and `compiled_latency_spread_batch_<b>`. A model named in
+    `views` is timed on that data's inputs (its own tokens), the others on `data`'s.
     """
     placement = {name: (next(model.parameters()).device, model.training) for name, model in models.items()}
     for model in models.values():
@@ -160,14 +162,14 @@ def measure_latency(
     prefix = "compiled_" if compile else ""
     latency: dict[str, dict[str, float]] = {name: {} for name in models}
     for batch_size in batch_sizes:
-        batch = data.example_batch(batch_size)
+        batches = {name: (views or {}).get(name, data).example_batch(batch_size) for name in models}
         times: dict[str, list[float]] = {name: [] for name in models}
         for round_index in range(warmup + repeats):
             stance = "fail_on_recompile" if compile and round_index >= warmup else "default"
             with torch.compiler.set_stance(stance):
                 for name, model in runs.items():
                     start = _clock()
-                    model(**batch)
+                    model(**batches[name])
                     if round_index >= warmup:
                         times[name].append(_clock() - start)
         for name in models:
@@ -214,12 +216,15 @@ def describe_models(
     latency_batch_sizes: list[int],
     repeats: int,
     compiled: bool = False,
+    views: dict[str, PreparedData] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Size and CPU speed of each model: parameters, weight bytes and latency per batch size, eager and (with
-    `compiled`) also under torch.compile."""
-    latency = measure_latency(models, data, latency_batch_sizes, repeats)
+    `compiled`) also under torch.compile. `views`: the data of a model that reads other tokens (a teacher with its
+    own tokenizer), by name."""
+    latency = measure_latency(models, data, latency_batch_sizes, repeats, views=views)
     if compiled:
-        for name, figures in measure_latency(models, data, latency_batch_sizes, repeats, compile=True).items():
+        timed = measure_latency(models, data, latency_batch_sizes, repeats, compile=True, views=views)
+        for name, figures in timed.items():
             latency[name].update(figures)
     parameters = {name: count_parameters(model) for name, model in models.items()}
     return {

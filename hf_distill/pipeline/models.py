@@ -349,6 +349,7 @@ def distill(
     """Train `student` against `teacher` (None for a baseline whose losses need none) with `config`'s losses,
     checkpointing to `output_dir` (and resuming from `resume_from_checkpoint`: a folder, or True for the last), on
     the labeled examples and the transfer set, or (`labeled_only`) on the labeled examples alone."""
+    own_tokens = teacher is not None and data.teacher_view is not None  # a teacher with another tokenizer
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -358,6 +359,7 @@ def distill(
         eval_dataset=None if data.task == MASKED_LM else data.eval,
         data_collator=data.train_collator,
         processing_class=data.processor,
+        teacher_processing_class=data.teacher_view.processor if own_tokens else None,
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer

