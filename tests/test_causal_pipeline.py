@@ -137,6 +137,9 @@ def reverse_order(prompt: str, completion: str) -> bool:
         (["--transfer_dataset", "unused"], "a causal-LM example's completion is its label"),
         (["--processor", None], "needs a tokenizer"),
         (["--prompt_column", "question"], "no column 'question'"),
+        (["--teacher_processor", "offline:letters-characters"], "cannot be made of its layers: give --student_config"),
+        (["--teacher_processor", "offline:letters-characters", "--student_config", TINY_GPT2, "--generations", "2"],
+         "drop --generations"),
     ],
 )
 def test_causal_lm_mistakes_are_refused_with_the_fix_before_any_training(tmp_path, flags, message):
@@ -204,3 +207,26 @@ def test_the_letters_recipe_runs_its_arms_as_student_kinds_at_small_sizes(tmp_pa
         "supervised_kd": 1, "on_policy_beta_1": 1
     }  # fmt: skip
     assert os.path.isfile(os.path.join(tmp_path, "teacher", "model.safetensors"))
+
+
+def test_the_cross_tokenizer_recipe_trains_the_teacher_in_its_own_tokens_and_distils_across(tmp_path):
+    """`letters-cross-tokenizer` at small sizes: the teacher is trained and scored on the character tokenizer's
+    tokens, the fresh student on the letters tokenizer's, distilled with gold over aligned groups."""
+    from hf_distill.pipeline.kinds import run_student_kinds
+
+    args, config, recipe = parse_args(
+        ["--recipe", "letters-cross-tokenizer", "--output_dir", str(tmp_path), "--teacher_max_train_samples", "64",
+         "--max_train_samples", "16", "--max_eval_samples", "8", "--teacher_num_train_epochs", "1",
+         "--per_device_eval_batch_size", "8", "--latency_repeats", "1", "--latency_batch_sizes", "1",
+         "--student_kinds", "gold_last", "--use_cpu", "true", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    report = run_student_kinds(args, config, recipe)
+    assert list(report["results"]) == ["teacher", "gold_last", "gold_last baseline"]
+    teacher = AutoTokenizer.from_pretrained(os.path.join(tmp_path, "teacher"))
+    assert teacher.convert_ids_to_tokens(teacher("a c")["input_ids"]) == ["[BOS]", "a", " ", "c"]
+    run = report["kinds"]["gold_last"]
+    assert run["losses"]["gold"]["merge"] == "last" and run["training_steps"]["student"] == 1
+    for row in report["results"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["perplexity"])
+    student = AutoModelForCausalLM.from_pretrained(run["student_dir"])
+    assert student.config.vocab_size == len(AutoTokenizer.from_pretrained(run["student_dir"]))

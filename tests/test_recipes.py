@@ -45,6 +45,7 @@ FASHION_MNIST_DIR = asset_dir("HF_DISTILL_FASHION_MNIST_DIR")
 PIPELINE_FIELDS = {field.name for field in dataclasses.fields(PipelineArguments)}
 RECIPES = [
     "distilbert",
+    "letters-cross-tokenizer",
     "letters-on-policy",
     "minilm-distilbert-flow",
     "minilm-mlm",
@@ -102,7 +103,7 @@ def test_command_line_flags_override_the_recipe(tmp_path):
 
 def test_unknown_recipe_and_unknown_keys_fail_with_the_valid_names(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown recipe 'nope'; choose one of: distilbert, letters-on-policy, minilm-distilbert-flow"
+        ValueError, match="unknown recipe 'nope'; choose one of: distilbert, letters-cross-tokenizer, letters-on-policy"
     ):
         parse_args(["--recipe", "nope"])
     bad = tmp_path / "bad.yaml"
