@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -36,9 +37,12 @@ import torch
 import transformers
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
 
 from hf_distill import DistillationConfig, DistillationTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from on_policy import collate, gpt2  # noqa: E402 - the letters benchmark's padding and models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LETTERS = "abcdefghijklmnop"
@@ -95,23 +99,6 @@ def tokenized(pairs: list[tuple[str, str]], tok: PreTrainedTokenizerFast) -> Dat
         rows.append({"input_ids": head + tail, "attention_mask": [1] * len(head + tail),
                      "labels": [-100] * len(head) + tail})  # fmt: skip
     return Dataset.from_list(rows)
-
-
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    length = max(len(row["input_ids"]) for row in rows)
-    return {
-        key: torch.tensor([row[key] + [fill] * (length - len(row[key])) for row in rows])
-        for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
-    }
-
-
-def gpt2(layers: int, width: int, heads: int, tok: PreTrainedTokenizerFast, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=len(tok), n_positions=32, n_embd=width, n_layer=layers, n_head=heads,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
 
 
 def plain_training(model, data, steps: int, seed: int, folder: str) -> None:

@@ -99,3 +99,15 @@ def test_on_policy_report_from_records_joins_the_arms_of_one_seed_run_apart(tmp_
     with pytest.raises(ValueError, match="was run with other sizes before"):
         on_policy.write_json(str(tmp_path / "third.json"), {**second, "sizes": {**sizes, "warmup_steps": 150}})
         on_policy.write_from_records([str(tmp_path / "first.json"), str(tmp_path / "third.json")], str(tmp_path / "x"))
+
+
+@pytest.mark.slow
+def test_quick_cross_tokenizer_benchmark_runs_every_arm_and_compares_each_with_the_labels_alone():
+    script = os.path.join(os.path.dirname(BENCHMARK), "cross_tokenizer.py")
+    result = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, check=True)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    names = [row.split(" | ")[0][2:] for row in rows]
+    assert names == ["teacher (characters tokens)", "teacher (student tokens)", "sft", "uld", "gold", "gold_alone",
+                     "same_tokenizer_kd"]  # fmt: skip
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith("- ") and "twice" in line]
+    assert len(verdicts) == 2 * 4  # greedy and sampled, each arm but sft

@@ -138,8 +138,10 @@ def reverse_order(prompt: str, completion: str) -> bool:
         (["--processor", None], "needs a tokenizer"),
         (["--prompt_column", "question"], "no column 'question'"),
         (["--teacher_processor", "offline:letters-characters"], "cannot be made of its layers: give --student_config"),
-        (["--teacher_processor", "offline:letters-characters", "--student_config", TINY_GPT2, "--generations", "2"],
-         "drop --generations"),
+        (
+            ["--teacher_processor", "offline:letters-characters", "--student_config", TINY_GPT2, "--generations", "2"],
+            "drop --generations",
+        ),
     ],
 )
 def test_causal_lm_mistakes_are_refused_with_the_fix_before_any_training(tmp_path, flags, message):

@@ -56,3 +56,43 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
         for key, value in model.state_dict().items():
             torch.testing.assert_close(two_processes[f"teacher.{name}.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)
     assert (teacher == "mutual") == any(key.startswith("teacher.") for key in two_processes)
+
+
+@pytest.mark.slow  # two launches of two nodes, and the one-process run: about a minute
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_nodes_on_one_host_match_one_process_with_the_combined_batch(tmp_path):
+    """`torchrun --nnodes 2 --node_rank 0|1`, one process each, meeting at 127.0.0.1 as two machines would at their
+    master's address: the same weights as one process with the combined batch."""
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                "torchrun",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(TESTS / "ddp_run.py"),
+                str(tmp_path / "nodes"),
+            ],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    two_nodes = load_file(tmp_path / "nodes" / "final.safetensors")
+    single = run(tmp_path / "single", batch_size=8)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(two_nodes[f"student.{key}"], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -103,7 +103,8 @@ def test_command_line_flags_override_the_recipe(tmp_path):
 
 def test_unknown_recipe_and_unknown_keys_fail_with_the_valid_names(tmp_path):
     with pytest.raises(
-        ValueError, match="unknown recipe 'nope'; choose one of: distilbert, letters-cross-tokenizer, letters-on-policy"
+        ValueError,
+        match="unknown recipe 'nope'; choose one of: distilbert, letters-cross-tokenizer, letters-on-policy",
     ):
         parse_args(["--recipe", "nope"])
     bad = tmp_path / "bad.yaml"

@@ -83,46 +83,36 @@ def letters_valid(prompt: str, completion: str) -> bool:
 
 
 def letters_tokenizer_dir() -> str:
-    """A folder holding the letters task's tokenizer (written once per machine, atomically)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: PLC0415
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
-
-    from ..saving import staged_folder  # noqa: PLC0415
-
-    folder = os.path.join(tempfile.gettempdir(), "hf_distill-offline", "letters-tokenizer-v1")
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return folder
-    special = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
-    vocabulary = {token: index for index, token in enumerate([*special, "=", *LETTERS])}
-    model = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
-    )
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    with staged_folder(folder, last=("tokenizer.json",)) as staging:
-        tokenizer.save_pretrained(staging)
-    return folder
+    """A folder holding the letters task's tokenizer: one token per letter and `=` (written once per machine)."""
+    return _letters_tokenizer("letters-tokenizer-v1", ["=", *LETTERS], characters=False)
 
 
 def letters_characters_tokenizer_dir() -> str:
     """A folder holding a character-level tokenizer of the letters task's text (every letter, `=` and the space one
     token each; the same special tokens as `letters_tokenizer_dir`'s): another tokenizer of the same text, for
-    distilling across tokenizers (written once per machine, atomically)."""
+    distilling across tokenizers (written once per machine)."""
+    return _letters_tokenizer("letters-characters-tokenizer-v1", [" ", "=", *LETTERS], characters=True)
+
+
+def _letters_tokenizer(name: str, tokens: list[str], characters: bool) -> str:
+    """The folder `name` holding a word-level tokenizer of `tokens` after the special tokens, each text split at
+    white space or (`characters`) into characters, BOS first; written atomically, once per machine."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415
     from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
 
     from ..saving import staged_folder  # noqa: PLC0415
 
-    folder = os.path.join(tempfile.gettempdir(), "hf_distill-offline", "letters-characters-tokenizer-v1")
+    folder = os.path.join(tempfile.gettempdir(), "hf_distill-offline", name)
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return folder
     special = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
-    vocabulary = {token: index for index, token in enumerate([*special, " ", "=", *LETTERS])}
+    vocabulary = {token: index for index, token in enumerate([*special, *tokens])}
     model = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    model.decoder = decoders.Fuse()
+    if characters:
+        model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        model.decoder = decoders.Fuse()
+    else:
+        model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     model.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=model, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
