@@ -1,24 +1,26 @@
-"""Distilling across tokenizers: a character-level teacher into a student with a BPE tokenizer. Offline, over seeds.
+"""Distilling across tokenizers: a character-level teacher into a student with another tokenizer. Offline, over seeds.
 
     python benchmarks/cross_tokenizer.py             # seeds 1 2 3; writes benchmarks/CROSS_TOKENIZER.md and .json
     python benchmarks/cross_tokenizer.py --quick     # tiny sizes, a minute: a spot check, printed, not a result
+    python benchmarks/cross_tokenizer.py --student-tokenizer bpe   # the student's tokenizer a BPE trained here
 
-The task is the letters task written as text: a prompt of 8 distinct letters of a 16-letter alphabet in order, then
-`=` (`"acdfghkm="`); a valid answer writes the same 8 letters, each once, in any order (`"hcafgdkm"`), then ends.
-The training answers are random orders, so which letters may come next depends on those already written.
+The task is the letters task of `hf-distill` (`hf_distill.pipeline.causal`): a prompt of 8 distinct letters of a
+16-letter alphabet in order, then `=` (`"a c d f g h k m ="`); a valid answer writes the same 8 letters, each once, in
+any order (`"h c a f g d k m"`), then ends. The training answers are random orders, so which letters may come next
+depends on those already written.
 
-Two tokenizers are built here with `tokenizers`: the teacher's has one token per character; the student's is a BPE
-trained on the training text (no pre-tokenizer, so its merges are pairs and triples of letters), which writes an
-answer in about half as many tokens, in ways that differ from example to example. Per seed, every model a GPT-2
-built from a config: the teacher (4 layers, width 128) trains on 20,000 examples in its tokens; each arm trains the
-same student (2 layers, width 128, the same initialisation) for the same steps, batch, learning rate and examples:
+Tokenizers, built here with `tokenizers`: the teacher's has one token per character, the spaces included; the
+student's writes one token per letter (`letters`, the pipeline's `offline:letters`: half as many tokens, no spaces)
+or is a BPE trained on the training text (`bpe`, `--student-tokenizer bpe`; merges across the spaces). Per seed, every
+model a GPT-2 built from a config: the teacher (4 layers, width 128) trains on 20,000 examples in its tokens; each arm
+trains the same fresh student (2 layers, width 128, the same initialisation) for the same steps, batch, learning rate
+and examples:
 - `sft`: the labels alone (`hard_label`);
-- `uld`: labels + ULD's sorted distance to the character teacher (`uld`, Boizard et al.);
-- `gold`: labels + GOLD's hybrid (`gold`: generalized JSD over the tokens both vocabularies hold, the single
-  letters, and the sorted distance over the rest);
-- `gold_alone`: the hybrid without the labels;
-- `same_tokenizer_kd`: labels + forward KL to a teacher of the same shape trained the same way in the student's
-  own tokens (`soft_target`): what distillation gives where the two tokenizers agree.
+- `uld`: labels + ULD's sorted distance to the character teacher (`uld`, each group over its last token);
+- `gold_last` / `gold_first`: labels + GOLD's hybrid (`gold`, forward KL over the tokens both vocabularies hold,
+  sorted distance over the rest), each group's distribution over its last or its first token;
+- `same_tokenizer_kd`: labels + forward KL to a teacher of the same shape trained the same way in the student's own
+  tokens (`soft_target`): what distillation gives where the two tokenizers agree.
 Scored on 500 held-out prompts: validity of greedy and of sampled (temperature 1) answers, and each arm's time.
 """
 
@@ -36,59 +38,54 @@ import time
 import torch
 import transformers
 from datasets import Dataset
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, set_seed
+from tokenizers import Tokenizer, decoders, models, processors, trainers
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from hf_distill import DistillationConfig, DistillationTrainer
+from hf_distill.pipeline import causal
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from on_policy import collate, gpt2  # noqa: E402 - the letters benchmark's padding and models
+from on_policy import collate  # noqa: E402 - the letters benchmark's padding
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LETTERS = "abcdefghijklmnop"
-CHOSEN = 8
-SPECIAL = ["<pad>", "<s>", "</s>"]
+LETTERS = causal.LETTERS
+CHOSEN = causal.CHOSEN
+SPECIAL = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 LABELS = {"hard_label": {"weight": 1.0}}
 ARMS = {
     "sft": (LABELS, "characters"),
-    "uld": ({**LABELS, "uld": {"weight": 1.0}}, "characters"),
-    "gold": ({**LABELS, "gold": {"weight": 1.0, "beta": 0.0}}, "characters"),
-    "gold_alone": ({"gold": {"weight": 1.0, "beta": 0.0}}, "characters"),
+    "uld": ({**LABELS, "uld": {"weight": 1.0, "merge": "last"}}, "characters"),
+    "gold_last": ({**LABELS, "gold": {"weight": 1.0, "beta": 0.0, "merge": "last"}}, "characters"),
+    "gold_first": ({**LABELS, "gold": {"weight": 1.0, "beta": 0.0, "merge": "first"}}, "characters"),
     "same_tokenizer_kd": ({**LABELS, "soft_target": {"weight": 1.0, "temperature": 1.0}}, "student"),
 }
 
 
 def texts(count: int, seed: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs: 8 sorted letters then `=`, and a random order of them."""
-    generator = torch.Generator().manual_seed(seed)
-    pairs = []
-    for _ in range(count):
-        chosen = sorted(torch.randperm(len(LETTERS), generator=generator)[:CHOSEN].tolist())
-        order = [chosen[int(i)] for i in torch.randperm(CHOSEN, generator=generator)]
-        pairs.append(("".join(LETTERS[i] for i in chosen) + "=", "".join(LETTERS[i] for i in order)))
-    return pairs
-
-
-def finished(model: Tokenizer) -> PreTrainedTokenizerFast:
-    model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    model.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def character_tokenizer() -> PreTrainedTokenizerFast:
-    vocabulary = {token: index for index, token in enumerate([*SPECIAL, *LETTERS, "="])}
-    model = Tokenizer(models.WordLevel(vocabulary, unk_token=None))
-    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return finished(model)
+    """(prompt, answer) pairs of the letters task, as the pipeline writes them."""
+    examples = causal.letters_examples(count, seed)
+    return list(zip(examples["prompt"], examples["completion"], strict=True))
 
 
 def bpe_tokenizer(corpus: list[str], size: int) -> PreTrainedTokenizerFast:
-    """A BPE of `size` tokens trained on `corpus`, with every letter and `=` in its alphabet."""
+    """A BPE of `size` tokens trained on `corpus` (no pre-tokenizer: merges cross the spaces), every character of the
+    task in its alphabet, the special tokens of the pipeline's letters tokenizers."""
     model = Tokenizer(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, initial_alphabet=[*LETTERS, "="],
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, initial_alphabet=[*LETTERS, "=", " "],
                                   show_progress=False)  # fmt: skip
     model.train_from_iterator(corpus, trainer)
-    return finished(model)
+    model.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    model.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")  # fmt: skip
 
 
 def tokenized(pairs: list[tuple[str, str]], tok: PreTrainedTokenizerFast) -> Dataset:
@@ -101,6 +98,16 @@ def tokenized(pairs: list[tuple[str, str]], tok: PreTrainedTokenizerFast) -> Dat
     return Dataset.from_list(rows)
 
 
+def gpt2(shape: list[int], tok: PreTrainedTokenizerFast, seed: int) -> GPT2LMHeadModel:
+    """A GPT-2 of `shape` (layers, width, heads) over `tok`'s vocabulary, 48 positions (the teacher's examples are
+    up to 34 characters long)."""
+    torch.manual_seed(seed)
+    layers, width, heads = shape
+    ids = {f"{name}_token_id": getattr(tok, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=48, n_embd=width, n_layer=layers,
+                                      n_head=heads, **ids))  # fmt: skip
+
+
 def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
     args = TrainingArguments(
         output_dir=folder, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3, warmup_steps=0.05,
@@ -108,10 +115,6 @@ def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
         disable_tqdm=True, logging_strategy="no",
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
-
-
-def valid(prompt: str, answer: str) -> bool:
-    return len(answer) == CHOSEN and set(answer) == set(prompt[:-1])
 
 
 @torch.no_grad()
@@ -130,7 +133,8 @@ def score(model, tok, held_out: list[tuple[str, str]], seed: int) -> dict[str, f
             ended = tok.eos_token_id in row
             answers.append(tok.decode(row[: row.index(tok.eos_token_id)]) if ended else None)
         results[f"valid_{name}"] = sum(
-            answer is not None and valid(prompt, answer) for (prompt, _), answer in zip(held_out, answers, strict=True)
+            answer is not None and causal.letters_valid(prompt, answer)
+            for (prompt, _), answer in zip(held_out, answers, strict=True)
         ) / len(held_out)
     return results
 
@@ -138,8 +142,11 @@ def score(model, tok, held_out: list[tuple[str, str]], seed: int) -> dict[str, f
 def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
     train = texts(sizes["examples"], seed)
     held_out = texts(sizes["eval_prompts"], 10_000 + seed)
-    characters = character_tokenizer()
-    student_tok = bpe_tokenizer([prompt + answer for prompt, answer in train], sizes["student_vocab"])
+    characters = AutoTokenizer.from_pretrained(causal.letters_characters_tokenizer_dir())
+    if sizes["student_tokenizer"] == "bpe":
+        student_tok = bpe_tokenizer([f"{prompt} {answer}" for prompt, answer in train], sizes["student_vocab"])
+    else:
+        student_tok = AutoTokenizer.from_pretrained(causal.letters_tokenizer_dir())
     lengths = [len(student_tok(answer, add_special_tokens=False)["input_ids"]) for _, answer in held_out]
     record = {"student_vocab": len(student_tok), "student_tokens_per_answer": statistics.mean(lengths)}
     teachers = {}
@@ -147,7 +154,7 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
         if not any(ARMS[arm][1] == name for arm in arms):
             continue
         set_seed(seed)
-        teacher = gpt2(*sizes["teacher"], tok, seed)
+        teacher = gpt2(sizes["teacher"], tok, seed)
         start = time.perf_counter()
         plain_training(teacher, tokenized(train, tok), sizes["teacher_steps"], seed, os.path.join(folder, name))
         teachers[name] = (teacher, tok)
@@ -158,7 +165,7 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
     for arm in arms:
         losses, which = ARMS[arm]
         teacher, teacher_tok = teachers[which]
-        student = gpt2(*sizes["student"], student_tok, seed + 1)
+        student = gpt2(sizes["student"], student_tok, seed + 1)
         args = DistillationConfig(
             output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
             learning_rate=sizes["learning_rate"], warmup_steps=0.05, save_strategy="no", report_to="none",
@@ -183,7 +190,7 @@ def report(records: dict[int, dict], facts: str) -> str:
     seeds = sorted(records)
     arms = list(records[seeds[0]]["arms"])
     lines = [
-        "# Distilling across tokenizers: a character-level teacher, a BPE student (the letters task as text)",
+        "# Distilling across tokenizers: a character-level teacher, a student with another tokenizer (the letters task)",
         "",
         f"{facts}. Generated by `python benchmarks/cross_tokenizer.py`; mean ± sample std over seeds {seeds}.",
         "",
@@ -219,8 +226,8 @@ def report(records: dict[int, dict], facts: str) -> str:
                          f"{spread:.1f})")  # fmt: skip
     vocab = mean_std([records[s]["student_vocab"] for s in seeds])[0]
     tokens = mean_std([records[s]["student_tokens_per_answer"] for s in seeds])[0]
-    lines += ["", f"The student's BPE: {vocab:.0f} tokens; an answer of 8 letters is {tokens:.2f} of its tokens "
-              "(the teacher's: 8).", ""]  # fmt: skip
+    lines += ["", f"The student's tokenizer: {vocab:.0f} tokens; an answer of 8 letters is {tokens:.2f} of its tokens "
+              "(the teacher's: 15, the spaces included).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -230,11 +237,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a spot check, printed, not a result")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
+    parser.add_argument("--student-tokenizer", choices=["letters", "bpe"], default="letters",
+                        help="the student's tokenizer: one token per letter, or a BPE trained here")  # fmt: skip
     parser.add_argument("--report", default=os.path.join(HERE, "CROSS_TOKENIZER"),
                         help="where the report goes: REPORT.md and REPORT.json")  # fmt: skip
     options = parser.parse_args()
-    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_vocab=128, examples=20_000, teacher_steps=1500,
-                 distil_examples=9_600, arm_steps=300, learning_rate=5e-4, eval_prompts=500)  # fmt: skip
+    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_tokenizer=options.student_tokenizer,
+                 student_vocab=48, examples=20_000, teacher_steps=1500,
+                 distil_examples=19_200, arm_steps=600, learning_rate=1e-3, eval_prompts=500)  # fmt: skip
     if options.quick:
         sizes.update(examples=512, teacher_steps=20, distil_examples=128, arm_steps=3, eval_prompts=32)
         options.seeds = options.seeds[:1]

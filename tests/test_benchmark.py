@@ -107,7 +107,7 @@ def test_quick_cross_tokenizer_benchmark_runs_every_arm_and_compares_each_with_t
     result = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, check=True)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     names = [row.split(" | ")[0][2:] for row in rows]
-    assert names == ["teacher (characters tokens)", "teacher (student tokens)", "sft", "uld", "gold", "gold_alone",
-                     "same_tokenizer_kd"]  # fmt: skip
+    assert names == ["teacher (characters tokens)", "teacher (student tokens)", "sft", "uld", "gold_last",
+                     "gold_first", "same_tokenizer_kd"]  # fmt: skip
     verdicts = [line for line in result.stdout.splitlines() if line.startswith("- ") and "twice" in line]
     assert len(verdicts) == 2 * 4  # greedy and sampled, each arm but sft
