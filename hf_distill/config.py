@@ -21,6 +21,10 @@ def _default_losses() -> dict[str, dict[str, Any]]:
     return {"hard_label": {"weight": 0.5}, "soft_target": {"weight": 0.5, "temperature": 2.0}}
 
 
+#: `teacher_dtype` values: the dtype a frozen teacher's weights are held in.
+TEACHER_DTYPES = ("bfloat16", "float16", "float32")
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     r"""
@@ -61,6 +65,12 @@ class DistillationConfig(TrainingArguments):
         teacher_trust_remote_code (`bool`, *optional*, defaults to `False`):
             Allow a teacher given as a Hub id or path to run modelling code from its repository. Only turn
             this on for a repository you trust.
+        teacher_dtype (`str`, *optional*):
+            `"bfloat16"`, `"float16"` or `"float32"`: the dtype of a frozen teacher's weights, on any device. A teacher
+            given as a Hub id or path is loaded in it (never held in float32 first); a model given is cast. The
+            losses still compute in float32 from its outputs. By default a teacher keeps its dtype, except on a GPU
+            with `bf16` / `fp16`, where it takes the student's half precision. Teachers that learn (trainable,
+            moving average) keep full precision.
         teacher_cache (`str`, *optional*):
             A folder for the teacher's outputs on the training set ([`hf_distill.cache`]). Built on first use
             (resuming an interrupted build), then training runs from it with no teacher in memory. Refused
@@ -187,6 +197,14 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16, float16 or float32: the dtype of a frozen teacher's weights (loaded in it when given as "
+            "a path or Hub id). Default: its own, or the student's half precision on a GPU with bf16/fp16."
+        },
+    )
+
     teacher_cache: str | None = field(
         default=None,
         metadata={
@@ -270,6 +288,11 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_dtype must be one of {list(TEACHER_DTYPES)} (or unset: the teacher's own), got "
+                f"{self.teacher_dtype!r}"
+            )
         self.losses = _json_mapping("losses", self.losses, '{"soft_target": {"weight": 1.0}}')
         self.teacher_weights = _json_mapping("teacher_weights", self.teacher_weights, '{"a": 2, "b": 1}')
         if self.teacher_weights is not None:

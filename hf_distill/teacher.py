@@ -74,8 +74,12 @@ def load_teacher(
 
 
 def teacher_dtype(args: Any) -> torch.dtype | None:
-    """The dtype a frozen teacher's weights are cast to: the half-precision type the student trains in, on a
-    GPU. On the CPU, and in full precision, the teacher keeps its own dtype."""
+    """The dtype a frozen teacher's weights are cast to: `teacher_dtype` when set (on any device), else the
+    half-precision type the student trains in, on a GPU. On the CPU, and in full precision, the teacher otherwise keeps
+    its own dtype."""
+    chosen = getattr(args, "teacher_dtype", None)
+    if chosen is not None:
+        return getattr(torch, chosen)
     if args.device.type != "cuda":
         return None
     if args.bf16:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from .alignment import Retokenizer, teacher_retokenizer
@@ -219,15 +220,19 @@ def teacher_mapping(teacher_model: Any, student: nn.Module) -> dict[str, nn.Modu
     return given
 
 
-def loaded(teacher: nn.Module | str, student: nn.Module, attention: str | None, args: DistillationConfig) -> nn.Module:
-    """A teacher given as a Hub id or path, loaded with the student's task head; `"ema"`, a copy of the student (the
-    start of its moving average); a model as it is."""
+def loaded(
+    teacher: nn.Module | str, student: nn.Module, attention: str | None, args: DistillationConfig, frozen: bool = True
+) -> nn.Module:
+    """A teacher given as a Hub id or path, loaded with the student's task head (a `frozen` one in `teacher_dtype`
+    when that is set, so it is never held in float32 first); `"ema"`, a copy of the student (the start of its moving
+    average); a model as it is."""
     if teacher == EMA_TEACHER:
         return copy.deepcopy(student)
     if not isinstance(teacher, str):
         return teacher
+    dtype = {"dtype": getattr(torch, args.teacher_dtype)} if frozen and args.teacher_dtype is not None else {}
     return load_teacher(
-        teacher, student, attn_implementation=attention, trust_remote_code=args.teacher_trust_remote_code
+        teacher, student, attn_implementation=attention, trust_remote_code=args.teacher_trust_remote_code, **dtype
     )
 
 

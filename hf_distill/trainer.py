@@ -140,7 +140,8 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         self.roster = TeacherRoster(names, {}, check_learning_teachers(args, given, caches is not None))
         # 2. The teachers loaded, and every input checked before anything is built.
         attention = "eager" if needs_attention_maps(built) else None
-        models = {name: loaded(source, model, attention, args) for name, source in given.items()}
+        models = {name: loaded(teacher, model, attention, args, name not in self.roster.learning)
+                  for name, teacher in given.items()}  # fmt: skip
         self.roster.facts = {name: model_facts(teacher) for name, teacher in models.items()}
         check_decoder_start(model)
         check_data(

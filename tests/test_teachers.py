@@ -252,3 +252,38 @@ def test_a_teacher_that_overflows_is_named(tmp_path):
                                   args=config(tmp_path, {"soft_target": {}}, max_steps=2), train_dataset=text_dataset())  # fmt: skip
     with pytest.raises(FloatingPointError, match="step 1: NaN or infinite values in teacher 'b''s logits"):
         trainer.train()
+
+
+def test_teacher_dtype_loads_a_teacher_given_as_a_path_in_half_precision_and_casts_a_model_given(tmp_path):
+    """`teacher_dtype="bfloat16"` on the CPU: a teacher saved in float32 is loaded in bfloat16 (never in float32
+    first), a model given is cast; the student stays float32, and soft_target is the KL to the bfloat16 teacher's
+    logits computed in float32."""
+    folder = str(tmp_path / "teacher")
+    saved = bert_classifier(0)
+    with torch.no_grad():  # sharper than the student: a divergence well above bfloat16's rounding
+        saved.classifier.weight.mul_(50.0)
+    saved.save_pretrained(folder)
+    losses = {"soft_target": {"weight": 1.0, "temperature": 2.0}}
+    data = text_dataset(8)
+    trainer = DistillationTrainer(
+        model=bert_classifier(1, layers=2), teacher_model=folder, train_dataset=data,
+        args=config(tmp_path / "run", losses, teacher_dtype="bfloat16", per_device_eval_batch_size=8),
+    )  # fmt: skip
+    assert {p.dtype for p in trainer.teacher_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        teacher = trainer.teacher_model(**batch).logits.float() / 2.0
+        student = trainer.model(**batch).logits.float() / 2.0
+    p = torch.softmax(teacher, -1)
+    expected = 4.0 * (p * (p.log() - torch.log_softmax(student, -1))).sum(-1).mean()
+    assert float(expected) > 1e-2
+    assert trainer.evaluate(data)["eval_soft_target"] == pytest.approx(float(expected), rel=1e-3)
+    trainer.train()  # a whole run with the half-precision teacher
+    given = DistillationTrainer(
+        model=bert_classifier(1, layers=2), teacher_model=bert_classifier(0), train_dataset=data,
+        args=config(tmp_path / "given", losses, teacher_dtype="float16"),
+    )  # fmt: skip
+    assert {p.dtype for p in given.teacher_model.parameters()} == {torch.float16}
+    with pytest.raises(ValueError, match=r"teacher_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
+        config(tmp_path / "bad", losses, teacher_dtype="int8")
