@@ -413,10 +413,8 @@ class PipelineArguments:
                     "from --processor)"
                 )
             if self.generations > 1 or self.ema_teacher or self.teachers:
-                raise ValueError(
-                    "--teacher_processor names one teacher's tokenizer: drop --generations, --ema_teacher and "
-                    "--teachers (their teachers read the student's tokens)"
-                )
+                raise ValueError("--teacher_processor names one teacher's tokenizer: drop --generations, --ema_teacher "
+                                 "and --teachers (their teachers read the student's tokens)")  # fmt: skip
         if self.transfer_dataset is not None:
             if self.task == CAUSAL_LM:
                 raise ValueError(
