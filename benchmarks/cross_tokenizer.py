@@ -119,14 +119,15 @@ def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
 
 @torch.no_grad()
 def score(model, tok, held_out: list[tuple[str, str]], seed: int) -> dict[str, float]:
-    """The share of held-out prompts whose greedy / sampled (temperature 1) answer is valid."""
+    """The share of held-out prompts whose greedy / sampled (temperature 1) answer is valid (room for 18 new tokens:
+    the character tokenizer writes an answer in 15)."""
     model.eval()
     tok.padding_side = "left"
     prompts = tok([prompt for prompt, _ in held_out], return_tensors="pt", padding=True)
     results = {}
     for name, settings in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_k": 0})):
         torch.manual_seed(seed)
-        out = model.generate(**prompts, max_new_tokens=CHOSEN + 2, pad_token_id=tok.pad_token_id,
+        out = model.generate(**prompts, max_new_tokens=2 * CHOSEN + 2, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, **settings)  # fmt: skip
         answers = []
         for row in out[:, prompts["input_ids"].shape[1] :].tolist():
