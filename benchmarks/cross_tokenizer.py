@@ -1,24 +1,24 @@
-"""Distilling across tokenizers: a character-level teacher into a student with another tokenizer. Offline, over seeds.
+"""Distilling across tokenizers: a character-level teacher into a student with a BPE tokenizer. Offline, over seeds.
 
     python benchmarks/cross_tokenizer.py             # seeds 1 2 3; writes benchmarks/CROSS_TOKENIZER.md and .json
     python benchmarks/cross_tokenizer.py --quick     # tiny sizes, a minute: a spot check, printed, not a result
-    python benchmarks/cross_tokenizer.py --student-tokenizer bpe   # the student's tokenizer a BPE trained here
 
-The task is the letters task of `hf-distill` (`hf_distill.pipeline.causal`): a prompt of 8 distinct letters of a
-16-letter alphabet in order, then `=` (`"a c d f g h k m ="`); a valid answer writes the same 8 letters, each once, in
-any order (`"h c a f g d k m"`), then ends. The training answers are random orders, so which letters may come next
-depends on those already written.
+The task is the letters task of `hf-distill` (`hf_distill.pipeline.causal`) written without spaces: a prompt of 8
+distinct letters of a 16-letter alphabet in order, then `=` (`"acdfghkm="`); a valid answer writes the same 8
+letters, each once, in any order (`"hcafgdkm"`), then ends. The training answers are random orders, so which letters
+may come next depends on those already written.
 
-Tokenizers, built here with `tokenizers`: the teacher's has one token per character, the spaces included; the
-student's writes one token per letter (`letters`, the pipeline's `offline:letters`: half as many tokens, no spaces)
-or is a BPE trained on the training text (`bpe`, `--student-tokenizer bpe`; merges across the spaces). Per seed, every
-model a GPT-2 built from a config: the teacher (4 layers, width 128) trains on 20,000 examples in its tokens; each arm
-trains the same fresh student (2 layers, width 128, the same initialisation) for the same steps, batch, learning rate
-and examples:
+Tokenizers, built here with `tokenizers`: the teacher's has one token per character (the pipeline's
+`offline:letters-characters`); the student's is a BPE of 64 tokens trained on the training text, whose merges are
+pairs of letters (mostly neighbours, frequent in the sorted prompts), so it writes some of an answer's letters in
+pairs, differently from answer to answer. Per seed, every model a GPT-2 built from a config: the teacher (4 layers,
+width 128) trains on 20,000 examples in its tokens; each arm trains the same fresh student (2 layers, width 128, the
+same initialisation) for the same steps, batch, learning rate and examples:
 - `sft`: the labels alone (`hard_label`);
 - `uld`: labels + ULD's sorted distance to the character teacher (`uld`, each group over its last token);
 - `gold_last` / `gold_first`: labels + GOLD's hybrid (`gold`, forward KL over the tokens both vocabularies hold,
-  sorted distance over the rest), each group's distribution over its last or its first token;
+  the single letters, and the sorted distance over the rest), each group's distribution over its last or its
+  first token;
 - `same_tokenizer_kd`: labels + forward KL to a teacher of the same shape trained the same way in the student's own
   tokens (`soft_target`): what distillation gives where the two tokenizers agree.
 Scored on 500 held-out prompts: validity of greedy and of sampled (temperature 1) answers, and each arm's time.
@@ -70,16 +70,22 @@ ARMS = {
 
 
 def texts(count: int, seed: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of the letters task, as the pipeline writes them."""
+    """(prompt, answer) pairs of the letters task, as the pipeline draws them, without the spaces."""
     examples = causal.letters_examples(count, seed)
-    return list(zip(examples["prompt"], examples["completion"], strict=True))
+    return [(prompt.replace(" ", ""), answer.replace(" ", ""))
+            for prompt, answer in zip(examples["prompt"], examples["completion"], strict=True)]  # fmt: skip
+
+
+def valid(prompt: str, answer: str) -> bool:
+    """The prompt's 8 letters, each once, in any order."""
+    return len(answer) == CHOSEN and set(answer) == set(prompt[:-1])
 
 
 def bpe_tokenizer(corpus: list[str], size: int) -> PreTrainedTokenizerFast:
-    """A BPE of `size` tokens trained on `corpus` (no pre-tokenizer: merges cross the spaces), every character of the
-    task in its alphabet, the special tokens of the pipeline's letters tokenizers."""
+    """A BPE of `size` tokens trained on `corpus` (no pre-tokenizer), every character of the task in its alphabet, the
+    special tokens of the pipeline's letters tokenizers."""
     model = Tokenizer(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, initial_alphabet=[*LETTERS, "=", " "],
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=SPECIAL, initial_alphabet=[*LETTERS, "="],
                                   show_progress=False)  # fmt: skip
     model.train_from_iterator(corpus, trainer)
     model.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
@@ -119,23 +125,21 @@ def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
 
 @torch.no_grad()
 def score(model, tok, held_out: list[tuple[str, str]], seed: int) -> dict[str, float]:
-    """The share of held-out prompts whose greedy / sampled (temperature 1) answer is valid (room for 18 new tokens:
-    the character tokenizer writes an answer in 15)."""
+    """The share of held-out prompts whose greedy / sampled (temperature 1) answer is valid."""
     model.eval()
     tok.padding_side = "left"
     prompts = tok([prompt for prompt, _ in held_out], return_tensors="pt", padding=True)
     results = {}
     for name, settings in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_k": 0})):
         torch.manual_seed(seed)
-        out = model.generate(**prompts, max_new_tokens=2 * CHOSEN + 2, pad_token_id=tok.pad_token_id,
+        out = model.generate(**prompts, max_new_tokens=CHOSEN + 2, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, **settings)  # fmt: skip
         answers = []
         for row in out[:, prompts["input_ids"].shape[1] :].tolist():
             ended = tok.eos_token_id in row
             answers.append(tok.decode(row[: row.index(tok.eos_token_id)]) if ended else None)
         results[f"valid_{name}"] = sum(
-            answer is not None and causal.letters_valid(prompt, answer)
-            for (prompt, _), answer in zip(held_out, answers, strict=True)
+            answer is not None and valid(prompt, answer) for (prompt, _), answer in zip(held_out, answers, strict=True)
         ) / len(held_out)
     return results
 
@@ -144,10 +148,7 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
     train = texts(sizes["examples"], seed)
     held_out = texts(sizes["eval_prompts"], 10_000 + seed)
     characters = AutoTokenizer.from_pretrained(causal.letters_characters_tokenizer_dir())
-    if sizes["student_tokenizer"] == "bpe":
-        student_tok = bpe_tokenizer([f"{prompt} {answer}" for prompt, answer in train], sizes["student_vocab"])
-    else:
-        student_tok = AutoTokenizer.from_pretrained(causal.letters_tokenizer_dir())
+    student_tok = bpe_tokenizer([prompt + answer for prompt, answer in train], sizes["student_vocab"])
     lengths = [len(student_tok(answer, add_special_tokens=False)["input_ids"]) for _, answer in held_out]
     record = {"student_vocab": len(student_tok), "student_tokens_per_answer": statistics.mean(lengths)}
     teachers = {}
@@ -191,7 +192,7 @@ def report(records: dict[int, dict], facts: str) -> str:
     seeds = sorted(records)
     arms = list(records[seeds[0]]["arms"])
     lines = [
-        "# Distilling across tokenizers: a character-level teacher, a student with another tokenizer (the letters task)",
+        "# Distilling across tokenizers: a character-level teacher, a BPE student (the letters task, no spaces)",
         "",
         f"{facts}. Generated by `python benchmarks/cross_tokenizer.py`; mean ± sample std over seeds {seeds}.",
         "",
@@ -228,7 +229,7 @@ def report(records: dict[int, dict], facts: str) -> str:
     vocab = mean_std([records[s]["student_vocab"] for s in seeds])[0]
     tokens = mean_std([records[s]["student_tokens_per_answer"] for s in seeds])[0]
     lines += ["", f"The student's tokenizer: {vocab:.0f} tokens; an answer of 8 letters is {tokens:.2f} of its tokens "
-              "(the teacher's: 15, the spaces included).", ""]  # fmt: skip
+              "(the teacher's: 8).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -238,13 +239,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a spot check, printed, not a result")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--sizes", type=json.loads, default={}, help="JSON object of sizes to change, as printed")
-    parser.add_argument("--student-tokenizer", choices=["letters", "bpe"], default="letters",
-                        help="the student's tokenizer: one token per letter, or a BPE trained here")  # fmt: skip
     parser.add_argument("--report", default=os.path.join(HERE, "CROSS_TOKENIZER"),
                         help="where the report goes: REPORT.md and REPORT.json")  # fmt: skip
     options = parser.parse_args()
-    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_tokenizer=options.student_tokenizer,
-                 student_vocab=48, examples=20_000, teacher_steps=1500,
+    sizes = dict(teacher=[4, 128, 4], student=[2, 128, 4], student_vocab=64, examples=20_000, teacher_steps=1500,
                  distil_examples=19_200, arm_steps=600, learning_rate=1e-3, eval_prompts=500)  # fmt: skip
     if options.quick:
         sizes.update(examples=512, teacher_steps=20, distil_examples=128, arm_steps=3, eval_prompts=32)
