@@ -110,4 +110,4 @@ def test_quick_cross_tokenizer_benchmark_runs_every_arm_and_compares_each_with_t
     assert names == ["teacher (characters tokens)", "teacher (student tokens)", "sft", "uld", "gold_last",
                      "gold_first", "same_tokenizer_kd"]  # fmt: skip
     verdicts = [line for line in result.stdout.splitlines() if line.startswith("- ") and "twice" in line]
-    assert len(verdicts) == 2 * 4  # greedy and sampled, each arm but sft
+    assert len(verdicts) == 3 * 4  # bits per character, greedy and sampled validity, each arm but sft
