@@ -211,6 +211,7 @@ def test_the_letters_recipe_runs_its_arms_as_student_kinds_at_small_sizes(tmp_pa
     assert os.path.isfile(os.path.join(tmp_path, "teacher", "model.safetensors"))
 
 
+@pytest.mark.slow  # a teacher trained, a student kind and its baseline: about 40 s
 def test_the_cross_tokenizer_recipe_trains_the_teacher_in_its_own_tokens_and_distils_across(tmp_path):
     """`letters-cross-tokenizer` at small sizes: the teacher is trained and scored on the character tokenizer's
     tokens, the fresh student on the letters tokenizer's, distilled with gold over aligned groups."""
