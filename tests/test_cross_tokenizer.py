@@ -226,6 +226,7 @@ class WordEcho:
         return torch.cat([input_ids, torch.tensor([new] * input_ids.shape[0])], dim=1)
 
 
+@pytest.mark.slow  # a run with generation: the default suite keeps within its budget
 def test_on_policy_across_tokenizers_scores_the_students_own_samples_in_the_teachers_tokens(tmp_path):
     trainer = DistillationTrainer(
         model=gpt2(WORDS, 0), teacher_model=gpt2(PIECES, 1, width=24),

@@ -356,6 +356,7 @@ def stack(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "attention_mask", "labels")}
 
 
+@pytest.mark.slow  # two T5 runs: the default suite keeps within its budget
 def test_an_encoder_decoder_student_trains_on_its_decoders_samples_exactly_as_on_those_labels(tmp_path):
     """T5 student and teacher, lmbda 1: each step samples the decoder from all its micro-batches' encoder inputs at
     once; the new labels are the sampled tokens after the decoder's start, cut after the end token, -100 after; and

@@ -254,6 +254,7 @@ def test_a_teacher_that_overflows_is_named(tmp_path):
         trainer.train()
 
 
+@pytest.mark.slow  # three trainers and a run: the default suite keeps within its budget
 def test_teacher_dtype_loads_a_teacher_given_as_a_path_in_half_precision_and_casts_a_model_given(tmp_path):
     """`teacher_dtype="bfloat16"` on the CPU: a teacher saved in float32 is loaded in bfloat16 (never in float32
     first), a model given is cast; the student stays float32, and soft_target is the KL to the bfloat16 teacher's
