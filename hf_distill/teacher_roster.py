@@ -137,6 +137,12 @@ def build_source(
     by the trainer; `unwrap` gives back the model inside), trainable or a moving average of the student, as
     `roster.learning` says."""
     kind = roster.learning.get(name)
+    retokenizer = roster.retokenizers.get(name)
+    if kind is not None and retokenizer is not None and not retokenizer.identical:
+        raise ValueError(
+            f"teacher {name!r} has another tokenizer than the student's and learns ({kind}): the terms that train a "
+            "teacher read the student's tokens; distil from a frozen teacher across tokenizers"
+        )
     if kind is None:
         prepared = prepare(teacher)
     else:  # it learns, or follows the student: full precision, on the student's device, never wrapped
@@ -156,7 +162,7 @@ def build_source(
     else:
         source = FrozenTeacher(*arguments)
     source.columns = roster.columns.get(name)
-    source.retokenizer = roster.retokenizers.get(name)
+    source.retokenizer = retokenizer
     return source
 
 

@@ -217,6 +217,12 @@ def test_cross_tokenizer_mistakes_are_refused_with_the_fix(tmp_path, losses, tea
         trainer_for(tmp_path, losses, teacher_tokenizer=teacher_tokenizer, teacher=gpt2(CHARACTERS, 1))
 
 
+def test_a_teacher_with_another_tokenizer_that_learns_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="distil from a frozen teacher across tokenizers"):
+        trainer_for(tmp_path, {"uld": {"weight": 1.0}, "hard_label": {"weight": 1.0}},
+                    teacher=gpt2(CHARACTERS, 1), trainable_teachers=["teacher"])  # fmt: skip
+
+
 class WordEcho:
     """A rollout backend that writes each prompt's completion as "hel lo" token by token, then the end of sequence:
     the retokenized teacher reads the student's own samples."""
