@@ -103,6 +103,8 @@ def _teacher_record(args: TeacherSettings, config: DistillationConfig, data: Pre
         "dataset_config_name": getattr(prepared, "dataset_config_name", None),
         "train_examples": len(data.teacher_train),
         "max_length": getattr(prepared, "max_length", None),
+        # The tokens it was trained on: a teacher with its own tokenizer (--teacher_processor) is another teacher.
+        "tokenizer": getattr(prepared, "teacher_processor", None),
         "mlm_probability": getattr(prepared, "mlm_probability", None),
         "image_size": getattr(prepared, "image_size", None),
         "labels": data.label_names,
