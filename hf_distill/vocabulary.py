@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .alignment import tokenizer_of
 from .logit_rows import ProjectedRows
 
 #: The columns of the teacher whose losses are being set up (`teacher_columns`); None: all of them.
@@ -87,8 +88,7 @@ def shared_columns(student: nn.Module, teacher: Any, student_tokenizer: Any, tea
 
 def _vocab(tokenizer: Any) -> dict[str, int]:
     """The token -> id mapping of a tokenizer or of a processor holding one."""
-    inner = getattr(tokenizer, "tokenizer", None)
-    source = tokenizer if callable(getattr(tokenizer, "get_vocab", None)) else inner
+    source = tokenizer_of(tokenizer)
     if source is None or not callable(getattr(source, "get_vocab", None)):
         raise ValueError(f"a {type(tokenizer).__name__} has no get_vocab(): {PASS_TOKENIZERS}")
     return dict(source.get_vocab())
