@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from hf_distill.cache import contents as cache_contents
 from hf_distill.logit_rows import ProjectedRows
 from hf_distill.losses import row_terms
 from hf_distill.losses.functional import Divergence, soft_target_loss, teacher_top_k, topk_soft_target_loss
@@ -328,3 +329,21 @@ def test_the_loss_of_writing_a_loss_md_takes_part_in_the_shared_loop(tmp_path):
         for key in (*losses, "loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_cache_build_from_unprojected_rows_stores_what_the_whole_logits_give(bias, monkeypatch):
+    """`token_rows` projects groups of rows into one buffer and reduces them to the top k in it: the stored values,
+    indices, normalisers and tails are those of the logits projected whole, peaked rows (tails past float32's
+    exponentials) included."""
+    monkeypatch.setattr(row_terms, "GROUP_ELEMENTS", 5 * VOCAB)  # groups of 5 rows: 5, 5, 3
+    teacher = projected(1, bias=bias)
+    with torch.no_grad():
+        teacher.hidden[0] *= 400  # a row whose tail outside the top 4 underflows float32
+    stored_contents = {"logits": "top_k", "top_k": 4, "temperatures": [1.0, 2.0]}
+    from_rows = cache_contents.token_rows(teacher, stored_contents)
+    whole = cache_contents.token_rows(teacher.logits().detach(), stored_contents)
+    assert set(from_rows) == {"token.values", "token.indices", "token.log_normalizer", "token.tail"}
+    assert torch.isfinite(from_rows["token.tail"]).all() and from_rows["token.tail"][0, 0] < -80
+    for key, tensor in whole.items():
+        torch.testing.assert_close(from_rows[key], tensor, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 from ..logit_rows import ProjectedRows
 from ..losses import DistillationLoss, rows_per_chunk
 from ..losses.functional import teacher_top_k
+from ..losses.row_terms import group_rows
 from ..model_kind import describe
 from ..positions import position_mask, token_mask
 from ..seq2seq import stack_size
@@ -222,22 +223,43 @@ class OutputExtractor:
         return stored
 
 
+@torch.no_grad()
 def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> dict[str, torch.Tensor]:
     """What a cache stores of a token-level teacher's `[rows, vocab]` logits (or its unprojected rows): all of them
-    (`"dense"`), or the top k with the log normaliser and tail per temperature. Taken `rows_per_chunk` rows at a time,
-    projecting each chunk of unprojected rows as it goes, so that no temporary spans every row of the vocabulary.
-    Chunks of at least `BUILD_CHUNK_ROWS` rows: without gradients the projection of fewer rows at a time runs slower
-    than in one piece (on 2 CPU cores, 83 rows x 50,257 words took 1.7x the time of one 1,016-row product; 256 rows,
-    1.0x)."""
-    chunk_size = max(rows_per_chunk(rows.shape[-1]), BUILD_CHUNK_ROWS)
+    (`"dense"`), or the top k with the log normaliser and tail per temperature.
+
+    Unprojected rows are projected a group at a time (`group_rows`: at most `GROUP_ELEMENTS` logits, as the training
+    loop does) into one buffer that the top k's reduction then overwrites: no temporary spans every row of the
+    vocabulary, and none of a group's size is allocated per group. On 2 CPU cores, 1,016 rows x 50,257 words:
+    projected 0.82 s; projected and reduced into new tensors (each mapped and first touched afresh) 1.50 s, into the
+    buffer 0.99 s; in 256-row products 1.22 s. Logits given whole are taken `rows_per_chunk` rows at a time (at least
+    `BUILD_CHUNK_ROWS`). Stored values are never differentiated."""
+    vocab = rows.shape[-1]
+    projected = isinstance(rows, ProjectedRows) and contents["logits"] != "dense"
+    chunk_size = max(rows_per_chunk(vocab), BUILD_CHUNK_ROWS)
+    if projected:
+        chunk_size = group_rows(rows.shape[0], chunk_size, vocab)
     parts: dict[str, list[torch.Tensor]] = {}
+    buffer = None
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # one empty chunk when no row counts
         end = min(start + chunk_size, rows.shape[0])
-        logits = rows.logits(start, end) if isinstance(rows, ProjectedRows) else rows[start:end]
+        if projected:
+            hidden = rows.hidden[start:end].to(rows.weight.dtype)
+            if buffer is None:
+                buffer = torch.empty(chunk_size, vocab, dtype=rows.weight.dtype, device=rows.weight.device)
+            logits = buffer[: end - start]
+            if rows.bias is None:
+                torch.mm(hidden, rows.weight.t(), out=logits)
+            else:
+                torch.addmm(rows.bias, hidden, rows.weight.t(), out=logits)
+        else:
+            logits = rows.logits(start, end) if isinstance(rows, ProjectedRows) else rows[start:end]
         if contents["logits"] == "dense":
             parts.setdefault("token.logits", []).append(logits.float())
             continue
-        values, indices, normalizer, tail = teacher_top_k(logits, contents["top_k"], contents["temperatures"])
+        values, indices, normalizer, tail = teacher_top_k(
+            logits, contents["top_k"], contents["temperatures"], overwrite=projected
+        )
         chunk = {"token.values": values, "token.indices": indices.int(), "token.log_normalizer": normalizer}
         if tail is not None:
             chunk["token.tail"] = tail

@@ -240,29 +240,56 @@ def topk_soft_target_loss(
 
 
 def teacher_top_k(
-    teacher_logits: torch.Tensor, k: int, temperatures: list[float]
+    teacher_logits: torch.Tensor, k: int, temperatures: list[float], overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What `topk_soft_target_loss` needs from `[items, vocab]` teacher logits: values `[items, k]`, indices
     `[items, k]`, and per temperature the log normaliser and the tail log-probability (`[items, temperatures]`;
-    the tail is None when k covers the vocabulary)."""
+    the tail is None when k covers the vocabulary).
+
+    With `overwrite`, float32 `teacher_logits` are the caller's to lose: the shift and the last temperature's
+    exponentials are written into them instead of into new `[items, vocab]` tensors (on a CPU, each new tensor of
+    that size is mapped and first touched afresh, which cost more than the arithmetic). The results are the same.
+    """
     k = min(k, teacher_logits.shape[-1])
+    vocab = teacher_logits.shape[-1]
     logits = teacher_logits.float()
-    values, indices = logits.topk(k, dim=-1)
+    overwrite = overwrite or logits.data_ptr() != teacher_logits.data_ptr()  # a cast's copy is ours to lose
+    # One more than k: the largest logit outside the top k bounds the tail from below (see `vanished` below).
+    values, indices = logits.topk(min(k + 1, vocab), dim=-1)
+    outside = values[..., k] if k < vocab else None
+    values, indices = values[..., :k], indices[..., :k]
     # The row's largest logit is the first of the top k: every temperature shifts by it, and the exponentials of one
     # pass give both the normaliser and, with the top k zeroed in place, the tail, summed apart rather than as a
     # difference so that a tail far smaller than the row keeps its precision.
-    shifted = logits - values[..., :1]
+    largest = values[..., :1]
+    # A tail near or below float32's smallest normal number (a very peaked row, tail < -80) is taken by its own
+    # maximum. tail >= (outside - largest) / T - log(vocab), so only rows below -79 + log(vocab) can need it: when
+    # the logits are overwritten, those rows are kept first.
+    kept: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    if outside is not None and overwrite:
+        for temperature in temperatures:
+            rows = ((outside - largest[..., 0]) / temperature < -79 + math.log(vocab)).nonzero().flatten()
+            kept[temperature] = (rows, logits[rows].clone())
+    shifted = logits.sub_(largest) if overwrite else logits - largest
     normalizers, tails = [], []
-    for temperature in temperatures:
-        exponentials = shifted.div(temperature).exp_() if temperature != 1 else shifted.exp()
+    for number, temperature in enumerate(temperatures):
+        last = number == len(temperatures) - 1
+        if temperature == 1:
+            exponentials = shifted.exp_() if last and overwrite else shifted.exp()
+        else:
+            exponentials = (shifted.div_(temperature) if last and overwrite else shifted.div(temperature)).exp_()
         total = exponentials.sum(-1)
         normalizers.append(values[..., 0] / temperature + total.log())
-        if k < logits.shape[-1]:
+        if outside is not None:
             tail = exponentials.scatter_(-1, indices, 0.0).sum(-1).log() - total.log()
-            # A tail near or below float32's smallest normal number (a very peaked row) is taken by its own maximum.
             vanished = (tail < -80).nonzero().flatten()
             if len(vanished):
-                rest = (logits[vanished] / temperature).scatter_(-1, indices[vanished], float("-inf"))
+                if overwrite:  # every vanished row is among the kept ones
+                    rows, row_logits = kept[temperature]
+                    vanished_logits = row_logits[torch.searchsorted(rows, vanished)]
+                else:
+                    vanished_logits = logits[vanished]
+                rest = (vanished_logits / temperature).scatter_(-1, indices[vanished], float("-inf"))
                 tail[vanished] = torch.logsumexp(rest, dim=-1) - normalizers[-1][vanished]
             tails.append(tail)
     tail = torch.stack(tails, dim=-1) if tails else None
