@@ -143,14 +143,63 @@ def zero_stage(accelerator: Any) -> int | None:
     return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def sharding_engine(accelerator: Any) -> str | None:
+    """The engine that shards the student's weights across processes ("DeepSpeed", "FSDP"), None without one."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return "DeepSpeed"
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return "FSDP"
+    return None
+
+
+def fsdp_teacher(teacher: nn.Module, accelerator: Any, dtype: torch.dtype | None) -> nn.Module:
+    """Shard a frozen teacher across the processes of an FSDP2 run, as the student is: each of its blocks (the
+    classes its `_no_split_modules` names, as accelerate's default wrapping of the student does) and then the whole
+    model go through `fully_shard`, on the student's device mesh, resharded after their forward. A process holds
+    1/N of the teacher's weights and gathers one block at a time for its forward; there is no optimizer state.
+
+    Its own mixed-precision policy: the weights held in `dtype` (`teacher_dtype`, or the student's half precision
+    on a GPU) when given, gathered and computed in them; outputs as computed (the losses take them to float32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    if int(getattr(plugin, "fsdp_version", 1)) != 2:
+        raise ValueError(
+            "a frozen teacher is sharded under FSDP2 only: set fsdp_config={'version': 2} (transformers' default; "
+            "accelerate config: fsdp_version: 2), or train with DeepSpeed ZeRO-3 or DDP"
+        )
+    if dtype is not None:
+        teacher.to(dtype)  # before sharding: each process then holds its shard in that dtype
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    options = {"mesh": mesh, "reshard_after_forward": True, "mp_policy": MixedPrecisionPolicy()}
+    names = set(getattr(teacher, "_no_split_modules", None) or [])
+    blocks = [module for module in teacher.modules() if type(module).__name__ in names and module is not teacher]
+    if not blocks:
+        raise ValueError(
+            f"{type(teacher).__name__} names no blocks to shard (`_no_split_modules`): a teacher sharded under FSDP "
+            "is split block by block; set that attribute on the model to its layer classes, or train with DDP"
+        )
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(teacher, **options)
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
     """A frozen teacher as a run holds it: eval mode, no gradients, prepared by accelerate in evaluation mode
-    (partitioned by an inference engine under DeepSpeed), in `teacher_dtype` where that applies."""
+    (partitioned by an inference engine under DeepSpeed, sharded by FSDP2 under FSDP), in `teacher_dtype` where
+    that applies."""
     teacher.requires_grad_(False)
     teacher.eval()
-    if zero_stage(accelerator) is not None:
+    engine = sharding_engine(accelerator)
+    if engine == "DeepSpeed":
         return deepspeed_teacher(teacher, accelerator, args)
     dtype = teacher_dtype(args)
+    if engine == "FSDP":
+        return fsdp_teacher(teacher, accelerator, dtype)  # each block moves to the device as it is sharded
     if dtype is not None:
         teacher.to(dtype)  # half the teacher's memory; its outputs feed fp32 losses either way
     return accelerator.prepare_model(teacher, evaluation_mode=True)

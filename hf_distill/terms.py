@@ -58,14 +58,15 @@ class TermSet:
                 with naming(name, len(references)), teacher_columns((columns or {}).get(name)):
                     loss.setup(student, None if name is None else references[name])
 
-    def place(self, device: torch.device, dtype: torch.dtype, deepspeed: bool) -> None:
-        """The losses on the student's device and dtype (their projectors train with the student)."""
+    def place(self, device: torch.device, dtype: torch.dtype, engine: str | None) -> None:
+        """The losses on the student's device and dtype (their projectors train with the student). `engine`: the
+        sharding engine the student trains under ("DeepSpeed", "FSDP"), which the projectors are refused with."""
         self.losses.to(device=device, dtype=dtype)
         learnable = [term for term, loss in self.losses.items() if any(True for _ in loss.parameters())]
-        if deepspeed and learnable:
+        if engine and learnable:
             raise ValueError(
-                f"the losses {learnable} learn projectors, which DistillationTrainer does not train under DeepSpeed yet: "
-                "give the student the teacher's widths (hidden_state with 'projection': false), use relation or "
+                f"the losses {learnable} learn projectors, which DistillationTrainer does not train under {engine} "
+                "yet: give the student the teacher's widths (hidden_state with 'projection': false), use relation or "
                 "attention 'heads': 'relations' (no projector), or train with DDP"
             )
 

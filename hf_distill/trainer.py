@@ -41,7 +41,7 @@ from .reporting import TermLog, TermReportingMixin
 from .rollouts import RolloutBackend, RolloutMixin
 from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
 from .seq2seq import check_decoder_start, with_decoder_inputs
-from .teacher import prepare_frozen_teacher
+from .teacher import prepare_frozen_teacher, sharding_engine
 from .teacher_roster import (
     TeacherRoster,
     build_source,
@@ -174,7 +174,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         if caches is not None:  # a finished cache stands in for a teacher not given, for the losses' setup
             references.update({name: cached_reference(cache) for name, cache in caches.items() if name not in models})
         self.terms.set_up(student, references, self.roster.columns)
-        self.terms.place(self.args.device, next(student.parameters()).dtype, self.is_deepspeed_enabled)
+        self.terms.place(self.args.device, next(student.parameters()).dtype, sharding_engine(self.accelerator))
         self.terms.add_peers(self.roster.sources, student, self.args.device)
         self.extra_parts = ExtraTrainedParts(self.terms.losses, self.roster)
         self.image_augmentation = checked_augmentation(

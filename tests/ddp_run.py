@@ -60,9 +60,10 @@ def run_on_policy(output_dir: Path, batch_size: int):
 
 
 def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, several: bool = False,
-        mutual: bool = False):  # fmt: skip
-    """Two steps; with `teacher_cache`, from a cache that keeps every logit (so the same loss as online); with
-    `several`, from two teachers; with `mutual`, the teacher learns too (deep mutual learning)."""
+        mutual: bool = False, train: bool = True, **overrides):  # fmt: skip
+    """Two steps (none without `train`: the trainer is built, and its cache with it); with `teacher_cache`, from a
+    cache that keeps every logit (so the same loss as online); with `several`, from two teachers; with `mutual`, the
+    teacher learns too (deep mutual learning)."""
     teacher = bert_masked_lm(seed=1)
     if several:
         teacher = {"a": teacher, "b": bert_masked_lm(seed=3, layers=2, width=24, heads=4)}
@@ -81,10 +82,41 @@ def run(output_dir: Path, batch_size: int, teacher_cache: str | None = None, sev
             teacher_cache_top_k=0,
             trainable_teachers=["teacher"] if mutual else None,
             trainable_teacher_learning_rate=5e-4 if mutual else None,
+            **overrides,
         ),  # fmt: skip
         train_dataset=masked_lm_dataset(16),
     )
-    trainer.train()
+    if train:
+        trainer.train()
+    return trainer
+
+
+def build_cache(output_dir: Path, stop: bool = False) -> DistillationTrainer:
+    """A cache of 16 examples in shards of 4, built by every process in batches of 2 (each process builds every
+    other shard); `stop`: process 1 dies once its first shard is written. Prints the teacher forwards each ran."""
+    import os
+
+    from hf_distill.cache import store
+
+    DistillationTrainer.teacher_cache_shard_size = 4
+    forwards = []
+    if stop and os.environ.get("RANK") == "1":
+        flush = store.ShardWriter.flush
+
+        def flush_then_die(writer):
+            flush(writer)
+            os._exit(3)
+
+        store.ShardWriter.flush = flush_then_die
+    original = DistillationTrainer.teacher_forward
+
+    def counted(self, *args, **kwargs):
+        forwards.append(1)
+        return original(self, *args, **kwargs)
+
+    DistillationTrainer.teacher_forward = counted
+    trainer = run(output_dir, 2, teacher_cache=str(output_dir / "cache"), train=False, per_device_eval_batch_size=2)
+    print(f"FORWARDS rank {os.environ.get('RANK', 0)}: {len(forwards)}", flush=True)
     return trainer
 
 
@@ -92,6 +124,9 @@ if __name__ == "__main__":
     output_dir = Path(sys.argv[1])
     mode = sys.argv[2] if sys.argv[2:] else "online"
     cache = str(output_dir / "cache") if mode == "cache" else None
+    if mode in ("build_cache", "build_cache_stopped"):
+        build_cache(output_dir, stop=mode == "build_cache_stopped")
+        end_launched_process()
     if mode == "on_policy":
         trainer = run_on_policy(output_dir, batch_size=4)
     else:

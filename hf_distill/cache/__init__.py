@@ -17,14 +17,16 @@ its inputs, checked before training (first batch) and at every step, so random m
 which would show the student inputs the teacher never saw, is refused rather than silently trained on.
 """
 
+from .building import ProcessGroup, build_teacher_cache
 from .contents import CachedTeacherOutputs, OutputExtractor, cache_contents, input_checksums
-from .teacher_cache import INDEX_KEY, IndexedDataset, TeacherCache, build_teacher_cache, weights_sha256
+from .teacher_cache import INDEX_KEY, IndexedDataset, TeacherCache, weights_sha256
 
 __all__ = [
     "INDEX_KEY",
     "CachedTeacherOutputs",
     "IndexedDataset",
     "OutputExtractor",
+    "ProcessGroup",
     "TeacherCache",
     "build_teacher_cache",
     "cache_contents",

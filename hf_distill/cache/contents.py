@@ -18,6 +18,11 @@ from ..seq2seq import stack_size
 
 #: The fewest rows of a token-level teacher's logits a cache build projects and reduces to its top k at a time.
 BUILD_CHUNK_ROWS = 256
+#: The most logits a cache build projects in one product (256 MiB in float32; a plain teacher pass holds all of a
+#: batch's): without gradients nothing else of that size is held beside it. On 2 CPU cores, a GPT-2 batch of 1,016
+#: rows x 50,257 words projected and reduced to its top 64 in one product took 1.22 s, in two of 508 rows 1.35 s,
+#: against 1.27 s for the product alone into a new tensor (medians of 6 interleaved rounds).
+BUILD_GROUP_ELEMENTS = 2**26
 #: Input tensors a checksum is taken of, in order of preference: what the teacher's outputs depend on.
 CHECKSUM_KEYS = ("input_ids", "pixel_values", "input_values", "input_features", "inputs_embeds")
 _CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
@@ -228,17 +233,16 @@ def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> 
     """What a cache stores of a token-level teacher's `[rows, vocab]` logits (or its unprojected rows): all of them
     (`"dense"`), or the top k with the log normaliser and tail per temperature.
 
-    Unprojected rows are projected a group at a time (`group_rows`: at most `GROUP_ELEMENTS` logits, as the training
-    loop does) into one buffer that the top k's reduction then overwrites: no temporary spans every row of the
-    vocabulary, and none of a group's size is allocated per group. On 2 CPU cores, 1,016 rows x 50,257 words:
-    projected 0.82 s; projected and reduced into new tensors (each mapped and first touched afresh) 1.50 s, into the
-    buffer 0.99 s; in 256-row products 1.22 s. Logits given whole are taken `rows_per_chunk` rows at a time (at least
-    `BUILD_CHUNK_ROWS`). Stored values are never differentiated."""
+    Unprojected rows are projected a group at a time (`group_rows`: at most `BUILD_GROUP_ELEMENTS` logits) into one
+    buffer that the top k's reduction then overwrites: no group-sized tensor is allocated per group. On 2 CPU
+    cores, 1,016 rows x 50,257 words: projected 0.82 s; projected and reduced into new tensors (each mapped and first
+    touched afresh) 1.50 s, into the buffer 0.99 s; in 256-row products 1.22 s. Logits given whole are taken
+    `rows_per_chunk` rows at a time (at least `BUILD_CHUNK_ROWS`). Stored values are never differentiated."""
     vocab = rows.shape[-1]
     projected = isinstance(rows, ProjectedRows) and contents["logits"] != "dense"
     chunk_size = max(rows_per_chunk(vocab), BUILD_CHUNK_ROWS)
     if projected:
-        chunk_size = group_rows(rows.shape[0], chunk_size, vocab)
+        chunk_size = group_rows(rows.shape[0], chunk_size, vocab, BUILD_GROUP_ELEMENTS)
     parts: dict[str, list[torch.Tensor]] = {}
     buffer = None
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # one empty chunk when no row counts

@@ -86,6 +86,12 @@ def finished_shards(directory: str) -> list[tuple[int, int]]:
     return shards
 
 
+def held_shards(directory: str) -> list[tuple[int, int]]:
+    """Every shard on disk as `(start, end)`, in order of `start`, wherever it starts; stray files are ignored."""
+    matches = [_SHARD_PATTERN.match(name) for name in os.listdir(directory)]
+    return sorted((int(match.group(1)), int(match.group(2))) for match in matches if match)
+
+
 class ShardWriter:
     """Collects per-batch outputs and writes them as shards of at least `shard_size` whole examples; `written(name,
     sha256)` is told of each shard once it is in place."""

@@ -5,24 +5,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CONFIG_MAPPING, PretrainedConfig
 
-from .._version import __version__
 from ..card import model_facts
 from .contents import (
-    OutputExtractor,
     assemble,
     contents_mismatch,
     input_checksums,
     label_checksums,
-    nonfinite_examples,
     same_inputs,
 )
 from .store import (
@@ -30,20 +25,13 @@ from .store import (
     FORMAT_VERSION,
     RECORD_NAME,
     CacheReader,
-    ShardWriter,
-    file_sha256,
-    finished_shards,
     read_json,
-    shard_name,
-    write_json_atomically,
 )
 
 logger = logging.getLogger(__name__)
 
 #: The batch key that carries each example's index into the cache while training from one.
 INDEX_KEY = "hf_distill_example_index"
-#: The parts of a record that must agree for a cache to be used or resumed.
-_FINGERPRINT_PARTS = ("format", "teacher", "dataset", "preprocessing", "contents")
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -168,99 +156,6 @@ class TeacherCache:
                 "deterministic (mask once with a fixed seed, augment nothing) or distil online without the cache."
             )
         return assemble(gathered, inputs, self.contents, device)
-
-
-def build_teacher_cache(
-    directory: str,
-    record: dict[str, Any],
-    batches_from: Callable[[int], Iterable[dict[str, Any]]],
-    forward: Callable[[dict[str, Any]], Any],
-    extractor: OutputExtractor,
-    shard_size: int = 1024,
-) -> TeacherCache:
-    """Run the teacher over a dataset once and store what the losses need, streaming shards to `directory`.
-
-    Args:
-        record (`dict`): the fingerprint (teacher, dataset, preprocessing, contents) stored with the cache.
-        batches_from (`Callable[[int], Iterable]`): batches of the dataset in order, starting at an example index.
-        forward (`Callable`): runs the teacher on a batch (already on its device).
-        extractor ([`OutputExtractor`]): turns outputs into stored tensors.
-        shard_size (`int`): examples per shard: what an interruption can lose.
-
-    Interrupted builds resume from the last whole shard when called again with the same record; a cache is
-    readable only once `cache.json` is written, after every shard.
-    """
-    os.makedirs(directory, exist_ok=True)
-    fingerprint = {key: record[key] for key in _FINGERPRINT_PARTS}
-    building_path = os.path.join(directory, BUILDING_NAME)
-    building = read_json(building_path)
-    if building is None and any(name.startswith("shard-") for name in os.listdir(directory)):
-        raise ValueError(f"{directory} holds shards but no build record: not a cache this version wrote; empty it")
-    if building is not None:
-        problems = _mismatches(building, fingerprint)
-        if problems:
-            raise ValueError(
-                f"{directory} holds an interrupted teacher cache build for other settings ({'; '.join(problems)}); "
-                "delete it or choose another directory"
-            )
-    else:
-        building = {**fingerprint, "shard_sha256": {}}  # written below, with the shards kept
-    total = record["dataset"]["num_examples"]
-    # A build resumes after the shards that still hold what was written (a build record of an earlier version has
-    # no checksums: its shards are trusted as they are, and hashed now).
-    recorded = building.get("shard_sha256")
-    shards, hashes = [], {}
-    for shard in finished_shards(directory):
-        name = shard_name(*shard)
-        digest = file_sha256(os.path.join(directory, name))
-        if recorded is not None and recorded.get(name) != digest:
-            break  # damaged, or written but not recorded: rebuilt from here
-        shards.append(shard)
-        hashes[name] = digest
-    start = shards[-1][1] if shards else 0
-    kept = {shard_name(*shard) for shard in shards}
-    for name in os.listdir(directory):  # half-written .tmp files and shards past a gap are not trusted
-        if name.startswith("shard-") and name not in kept:
-            os.remove(os.path.join(directory, name))
-    if start:
-        logger.info("Resuming the teacher cache in %s at example %d of %d", directory, start, total)
-
-    def written(name: str, digest: str) -> None:
-        hashes[name] = digest
-        write_json_atomically(building_path, {**fingerprint, "shard_sha256": hashes})
-
-    write_json_atomically(building_path, {**fingerprint, "shard_sha256": hashes})
-    writer = ShardWriter(directory, start, shard_size, written)
-    with tqdm(total=total, initial=start, desc="Building the teacher cache", unit="example") as progress:
-        with torch.inference_mode():
-            seen = start
-            for inputs in batches_from(start):
-                stored = extractor(inputs, forward(inputs))
-                broken = nonfinite_examples(stored)
-                if broken:
-                    writer.flush()  # the whole shards before stay: a fixed teacher resumes after them
-                    raise FloatingPointError(
-                        f"the teacher's outputs for training examples {[seen + i for i in broken][:10]} hold NaN or "
-                        f"infinite values, so the teacher cache {directory} stops before them (what was built so far "
-                        "is kept). A teacher run in float16 overflows past 65,504: load it in float32 or bfloat16; "
-                        "otherwise check the teacher on those examples"
-                    )
-                writer.add(stored)
-                seen += len(stored["checksum"])
-                progress.update(len(stored["checksum"]))
-        writer.flush()
-    shards = finished_shards(directory)
-    if not shards or shards[-1][1] != total:
-        raise RuntimeError(
-            f"the teacher cache build in {directory} covered {shards[-1][1] if shards else 0} of {total} examples"
-        )
-    finished = {**fingerprint, "hf_distill_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "shards": [{"file": shard_name(s, e), "start": s, "end": e, "sha256": hashes[shard_name(s, e)]}
-                           for s, e in shards]}  # fmt: skip
-    # The build record stays: after damage, deleting cache.json and building again resumes from it.
-    write_json_atomically(os.path.join(directory, RECORD_NAME), finished)
-    return TeacherCache(directory)
 
 
 class IndexedDataset(torch.utils.data.Dataset):

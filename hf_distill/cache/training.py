@@ -10,6 +10,7 @@ online. With several teachers each has its own cache (record and fingerprint) in
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,11 +20,12 @@ from transformers import DataCollatorForLanguageModeling
 from ..losses.base import batch_size
 from ..model_kind import describe
 from ..seq2seq import with_decoder_inputs
-from ..teacher import zero_stage
+from ..teacher import sharding_engine, zero_stage
 from ..teacher_sources import DEFAULT_TEACHER
+from .building import ProcessGroup, build_teacher_cache
 from .contents import OutputExtractor, cache_contents
 from .store import BUILDING_NAME, read_json, write_json_atomically
-from .teacher_cache import INDEX_KEY, TeacherCache, build_teacher_cache, cache_record
+from .teacher_cache import INDEX_KEY, TeacherCache, cache_record
 
 #: In a cache folder of several teachers: their names, one subfolder (a whole cache) each.
 TEACHERS_INDEX = "teachers.json"
@@ -97,6 +99,13 @@ def cached_reference(cache: TeacherCache | None) -> ConfigOnly | None:
     return None if cache is None else ConfigOnly(cache.teacher_config(), cache.record["teacher"]["class"])
 
 
+def every_object(processes: int, value: Any) -> list[Any]:
+    """`value` of every process, in rank order, on every process (a collective)."""
+    gathered = [None] * processes
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 class TeacherCacheMixin:
     """Opens `args.teacher_cache` for a `DistillationTrainer`, building (or finishing) it first when needed.
 
@@ -157,13 +166,15 @@ class TeacherCacheMixin:
         """Open one teacher's cache in `directory`, building (or finishing) it first with `source` (a
         `FrozenTeacher`) if needed, and check it serves this run (`columns`: the student's vocabulary, when the
         teacher's logits are cut to it)."""
-        # ZeRO-3 leaves each process a shard of the teacher's weights: nothing to hash, or to build a cache from.
-        split_teacher = zero_stage(self.accelerator) == 3
+        # ZeRO-3 and FSDP leave each process a shard of the teacher's weights: nothing to hash, or to build from.
+        split_by = "DeepSpeed ZeRO-3" if zero_stage(self.accelerator) == 3 else None
+        split_by = "FSDP" if sharding_engine(self.accelerator) == "FSDP" else split_by
+        split_teacher = split_by is not None
         if split_teacher and cache is None and not TeacherCache.is_finished(directory):
             raise ValueError(
-                f"the teacher cache {directory} cannot be built under DeepSpeed ZeRO-3, which splits the teacher's "
-                "weights across processes (so they cannot be hashed for the cache's record): build it once without "
-                "ZeRO-3 (one process, DDP or ZeRO-2), then train from it under ZeRO-3 with no teacher at all"
+                f"the teacher cache {directory} cannot be built under {split_by}, which splits the teacher's weights "
+                "across processes (so they cannot be hashed for the cache's record): build it once without "
+                f"{split_by} (one process, DDP or ZeRO-2), then train from it under {split_by} with no teacher at all"
             )
         contents = cache_contents(losses, reference, self.args.teacher_cache_top_k)
         if columns is not None and contents["logits"] is not None:
@@ -172,38 +183,46 @@ class TeacherCacheMixin:
         # The teacher's size as given (a GPU run may have cast it to half precision since).
         facts = None if source is None else source.facts
         record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts)
-        with self.args.main_process_first(local=False, desc="teacher cache"):
-            if cache is None and not TeacherCache.is_finished(directory):
-                cache = build_teacher_cache(
-                    directory,
-                    record,
-                    self._cache_batches,
-                    lambda inputs: source.outputs(inputs, None, training=True),
-                    OutputExtractor(contents, losses),
-                    shard_size=self.teacher_cache_shard_size,
-                )
-            elif cache is None:
-                cache = TeacherCache(directory)
+        if cache is None and not TeacherCache.is_finished(directory):
+            # Every process builds its share of the examples (the directory must be on a file system they share).
+            cache = build_teacher_cache(
+                directory,
+                record,
+                self._cache_batches,
+                lambda inputs: source.outputs(inputs, None, training=True),
+                OutputExtractor(contents, losses),
+                batch_size=self.args.per_device_eval_batch_size,
+                shard_size=self.teacher_cache_shard_size,
+                group=self._cache_group(),
+            )
+        elif cache is None:
+            cache = TeacherCache(directory)
         cache.check(record)
         if self.args.teacher_cache_verify:
             cache.verify()
         # Before any step: the first examples, prepared again, must be the inputs the teacher saw.
-        first = next(iter(self._cache_batches(0, batch_size=min(8, len(self.train_dataset)))))
+        first = next(iter(self._cache_batches([list(range(min(8, len(self.train_dataset))))])))
         cache.outputs_for(list(range(batch_size(first))), first, self.args.device)
         return cache
 
-    def _cache_batches(self, start: int, batch_size: int | None = None):
-        """The training set from example `start` on, in order, prepared as for training and on the device."""
+    def _cache_group(self) -> ProcessGroup:
+        """The run's processes, which build a teacher cache together."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return ProcessGroup()
+        return ProcessGroup(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                            partial(every_object, accelerator.num_processes))  # fmt: skip
+
+    def _cache_batches(self, batches: list[list[int]]):
+        """The training set's examples in `batches` (lists of indices), in order, prepared as for training and on the
+        device."""
         dataset, collator = self.train_dataset, self.data_collator
         if isinstance(dataset, Dataset):
             dataset = self._remove_unused_columns(dataset, description="teacher cache")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="teacher cache")
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, len(dataset))),
-            batch_size=batch_size or self.args.per_device_eval_batch_size,
-            collate_fn=collator,
-            num_workers=self.args.dataloader_num_workers,
+            dataset, batch_sampler=batches, collate_fn=collator, num_workers=self.args.dataloader_num_workers
         )
         student = self.accelerator.unwrap_model(self.model)
         # An encoder-decoder teacher reads the decoder inputs the student builds from the labels, as in training.

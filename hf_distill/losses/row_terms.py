@@ -123,10 +123,10 @@ class RowTerm:
 GROUP_ELEMENTS = 2**25
 
 
-def group_rows(rows: int, chunk_size: int, vocab: int) -> int:
-    """How many rows are projected at once: at most `GROUP_ELEMENTS` logits (never fewer than `chunk_size` rows),
-    in groups of even size."""
-    limit = max(chunk_size, GROUP_ELEMENTS // max(vocab, 1))
+def group_rows(rows: int, chunk_size: int, vocab: int, elements: int | None = None) -> int:
+    """How many rows are projected at once: at most `elements` logits (`GROUP_ELEMENTS` by default; never fewer
+    than `chunk_size` rows), in groups of even size."""
+    limit = max(chunk_size, (elements or GROUP_ELEMENTS) // max(vocab, 1))
     groups = max(1, -(-rows // limit))
     return max(1, -(-rows // groups))
 

@@ -1,0 +1,83 @@
+"""FSDP2 training run for test_fsdp.py, in its own process (the Trainer sets up torch.distributed).
+
+    python fsdp_run.py OUTPUT_DIR [MODE]
+    torchrun --nproc_per_node 2 fsdp_run.py OUTPUT_DIR [MODE]
+
+FSDP2 (`fully_shard`) on the CPU (gloo), in one process or under torchrun: 2 steps of 4 x 2 accumulated
+micro-batches (4 examples per micro-batch shared by the processes), a GPT-2 student and its teacher both sharded.
+MODE: `train` (default; writes the student's full weights to OUTPUT_DIR/final.safetensors and prints what each
+process holds of the teacher), `save` (also saves checkpoints and the final student with `save_model`), `resume`
+(resumes from OUTPUT_DIR's checkpoint-1 and writes final.safetensors), `refuse_projectors`, `refuse_cache`,
+`refuse_version_1` (print the error raised before training).
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from helpers import causal_lm, config, end_launched_process, pad_right, prompt_completion_dataset
+from safetensors.torch import save_file
+
+from hf_distill import DistillationTrainer
+
+LOSSES = {
+    "soft_target": {"weight": 1.0, "temperature": 2.0},
+    "hard_label": {"weight": 0.5},
+    "hidden_state": {"weight": 1.0, "layer_map": [[1, 2], [2, 4]]},
+}
+FSDP = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
+
+
+def trainer(output_dir: Path, losses: dict = LOSSES, fsdp: dict | None = None, width: int = 16, **overrides):
+    """Plain SGD, no clipping, no weight decay: the same update with and without FSDP."""
+    settings = dict(max_steps=2, optim="sgd", max_grad_norm=0.0, learning_rate=0.5, **(fsdp or {}))
+    settings.update(overrides)
+    return DistillationTrainer(
+        model=causal_lm(seed=2, layers=2, width=width),
+        teacher_model=causal_lm(seed=1, layers=4),
+        args=config(output_dir, losses, **settings),
+        train_dataset=prompt_completion_dataset(16),
+        data_collator=pad_right,
+    )
+
+
+def full_state(run: DistillationTrainer) -> dict[str, torch.Tensor]:
+    """The student's whole weights on every process (a collective under FSDP: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    state = get_model_state_dict(run.model, options=options)
+    return {key: value.clone().contiguous() for key, value in state.items()}
+
+
+if __name__ == "__main__":
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", "29542")
+    output_dir, mode = Path(sys.argv[1]), (sys.argv[2:] or ["train"])[0]
+    try:
+        if mode == "refuse_projectors":
+            trainer(output_dir, {"hidden_state": {"weight": 1.0}}, FSDP, width=8)  # 8 wide, teacher 16
+        elif mode == "refuse_cache":
+            trainer(output_dir, fsdp=FSDP, teacher_cache=str(output_dir / "cache"))
+        elif mode == "refuse_version_1":
+            trainer(output_dir, fsdp={"fsdp": "full_shard", "fsdp_config": {"version": 1}})
+    except ValueError as error:
+        print(f"REFUSED: {error}")
+        end_launched_process()
+    per_process = 4 // int(os.environ["WORLD_SIZE"])
+    saving = {"save_strategy": "steps", "save_steps": 1} if mode in ("save", "resume") else {}
+    run = trainer(output_dir, fsdp=FSDP, per_device_train_batch_size=per_process, gradient_accumulation_steps=2,
+                  **saving)  # fmt: skip
+    run.train(resume_from_checkpoint=str(output_dir / "checkpoint-1") if mode == "resume" else None)
+    teacher = run.teacher_model
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
+    whole = sum(p.numel() for p in teacher.parameters())
+    print(f"TEACHER rank {run.args.process_index} holds {held} of {whole}", flush=True)
+    state = full_state(run)
+    if mode == "save":
+        run.save_model(str(output_dir / "student"))
+    if run.args.process_index == 0:
+        save_file(state, str(output_dir / "final.safetensors"))
+    end_launched_process()
