@@ -258,7 +258,9 @@ def cache_build(student, teacher, data, losses, shape, scratch, attempts: int = 
         synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            for inputs in plain._cache_batches(0):  # the same batches the build ran, in the same order
+            size, count = plain.args.per_device_eval_batch_size, len(data)
+            batches = [list(range(first, min(first + size, count))) for first in range(0, count, size)]
+            for inputs in plain._cache_batches(batches):  # the same batches the build ran, in the same order
                 plain.teacher_forward(inputs, **plain.teachers["teacher"].output_flags)
         synchronize()
         times["inference"].append(time.perf_counter() - start)

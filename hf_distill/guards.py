@@ -130,17 +130,23 @@ def _message(step: int, bad: list[str], parameters: list[tuple[str, nn.Parameter
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A quantized weight (a torchao tensor subclass) as the floating-point values it stands for."""
+    """A quantized weight (a torchao tensor subclass) as the floating-point values it stands for; a sharded one
+    (FSDP's `DTensor`) as this process's shard."""
+    if hasattr(tensor, "to_local"):
+        tensor = tensor.to_local()
     return tensor if type(tensor) in (torch.Tensor, nn.Parameter) else tensor.dequantize()
 
 
 def check_finite_weights(model: nn.Module, where: str) -> None:
     """Refuse to write a model whose weights are not all finite (a student trained into NaN is no model)."""
-    broken = [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not torch.isfinite(_plain(tensor)).all()
-    ]
+    state = {name: tensor for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    broken = [name for name, tensor in state.items() if not torch.isfinite(_plain(tensor)).all()]
+    sharded = [tensor for tensor in state.values() if hasattr(tensor, "to_local")]
+    if sharded and torch.distributed.is_initialized():  # FSDP: each process checks its shards, and all must agree
+        finite = torch.tensor([0.0 if broken else 1.0], device=sharded[0].device)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not broken and not bool(finite.item()):
+            broken = ["(shards held by another process)"]
     if broken:
         raise FloatingPointError(
             f"not saving the model to {where}: its weights {_some(broken)} hold NaN or infinite values. Training diverged "

@@ -6,9 +6,8 @@
 FSDP2 (`fully_shard`) on the CPU (gloo), in one process or under torchrun: 2 steps of 4 x 2 accumulated
 micro-batches (4 examples per micro-batch shared by the processes), a GPT-2 student and its teacher both sharded.
 MODE: `train` (default; writes the student's full weights to OUTPUT_DIR/final.safetensors and prints what each
-process holds of the teacher), `save` (also saves checkpoints and the final student with `save_model`), `resume`
-(resumes from OUTPUT_DIR's checkpoint-1 and writes final.safetensors), `refuse_projectors`, `refuse_cache`,
-`refuse_version_1` (print the error raised before training).
+process holds of the teacher), `refuse_projectors`, `refuse_cache`, `refuse_version_1` (print the error raised
+before training).
 """
 
 import os
@@ -26,7 +25,29 @@ LOSSES = {
     "hard_label": {"weight": 0.5},
     "hidden_state": {"weight": 1.0, "layer_map": [[1, 2], [2, 4]]},
 }
-FSDP = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
+
+
+def fsdp_on_cpus() -> None:
+    """Let accelerate run FSDP on CPU processes (gloo) as it does on GPUs.
+
+    accelerate turns an FSDP plugin on for multi-GPU (and other accelerator) runs only: on CPUs it trains with
+    plain DDP instead. torch's `fully_shard` itself runs on CPUs over gloo, so this test run marks the state as FSDP
+    after accelerate set it up, exactly as accelerate does for a GPU run; everything after is accelerate's FSDP2
+    path (`fsdp2_prepare_model`, its state dicts and checkpoints) and hf_distill's."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    setup = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        setup(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
 
 
 def trainer(output_dir: Path, losses: dict = LOSSES, fsdp: dict | None = None, width: int = 16, **overrides):
@@ -46,12 +67,13 @@ def full_state(run: DistillationTrainer) -> dict[str, torch.Tensor]:
     """The student's whole weights on every process (a collective under FSDP: every process calls it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(run.model, options=options)
     return {key: value.clone().contiguous() for key, value in state.items()}
 
 
 if __name__ == "__main__":
+    fsdp_on_cpus()
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", "29542")
@@ -62,22 +84,18 @@ if __name__ == "__main__":
         elif mode == "refuse_cache":
             trainer(output_dir, fsdp=FSDP, teacher_cache=str(output_dir / "cache"))
         elif mode == "refuse_version_1":
-            trainer(output_dir, fsdp={"fsdp": "full_shard", "fsdp_config": {"version": 1}})
+            trainer(output_dir, fsdp={"fsdp": True, "fsdp_config": {"version": 1}})
     except ValueError as error:
         print(f"REFUSED: {error}")
         end_launched_process()
     per_process = 4 // int(os.environ["WORLD_SIZE"])
-    saving = {"save_strategy": "steps", "save_steps": 1} if mode in ("save", "resume") else {}
-    run = trainer(output_dir, fsdp=FSDP, per_device_train_batch_size=per_process, gradient_accumulation_steps=2,
-                  **saving)  # fmt: skip
-    run.train(resume_from_checkpoint=str(output_dir / "checkpoint-1") if mode == "resume" else None)
+    run = trainer(output_dir, fsdp=FSDP, per_device_train_batch_size=per_process, gradient_accumulation_steps=2)
+    run.train()
     teacher = run.teacher_model
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
     whole = sum(p.numel() for p in teacher.parameters())
     print(f"TEACHER rank {run.args.process_index} holds {held} of {whole}", flush=True)
     state = full_state(run)
-    if mode == "save":
-        run.save_model(str(output_dir / "student"))
     if run.args.process_index == 0:
         save_file(state, str(output_dir / "final.safetensors"))
     end_launched_process()

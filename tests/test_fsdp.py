@@ -1,0 +1,67 @@
+"""FSDP2 with a teacher in the loop, the teacher sharded too: the same update as one plain process (CPU, gloo)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fsdp_run import trainer
+from helpers import free_port
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).parent
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+
+
+def launch(output_dir: Path, *mode: str, processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    port = str(free_port())
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                   "MASTER_PORT": port}  # fmt: skip
+    command = [sys.executable, str(TESTS / "fsdp_run.py"), str(output_dir), *mode]
+    if processes > 1:
+        command = ["torchrun", "--nproc_per_node", str(processes), "--master_port", port, *command[1:]]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def one_plain_process(output_dir: Path) -> dict[str, torch.Tensor]:
+    """The reference: one process, no FSDP, the combined batch of 4 per micro-batch (torchrun's one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = trainer(output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+        reference.train()
+    finally:
+        torch.set_num_threads(threads)
+    return reference.model.state_dict()
+
+
+@pytest.mark.slow  # an FSDP launch of two processes and a plain run: under a minute
+def test_fsdp_with_the_teacher_sharded_trains_like_one_plain_process_with_the_combined_batch(tmp_path):
+    """Student and teacher both sharded by `fully_shard` over 2 processes, 2 steps of 2 accumulated micro-batches
+    of 2 examples each: the weights of one process with micro-batches of 4, to 1e-5. Each process holds half of the
+    teacher's weights."""
+    output = launch(tmp_path / "fsdp", "train").stdout
+    held = [line.split() for line in output.splitlines() if line.startswith("TEACHER")]
+    assert len(held) == 2, output
+    whole = int(held[0][-1])
+    assert all(int(line[4]) <= whole * 0.55 for line in held)  # about half each (a dimension that does not split
+    assert sum(int(line[4]) for line in held) >= whole  # 2 ways is padded)
+    with_fsdp = load_file(tmp_path / "fsdp" / "final.safetensors")
+    reference = one_plain_process(tmp_path / "plain")
+    for key, value in reference.items():
+        torch.testing.assert_close(with_fsdp[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow  # FSDP launches
+def test_what_fsdp_cannot_do_yet_is_refused_before_training(tmp_path):
+    projectors = launch(tmp_path / "projectors", "refuse_projectors").stdout
+    assert "REFUSED" in projectors and "learn projectors" in projectors and "FSDP" in projectors
+    cache = launch(tmp_path / "cache", "refuse_cache").stdout
+    assert "REFUSED" in cache and "cannot be built under FSDP" in cache
+    assert not (tmp_path / "cache" / "cache").exists()
