@@ -33,7 +33,7 @@ from .store import (
     shard_name,
     write_json_atomically,
 )
-from .teacher_cache import TeacherCache, _mismatches
+from .teacher_cache import TeacherCache, record_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _recorded_checksums(directory: str, fingerprint: dict[str, Any]) -> dict[str
         raise ValueError(f"{directory} holds shards but no build record: not a cache this version wrote; empty it")
     checksums: dict[str, str] | None = {}
     for path, record in records:
-        problems = _mismatches(record, fingerprint)
+        problems = record_mismatches(record, fingerprint)
         if problems:
             raise ValueError(
                 f"{directory} holds an interrupted teacher cache build for other settings ({'; '.join(problems)}, "

@@ -76,7 +76,7 @@ def cache_record(
     }
 
 
-def _mismatches(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def record_mismatches(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Differences between a cache's record and the current run's, in words (empty when it may be used)."""
     problems = []
     if cached["format"] != current["format"]:
@@ -134,7 +134,7 @@ class TeacherCache:
 
     def check(self, current: dict[str, Any]) -> None:
         """Refuse this cache for a run whose record (teacher, data, preprocessing, contents) does not match."""
-        problems = _mismatches(self.record, current)
+        problems = record_mismatches(self.record, current)
         if problems:
             raise ValueError(
                 f"the teacher cache in {self.directory} does not match this run: " + "; ".join(problems) + ". Build a "
