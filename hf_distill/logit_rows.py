@@ -76,6 +76,14 @@ class ProjectedRows:
     def dim(self) -> int:
         return 2
 
+    def logits_into(self, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The logits of rows `start..start + len(out) - 1` written into `out` (not differentiable): a buffer
+        reused across groups of rows instead of a new `[rows, vocab]` tensor each time."""
+        hidden = self.hidden[start : start + out.shape[0]].to(self.weight.dtype)
+        if self.bias is None:
+            return torch.mm(hidden, self.weight.t(), out=out)
+        return torch.addmm(self.bias, hidden, self.weight.t(), out=out)
+
     def logits(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """The logits of rows `start..end-1` (all by default), computed now in the projection's dtype (the hidden
         states may arrive cast to float32 by mixed precision); differentiable."""

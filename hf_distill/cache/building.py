@@ -93,10 +93,15 @@ def _keep_whole_shards(directory: str, fingerprint: dict[str, Any]) -> dict[str,
     for name in os.listdir(directory):
         if name.startswith("shard-") and name not in kept:
             os.remove(os.path.join(directory, name))
-    write_json_atomically(os.path.join(directory, BUILDING_NAME), {**fingerprint, "shard_sha256": kept})
+    _record_build(directory, fingerprint, kept)
+    return kept
+
+
+def _record_build(directory: str, fingerprint: dict[str, Any], checksums: dict[str, str]) -> None:
+    """Write `building.json` with these shard checksums, then remove the processes' own records it replaces."""
+    write_json_atomically(os.path.join(directory, BUILDING_NAME), {**fingerprint, "shard_sha256": checksums})
     for path in glob.glob(os.path.join(directory, "building.*.json")):
         os.remove(path)
-    return kept
 
 
 def missing_blocks(held: list[tuple[int, int]], total: int, shard_size: int) -> list[tuple[int, int]]:
@@ -138,15 +143,13 @@ def build_teacher_cache(
     group = group or ProcessGroup()
     fingerprint = {key: record[key] for key in FINGERPRINT_PARTS}
     total = record["dataset"]["num_examples"]
+    problem, kept = None, {}
     if group.rank == 0:
         os.makedirs(directory, exist_ok=True)
-        problem = None
         try:
-            _keep_whole_shards(directory, fingerprint)
+            kept = _keep_whole_shards(directory, fingerprint)
         except ValueError as error:
             problem = error
-    else:
-        problem = None
     problems = group.gather(None if problem is None else str(problem))
     if problem is not None:
         raise problem
@@ -159,7 +162,7 @@ def build_teacher_cache(
         logger.info("Resuming the teacher cache in %s at example %d of %d (%d examples to build)", directory,
                     blocks[0][0], total, sum(end - start for start, end in blocks))  # fmt: skip
     own_path = os.path.join(directory, BUILDING_NAME if group.size == 1 else rank_record_name(group.rank))
-    checksums = dict(read_json(os.path.join(directory, BUILDING_NAME))["shard_sha256"]) if group.size == 1 else {}
+    checksums = dict(kept) if group.size == 1 else {}  # one process extends building.json itself
 
     def written(name: str, digest: str) -> None:
         checksums[name] = digest
@@ -177,7 +180,7 @@ def build_teacher_cache(
     if elsewhere:
         raise RuntimeError(f"the teacher cache build in {directory} failed in another process: {elsewhere[0]}")
     if group.rank == 0:
-        _finish(directory, fingerprint, total, group.size)
+        _finish(directory, fingerprint, total)
     group.wait()
     return TeacherCache(directory)
 
@@ -208,20 +211,12 @@ def _build_blocks(directory, blocks, batches_of, forward, extractor, batch_size,
                 progress.update(len(indices))
 
 
-def _finish(directory: str, fingerprint: dict[str, Any], total: int, processes: int) -> None:
+def _finish(directory: str, fingerprint: dict[str, Any], total: int) -> None:
     """Merge the processes' records into `building.json` and, when the shards cover every example, write
     `cache.json` (the mark of a whole cache)."""
-    building_path = os.path.join(directory, BUILDING_NAME)
-    checksums = dict(read_json(building_path)["shard_sha256"])
-    for rank in range(processes if processes > 1 else 0):
-        own = read_json(os.path.join(directory, rank_record_name(rank)))
-        if own is not None:
-            checksums.update(own["shard_sha256"])
+    checksums = _recorded_checksums(directory, fingerprint)
     # The build record stays: after damage, deleting cache.json and building again resumes from it.
-    write_json_atomically(building_path, {**fingerprint, "shard_sha256": checksums})
-    for rank in range(processes if processes > 1 else 0):
-        if os.path.exists(os.path.join(directory, rank_record_name(rank))):
-            os.remove(os.path.join(directory, rank_record_name(rank)))
+    _record_build(directory, fingerprint, checksums)
     shards = finished_shards(directory)
     if not shards or shards[-1][1] != total:
         raise RuntimeError(

@@ -248,14 +248,9 @@ def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> 
     for start in range(0, max(rows.shape[0], 1), chunk_size):  # one empty chunk when no row counts
         end = min(start + chunk_size, rows.shape[0])
         if projected:
-            hidden = rows.hidden[start:end].to(rows.weight.dtype)
             if buffer is None:
                 buffer = torch.empty(chunk_size, vocab, dtype=rows.weight.dtype, device=rows.weight.device)
-            logits = buffer[: end - start]
-            if rows.bias is None:
-                torch.mm(hidden, rows.weight.t(), out=logits)
-            else:
-                torch.addmm(rows.bias, hidden, rows.weight.t(), out=logits)
+            logits = rows.logits_into(buffer[: end - start], start)
         else:
             logits = rows.logits(start, end) if isinstance(rows, ProjectedRows) else rows[start:end]
         if contents["logits"] == "dense":

@@ -74,11 +74,7 @@ def read_json(path: str) -> dict[str, Any] | None:
 
 def finished_shards(directory: str) -> list[tuple[int, int]]:
     """The shards on disk that continue each other from example 0, as `(start, end)`; stray files are ignored."""
-    found = {}
-    for name in os.listdir(directory):
-        match = _SHARD_PATTERN.match(name)
-        if match:
-            found[int(match.group(1))] = int(match.group(2))
+    found = dict(held_shards(directory))
     shards, position = [], 0
     while position in found:
         shards.append((position, found[position]))

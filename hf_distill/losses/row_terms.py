@@ -153,11 +153,7 @@ def _run_chunks(hidden, weight, bias, terms, coefficients, chunk_size, grads_wan
         group_hidden = hidden[group_start:group_end].to(weight.dtype)
         if buffer is None:
             buffer = torch.empty(size, weight.shape[0], dtype=weight.dtype, device=weight.device)
-        logits = buffer[: group_end - group_start]
-        if bias is None:
-            torch.mm(group_hidden, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, group_hidden, weight.t(), out=logits)
+        logits = ProjectedRows(group_hidden, weight, bias).logits_into(buffer[: group_end - group_start])
         group = (group_start, group_end, {})
         for start in range(group_start, group_end, chunk_size):
             end = min(start + chunk_size, group_end)
