@@ -8,6 +8,8 @@
   resumes from the one before; a named checkpoint that was cut short is refused.
 - `load_saved_weights(model, folder)`: a checkpoint's weights into the student, renamed as `from_pretrained` renames
   them (what the Trainer's resume does not do).
+- `whole_fsdp_weights(model)`: an FSDP-sharded model's whole weights, gathered onto the first process, for a plain
+  saved model where the Trainer would write none (sharded state dicts).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 import shutil
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -135,3 +138,12 @@ def load_saved_weights(model: nn.Module, folder: str) -> bool:
     model.load_state_dict(restored.state_dict(), strict=True)
     del restored
     return True
+
+
+def whole_fsdp_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a model sharded by FSDP2, in CPU memory on the first process (an empty dict on the
+    others). A collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

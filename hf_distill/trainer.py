@@ -39,7 +39,7 @@ from .overrides import Overrides
 from .randomness import preserved_random_state
 from .reporting import TermLog, TermReportingMixin
 from .rollouts import RolloutBackend, RolloutMixin
-from .saving import checkpoint_to_resume, load_saved_weights, staged_folder
+from .saving import checkpoint_to_resume, load_saved_weights, staged_folder, whole_fsdp_weights
 from .seq2seq import check_decoder_start, with_decoder_inputs
 from .teacher import prepare_frozen_teacher, sharding_engine
 from .teacher_roster import (
@@ -51,13 +51,7 @@ from .teacher_roster import (
     route_terms,
     teacher_mapping,
 )
-from .teacher_sources import (
-    FrozenTeacher,
-    MovingAverageCallback,
-    TeacherSource,
-    normalized_weights,
-    training_rows,
-)
+from .teacher_sources import FrozenTeacher, MovingAverageCallback, TeacherSource, normalized_weights, training_rows
 from .terms import TermSet
 from .trained_parts import ExtraTrainedParts
 
@@ -434,11 +428,17 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
         self.finite_guard.check(self.state.global_step + 1, parameters, self.accelerator.num_processes)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """The Trainer's `save_model`, refused (`FloatingPointError`) for a student whose weights are not finite;
-        with `save_trained_teachers`, each teacher that learnt goes to `<output_dir>/teachers/<name>` beside it."""
+        """The Trainer's `save_model` (a plain model under FSDP with sharded state dicts too), refused for a student
+        whose weights are not finite; with `save_trained_teachers`, each teacher that learnt goes to `teachers/<name>`."""
         output_dir = output_dir or self.args.output_dir
         check_finite_weights(self.accelerator.unwrap_model(self.model), output_dir)
-        super().save_model(output_dir, _internal_call)
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if plugin and not _internal_call and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+            self._save(output_dir, state_dict=whole_fsdp_weights(self.model))  # the Trainer writes no model there
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call)
         if _internal_call or not self.args.save_trained_teachers or not self.args.should_save:
             return
         self.extra_parts.save_teachers(os.path.join(output_dir, TRAINED_TEACHERS_DIR), self.processing_class)
@@ -485,7 +485,7 @@ class DistillationTrainer(TermReportingMixin, TeacherCacheMixin, RolloutMixin, T
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(self.model if model is None else model)
-        if not load_saved_weights(target, resume_from_checkpoint):
+        if self.is_fsdp_enabled or not load_saved_weights(target, resume_from_checkpoint):  # FSDP: its own shards
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:

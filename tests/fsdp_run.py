@@ -6,8 +6,9 @@
 FSDP2 (`fully_shard`) on the CPU (gloo), in one process or under torchrun: 2 steps of 4 x 2 accumulated
 micro-batches (4 examples per micro-batch shared by the processes), a GPT-2 student and its teacher both sharded.
 MODE: `train` (default; writes the student's full weights to OUTPUT_DIR/final.safetensors and prints what each
-process holds of the teacher), `refuse_projectors`, `refuse_cache`, `refuse_version_1` (print the error raised
-before training).
+process holds of the teacher); `save` (AdamW, a checkpoint after each step, then `save_model` to OUTPUT_DIR/student)
+and `resume` (from OUTPUT_DIR/checkpoint-1, the weights to OUTPUT_DIR/resumed.safetensors), each with `_sharded` for
+sharded state dicts; `refuse_projectors`, `refuse_cache` (print the error raised before training).
 """
 
 import os
@@ -41,6 +42,8 @@ def fsdp_on_cpus() -> None:
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         setup(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # Every later `AcceleratorState()` (an optimizer's, for one) copies the process state's type in again.
+        fsdp_plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
 
@@ -83,19 +86,26 @@ if __name__ == "__main__":
             trainer(output_dir, {"hidden_state": {"weight": 1.0}}, FSDP, width=8)  # 8 wide, teacher 16
         elif mode == "refuse_cache":
             trainer(output_dir, fsdp=FSDP, teacher_cache=str(output_dir / "cache"))
-        elif mode == "refuse_version_1":
-            trainer(output_dir, fsdp={"fsdp": True, "fsdp_config": {"version": 1}})
     except ValueError as error:
         print(f"REFUSED: {error}")
         end_launched_process()
     per_process = 4 // int(os.environ["WORLD_SIZE"])
-    run = trainer(output_dir, fsdp=FSDP, per_device_train_batch_size=per_process, gradient_accumulation_steps=2)
-    run.train()
+    fsdp = FSDP
+    if mode.endswith("_sharded"):  # checkpoints as sharded state dicts (torch.distributed.checkpoint)
+        fsdp = {**FSDP, "fsdp_config": {**FSDP["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}}
+    saving = {}
+    if mode.startswith(("save", "resume")):  # AdamW: its state is in the checkpoint too
+        saving = {"save_strategy": "steps", "save_steps": 1, "optim": "adamw_torch", "learning_rate": 0.01}
+    run = trainer(output_dir, fsdp=fsdp, per_device_train_batch_size=per_process, gradient_accumulation_steps=2,
+                  **saving)  # fmt: skip
+    run.train(resume_from_checkpoint=str(output_dir / "checkpoint-1") if mode.startswith("resume") else None)
+    if mode.startswith("save"):
+        run.save_model(str(output_dir / "student"))
     teacher = run.teacher_model
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
     whole = sum(p.numel() for p in teacher.parameters())
     print(f"TEACHER rank {run.args.process_index} holds {held} of {whole}", flush=True)
     state = full_state(run)
     if run.args.process_index == 0:
-        save_file(state, str(output_dir / "final.safetensors"))
+        save_file(state, str(output_dir / f"{'resumed' if mode.startswith('resume') else 'final'}.safetensors"))
     end_launched_process()

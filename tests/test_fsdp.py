@@ -5,12 +5,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fsdp_run import trainer
-from helpers import free_port
+from helpers import causal_lm, free_port
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hf_distill.teacher import fsdp_teacher
 
 TESTS = Path(__file__).parent
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
@@ -65,3 +69,31 @@ def test_what_fsdp_cannot_do_yet_is_refused_before_training(tmp_path):
     cache = launch(tmp_path / "cache", "refuse_cache").stdout
     assert "REFUSED" in cache and "cannot be built under FSDP" in cache
     assert not (tmp_path / "cache" / "cache").exists()
+
+
+def test_a_teacher_under_fsdp1_is_refused_with_the_fix():
+    """accelerate builds no FSDP1 plugin without a GPU, so the refusal is checked on the accelerator it reads."""
+    plugin = SimpleNamespace(fsdp_version=1)
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))
+    with pytest.raises(ValueError, match=r"FSDP2 only: set fsdp_config=\{'version': 2\}"):
+        fsdp_teacher(causal_lm(seed=1), accelerator, None)
+
+
+@pytest.mark.slow  # four FSDP launches: about a minute
+@pytest.mark.parametrize("state_dicts", ["full", "sharded"])
+def test_a_run_under_fsdp_resumes_exactly_from_its_checkpoint_and_saves_a_plain_student(tmp_path, state_dicts):
+    """AdamW over 2 steps, a checkpoint after each, as the Trainer writes them under FSDP (a full state dict, or a
+    sharded one through torch.distributed.checkpoint): resuming at step 1 ends on the weights of the run that was not
+    interrupted, bit for bit, and the student `save_model` wrote loads with `from_pretrained` as those weights."""
+    suffix = "" if state_dicts == "full" else "_sharded"
+    launch(tmp_path, f"save{suffix}")
+    if state_dicts == "sharded":
+        assert (tmp_path / "checkpoint-1" / "pytorch_model_fsdp_0").is_dir()
+    launch(tmp_path, f"resume{suffix}")
+    uninterrupted, resumed = load_file(tmp_path / "final.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "student").state_dict()
+    for key, value in uninterrupted.items():
+        assert torch.equal(saved[key], value), key
