@@ -35,17 +35,18 @@ def fsdp_on_cpus() -> None:
     plain DDP instead. torch's `fully_shard` itself runs on CPUs over gloo, so this test run marks the state as FSDP
     after accelerate set it up, exactly as accelerate does for a GPU run; everything after is accelerate's FSDP2
     path (`fsdp2_prepare_model`, its state dicts and checkpoints) and hf_distill's."""
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     setup = AcceleratorState.__init__
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         setup(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        # Every later `AcceleratorState()` (an optimizer's, for one) copies the process state's type in again.
-        fsdp_plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+            # accelerate writes the type back to the process state too; every later `AcceleratorState()` (an
+            # optimizer's, for one) copies it from there.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
     AcceleratorState.__init__ = init
 
