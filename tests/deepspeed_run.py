@@ -1,18 +1,28 @@
 """DeepSpeed training run for test_deepspeed.py, in its own process (DeepSpeed sets up torch.distributed).
 
-    python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache | from_cache CACHE_DIR]
+    python deepspeed_run.py OUTPUT_DIR STAGE [refuse_projectors | refuse_cache | from_cache CACHE_DIR | on_policy]
     torchrun --nproc_per_node 2 deepspeed_run.py OUTPUT_DIR STAGE
 
 ZeRO-`STAGE` on the CPU (gloo), in one process or under torchrun, 2 steps of 4 x 2 accumulated micro-batches (4
 examples shared by the processes); writes the student's weights to OUTPUT_DIR/final.safetensors, or, with a
-`refuse_*` mode, prints the error raised before training.
+`refuse_*` mode, prints the error raised before training; `on_policy` trains a causal LM on its own completions,
+generated to other lengths on each process (each prints what it generated).
 """
 
 import os
 import sys
 from pathlib import Path
 
-from helpers import bert_masked_lm, config, end_launched_process, masked_lm_dataset
+from helpers import (
+    UnevenLengths,
+    bert_masked_lm,
+    causal_lm,
+    config,
+    end_launched_process,
+    masked_lm_dataset,
+    pad_right,
+    prompt_completion_dataset,
+)
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 
@@ -56,6 +66,25 @@ if __name__ == "__main__":
             trainer(output_dir, {"hidden_state": {"weight": 1.0}}, deepspeed, width=8)  # 8 wide, teacher 16
         elif mode == "refuse_cache":
             trainer(output_dir, deepspeed=deepspeed, teacher_cache=str(output_dir / "cache"))
+        elif mode == "on_policy":  # a causal LM on its own completions (lmbda 1), of other lengths per process
+            DistillationTrainer(
+                model=causal_lm(seed=2),
+                teacher_model=causal_lm(seed=1, layers=4),
+                args=config(
+                    output_dir,
+                    LOSSES,
+                    max_steps=2,
+                    per_device_train_batch_size=2,
+                    lmbda=1.0,
+                    optim="sgd",
+                    max_grad_norm=0.0,
+                    deepspeed=deepspeed,
+                ),  # fmt: skip
+                train_dataset=prompt_completion_dataset(16),
+                data_collator=pad_right,
+                rollout_backend=UnevenLengths(),
+            ).train()
+            end_launched_process()
     except ValueError as error:
         print(f"REFUSED: {error}")
         sys.exit(0)

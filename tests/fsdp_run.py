@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import causal_lm, config, end_launched_process, pad_right, prompt_completion_dataset
+from helpers import UnevenLengths, causal_lm, config, end_launched_process, pad_right, prompt_completion_dataset
 from safetensors.torch import save_file
 
 from hf_distill import DistillationTrainer
@@ -54,7 +54,9 @@ def fsdp_on_cpus() -> None:
 FSDP = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
 
 
-def trainer(output_dir: Path, losses: dict = LOSSES, fsdp: dict | None = None, width: int = 16, **overrides):
+def trainer(
+    output_dir: Path, losses: dict = LOSSES, fsdp: dict | None = None, width: int = 16, backend=None, **overrides
+):
     """Plain SGD, no clipping, no weight decay: the same update with and without FSDP."""
     settings = dict(max_steps=2, optim="sgd", max_grad_norm=0.0, learning_rate=0.5, **(fsdp or {}))
     settings.update(overrides)
@@ -64,6 +66,7 @@ def trainer(output_dir: Path, losses: dict = LOSSES, fsdp: dict | None = None, w
         args=config(output_dir, losses, **settings),
         train_dataset=prompt_completion_dataset(16),
         data_collator=pad_right,
+        rollout_backend=backend,
     )
 
 
@@ -85,6 +88,10 @@ if __name__ == "__main__":
     try:
         if mode == "refuse_projectors":
             trainer(output_dir, {"hidden_state": {"weight": 1.0}}, FSDP, width=8)  # 8 wide, teacher 16
+        elif mode == "on_policy":  # lmbda 1: every step on the student's own completions
+            run = trainer(output_dir, fsdp=FSDP, backend=UnevenLengths(), per_device_train_batch_size=2, lmbda=1.0)
+            run.train()
+            end_launched_process()
         elif mode == "refuse_cache":
             trainer(output_dir, fsdp=FSDP, teacher_cache=str(output_dir / "cache"))
     except ValueError as error:

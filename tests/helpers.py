@@ -16,6 +16,7 @@ from transformers import (
     BertForMaskedLM,
     BertForQuestionAnswering,
     BertForSequenceClassification,
+    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     MobileNetV2Config,
@@ -27,6 +28,7 @@ from transformers import (
 )
 
 from hf_distill import DistillationConfig
+from hf_distill.rollouts import GenerateBackend
 
 VOCAB = 64
 SEQ_LEN = 12
@@ -219,6 +221,25 @@ class PromptEcho:
         width = max(len(row) for row in rows)
         new = torch.tensor([row + [LM_PAD] * (width - len(row)) for row in rows], device=input_ids.device)
         return torch.cat([input_ids, new], dim=1)
+
+
+class UnevenLengths(GenerateBackend):
+    """Greedy generation of 1 new token on the first process and 4 on the second (no end token before), counting the
+    student's forward passes: under synced generation the first keeps running them until the second is done."""
+
+    def generate(self, model, input_ids, attention_mask, generation_config, synced_gpus):
+        rank = torch.distributed.get_rank()
+        config = GenerationConfig(**generation_config.to_dict())
+        config.do_sample, config.max_new_tokens, config.min_new_tokens = False, 1 + 3 * rank, 1 + 3 * rank
+        forwards = []
+        hook = model.register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            sequences = super().generate(model, input_ids, attention_mask, config, synced_gpus)
+        finally:
+            hook.remove()
+        new = sequences.shape[1] - input_ids.shape[1]
+        print(f"GENERATED rank {rank} new {new} forwards {len(forwards)} synced {synced_gpus}", flush=True)
+        return sequences
 
 
 def config(tmp_path, losses: dict | None = None, config_class=DistillationConfig, **overrides) -> DistillationConfig:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,3 +70,14 @@ def test_zero3_trains_from_a_cache_built_without_it(tmp_path):
     with_deepspeed = load_file(tmp_path / "deepspeed" / "final.safetensors")
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(with_deepspeed[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow  # one launch of two processes
+def test_on_policy_generation_under_zero3_does_not_stall_when_processes_end_at_other_lengths(tmp_path):
+    """lmbda 1, the first process's completions end after 1 token and the second's after 4: generation is synced,
+    so the first keeps running the sharded student's forward passes (which gather weights the second needs) until
+    the second is done, and training goes on; unsynced, the second would wait on it forever."""
+    output = launch(tmp_path, 3, "on_policy", processes=2).stdout
+    generated = re.findall(r"GENERATED rank (\d) new (\d+) forwards (\d+) synced (True|False)", output)
+    assert sorted(set(generated)) == [("0", "1", "4", "True"), ("1", "4", "4", "True")], output
+    assert len(generated) == 4  # one generation per step, 2 steps, on each process

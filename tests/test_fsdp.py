@@ -1,6 +1,7 @@
 """FSDP2 with a teacher in the loop, the teacher sharded too: the same update as one plain process (CPU, gloo)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,44 @@ def launch(output_dir: Path, *mode: str, processes: int = 2, check: bool = True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def launch_two_nodes(output_dir: Path, mode: str) -> list[str]:
+    """`torchrun --nnodes 2 --node_rank 0|1`, one process each, meeting at 127.0.0.1 as two machines would at the
+    first one's address; what each printed."""
+    port = str(free_port())
+    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    nodes = [
+        subprocess.Popen(
+            [
+                "torchrun",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(TESTS / "fsdp_run.py"),
+                str(output_dir),
+                mode,
+            ],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    printed = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+        printed.append(stdout)
+    return printed
 
 
 def one_plain_process(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -97,3 +136,28 @@ def test_a_run_under_fsdp_resumes_exactly_from_its_checkpoint_and_saves_a_plain_
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "student").state_dict()
     for key, value in uninterrupted.items():
         assert torch.equal(saved[key], value), key
+
+
+@pytest.mark.slow  # two FSDP "nodes" and a plain run: under a minute
+def test_fsdp_across_two_nodes_trains_like_one_plain_process(tmp_path):
+    """Two machines' launches on one host (one process per node), student and teacher sharded across them: the
+    weights of one plain process with the combined batch, to 1e-5, each node holding half of the teacher."""
+    printed = launch_two_nodes(tmp_path / "nodes", "train")
+    held = [line.split() for output in printed for line in output.splitlines() if line.startswith("TEACHER")]
+    assert sorted(line[2] for line in held) == ["0", "1"], printed
+    assert all(int(line[4]) <= int(line[-1]) * 0.55 for line in held)
+    two_nodes = load_file(tmp_path / "nodes" / "final.safetensors")
+    reference = one_plain_process(tmp_path / "plain")
+    for key, value in reference.items():
+        torch.testing.assert_close(two_nodes[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow  # one launch of two processes
+def test_on_policy_generation_under_fsdp_does_not_stall_when_processes_end_at_other_lengths(tmp_path):
+    """lmbda 1, the first process's completions end after 1 token and the second's after 4: generation is synced,
+    so the first keeps running the sharded student's forward passes (which gather weights the second needs) until
+    the second is done, and training goes on; unsynced, the second would wait on it forever."""
+    output = launch(tmp_path, "on_policy").stdout
+    generated = re.findall(r"GENERATED rank (\d) new (\d+) forwards (\d+) synced (True|False)", output)
+    assert sorted(set(generated)) == [("0", "1", "4", "True"), ("1", "4", "4", "True")], output
+    assert len(generated) == 4  # one generation per step, 2 steps, on each process
