@@ -23,6 +23,14 @@ def _default_losses() -> dict[str, dict[str, Any]]:
 
 #: `teacher_dtype` values: the dtype a frozen teacher's weights are held in.
 TEACHER_DTYPES = ("bfloat16", "float16", "float32")
+#: `from_pretrained` arguments a teacher's loading sets itself, and where a user sets them instead.
+_RULED_LOADING = {
+    "dtype": "set teacher_dtype",
+    "torch_dtype": "set teacher_dtype",
+    "trust_remote_code": "set teacher_trust_remote_code=True for a repository you trust",
+    "use_safetensors": "a teacher is read from safetensors weights only",
+    "attn_implementation": "the losses choose it (eager where attention maps are read)",
+}
 
 
 @dataclass
@@ -71,6 +79,12 @@ class DistillationConfig(TrainingArguments):
             losses still compute in float32 from its outputs. By default a teacher keeps its dtype, except on a GPU
             with `bf16` / `fp16`, where it takes the student's half precision. Teachers that learn (trainable,
             moving average) keep full precision.
+        teacher_model_init_kwargs (`dict`, *optional*):
+            More `from_pretrained` arguments for a teacher given as a Hub id or path (as TRL's config of that name),
+            e.g. `{"device_map": "auto"}` to spread a large teacher over this process's GPUs, or
+            `{"device_map": {...: "disk"}, "offload_folder": "offload"}` to keep some of its layers on disk, each read
+            for its forward (one process only; docs/distributed.md). `dtype` is `teacher_dtype`'s, and what it loads
+            is safetensors with no code from the repository (`teacher_trust_remote_code`).
         teacher_cache (`str`, *optional*):
             A folder for the teacher's outputs on the training set ([`hf_distill.cache`]). Built on first use
             (resuming an interrupted build), then training runs from it with no teacher in memory. Refused
@@ -139,6 +153,7 @@ class DistillationConfig(TrainingArguments):
         "teacher_weights",
         "image_augmentation",
         "rollout_generation",
+        "teacher_model_init_kwargs",
     ]
 
     losses: dict | str | None = field(
@@ -202,6 +217,13 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "bfloat16, float16 or float32: the dtype of a frozen teacher's weights (loaded in it when given as "
             "a path or Hub id). Default: its own, or the student's half precision on a GPU with bf16/fp16."
+        },
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "More from_pretrained arguments for a teacher given as a Hub id or path, as a JSON mapping, e.g. "
+            '\'{"device_map": "auto"}\' (one process only).'
         },
     )
 
@@ -292,6 +314,14 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_dtype must be one of {list(TEACHER_DTYPES)} (or unset: the teacher's own), got "
                 f"{self.teacher_dtype!r}"
+            )
+        self.teacher_model_init_kwargs = _json_mapping(
+            "teacher_model_init_kwargs", self.teacher_model_init_kwargs, '{"device_map": "auto"}'
+        )
+        ruled = sorted(set(self.teacher_model_init_kwargs or {}) & set(_RULED_LOADING))
+        if ruled:
+            raise ValueError(
+                f"teacher_model_init_kwargs cannot set {ruled}: " + "; ".join(_RULED_LOADING[key] for key in ruled)
             )
         self.losses = _json_mapping("losses", self.losses, '{"soft_target": {"weight": 1.0}}')
         self.teacher_weights = _json_mapping("teacher_weights", self.teacher_weights, '{"a": 2, "b": 1}')

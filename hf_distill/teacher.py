@@ -188,12 +188,43 @@ def fsdp_teacher(teacher: nn.Module, accelerator: Any, dtype: torch.dtype | None
     return teacher
 
 
+def spread_by_device_map(model: nn.Module) -> bool:
+    """Whether a model was placed by a device map (accelerate's big-model placement) over several devices, or with
+    some of its layers offloaded to disk."""
+    places = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(places) > 1 or "disk" in places
+
+
+def mapped_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
+    """A frozen teacher placed by a device map, left where the map put it: accelerate's hooks move each layer's
+    inputs to its device (and read an offloaded layer's weights for its forward) and return the outputs on the
+    device of the inputs. One process only: refused with the fix under several."""
+    places = sorted({str(place) for place in teacher.hf_device_map.values()})
+    if accelerator.num_processes > 1:
+        raise ValueError(
+            f"the teacher is placed by a device map over {places}: that serves one process (each process would need "
+            "devices of its own). With several processes, split it with DeepSpeed ZeRO-3 or FSDP2 and drop device_map "
+            "from teacher_model_init_kwargs, or train in one process"
+        )
+    chosen = getattr(args, "teacher_dtype", None)
+    held = {str(p.dtype).removeprefix("torch.") for p in teacher.parameters() if p.device.type != "meta"}
+    if chosen is not None and held - {chosen}:
+        raise ValueError(
+            f"the teacher is placed by a device map and held in {sorted(held)}, but teacher_dtype is {chosen!r}: a "
+            "placed model is not cast. Load it in that dtype (teacher_dtype does so for a teacher given as a path or "
+            "Hub id; for a model you load, pass dtype= to from_pretrained)"
+        )
+    return accelerator.prepare_model(teacher, evaluation_mode=True)  # accelerate moves no model placed by a map
+
+
 def prepare_frozen_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> nn.Module:
     """A frozen teacher as a run holds it: eval mode, no gradients, prepared by accelerate in evaluation mode
-    (partitioned by an inference engine under DeepSpeed, sharded by FSDP2 under FSDP), in `teacher_dtype` where
-    that applies."""
+    (partitioned by an inference engine under DeepSpeed, sharded by FSDP2 under FSDP, left where a device map placed
+    it), in `teacher_dtype` where that applies."""
     teacher.requires_grad_(False)
     teacher.eval()
+    if spread_by_device_map(teacher):
+        return mapped_teacher(teacher, accelerator, args)
     engine = sharding_engine(accelerator)
     if engine == "DeepSpeed":
         return deepspeed_teacher(teacher, accelerator, args)

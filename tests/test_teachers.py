@@ -5,15 +5,27 @@ from __future__ import annotations
 import copy
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import bert_classifier, bert_masked_lm, config, masked_lm_dataset, text_dataset, vit_classifier
+from helpers import (
+    bert_classifier,
+    bert_masked_lm,
+    causal_lm,
+    config,
+    masked_lm_dataset,
+    pad_right,
+    prompt_completion_dataset,
+    text_dataset,
+    vit_classifier,
+)
 
 from hf_distill import DistillationConfig, DistillationTrainer
 from hf_distill.cache import TeacherCache
 from hf_distill.losses import SoftTargetLoss, TeacherEnsemble
 from hf_distill.losses.functional import mix_teacher_logits
+from hf_distill.teacher import mapped_teacher
 
 # The classic mixture plus one hidden-state match per teacher, each with its own projector (widths 8 -> 16, 24).
 MLM_LOSSES = {
@@ -288,3 +300,54 @@ def test_teacher_dtype_loads_a_teacher_given_as_a_path_in_half_precision_and_cas
     assert {p.dtype for p in given.teacher_model.parameters()} == {torch.float16}
     with pytest.raises(ValueError, match=r"teacher_dtype must be one of \['bfloat16', 'float16', 'float32'\]"):
         config(tmp_path / "bad", losses, teacher_dtype="int8")
+
+
+#: A 4-block GPT-2 teacher with its middle blocks on disk (the tied embedding and head stay together).
+OFFLOADED = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "cpu", "transformer.h.1": "disk",
+             "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"}  # fmt: skip
+
+
+def test_a_teacher_with_layers_offloaded_to_disk_teaches_exactly_as_in_memory(tmp_path):
+    """`teacher_model_init_kwargs` with a device map that keeps two of the teacher's four blocks on disk (each read
+    for its forward, as accelerate's big-model placement does): the student trains to the same weights as with the
+    whole teacher in memory."""
+    causal_lm(seed=1, layers=4).save_pretrained(tmp_path / "teacher")
+    losses = {"soft_target": {"weight": 1.0, "temperature": 2.0}, "hard_label": {"weight": 0.5}}
+
+    def trained(name: str, **settings) -> DistillationTrainer:
+        trainer = DistillationTrainer(
+            model=causal_lm(seed=2), teacher_model=str(tmp_path / "teacher"), data_collator=pad_right,
+            args=config(tmp_path / name, losses, max_steps=2, **settings), train_dataset=prompt_completion_dataset(8),
+        )  # fmt: skip
+        trainer.train()
+        return trainer
+
+    offload = {"device_map": OFFLOADED, "offload_folder": str(tmp_path / "offload")}
+    offloaded = trained("offloaded", teacher_model_init_kwargs=json.dumps(offload))  # as on the command line
+    on_disk = [name for name, p in offloaded.teacher_model.named_parameters() if p.device.type == "meta"]
+    assert on_disk and all(name.startswith(("transformer.h.1.", "transformer.h.2.")) for name in on_disk)
+    in_memory = trained("in_memory")
+    for key, value in in_memory.model.state_dict().items():
+        assert torch.equal(offloaded.model.state_dict()[key], value), key
+
+
+def test_what_a_device_mapped_teacher_cannot_do_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot set \['trust_remote_code'\]: set teacher_trust_remote_code"):
+        DistillationConfig(output_dir=str(tmp_path), teacher_model_init_kwargs={"trust_remote_code": True})
+    with pytest.raises(ValueError, match=r"cannot set \['dtype'\]: set teacher_dtype"):
+        DistillationConfig(output_dir=str(tmp_path), teacher_model_init_kwargs='{"dtype": "bfloat16"}')
+    teacher = causal_lm(seed=1, layers=4)
+    teacher.hf_device_map = {"transformer": "cuda:0", "lm_head": "cuda:1"}
+    with pytest.raises(ValueError, match=r"serves one process .* ZeRO-3 or FSDP2"):
+        mapped_teacher(teacher, SimpleNamespace(num_processes=2), SimpleNamespace(teacher_dtype=None))
+    with pytest.raises(ValueError, match=r"held in \['float32'\], but teacher_dtype is 'bfloat16'"):
+        mapped_teacher(teacher, SimpleNamespace(num_processes=1), SimpleNamespace(teacher_dtype="bfloat16"))
+    teacher.save_pretrained(tmp_path / "teacher")
+    offload = {"device_map": OFFLOADED, "offload_folder": str(tmp_path / "offload")}
+    with pytest.raises(ValueError, match=r"offloaded it to disk\), and a teacher cache records a hash"):
+        DistillationTrainer(
+            model=causal_lm(seed=2), teacher_model=str(tmp_path / "teacher"), data_collator=pad_right,
+            args=config(tmp_path / "run", {"soft_target": {"weight": 1.0}}, teacher_model_init_kwargs=offload,
+                        teacher_cache=str(tmp_path / "cache")),
+            train_dataset=prompt_completion_dataset(8),
+        )  # fmt: skip

@@ -38,6 +38,12 @@ def weights_sha256(model: nn.Module) -> str:
     """A hash of a model's weights: every tensor of its state dict, with its name, dtype and shape."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"the teacher's weight {name} is not in memory (a device map offloaded it to disk), and a teacher "
+                "cache records a hash of every weight: build the cache with the teacher's weights on devices (a "
+                "device_map without 'disk'), then train from it"
+            )
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
