@@ -167,6 +167,18 @@ def launch(name: str, quick: bool, port: int) -> list[dict]:
     return json.loads(lines[-1][len("FIGURES ") :])
 
 
+def processor_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the architecture where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def mib(value: float) -> str:
     return f"{value / 2**20:,.0f}"
 
@@ -233,8 +245,8 @@ def main() -> None:
             results[name].append(launch(name, options.quick, port))
             print(f"round {round_ + 1} {name}: {json.dumps(results[name][-1])}", flush=True)
     machine = {
-        "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60, "processor": platform.processor()
-        or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__, "transformers":
+        "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60, "processor": processor_name(),
+        "cores": os.cpu_count(), "torch": torch.__version__, "transformers":
         transformers.__version__, "accelerate": accelerate.__version__, "deepspeed": deepspeed.__version__,
         "quick": options.quick,
     }  # fmt: skip

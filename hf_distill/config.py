@@ -80,7 +80,7 @@ class DistillationConfig(TrainingArguments):
             with `bf16` / `fp16`, where it takes the student's half precision. Teachers that learn (trainable,
             moving average) keep full precision.
         teacher_model_init_kwargs (`dict`, *optional*):
-            More `from_pretrained` arguments for a teacher given as a Hub id or path (as TRL's config of that name),
+            More `from_pretrained` arguments for a frozen teacher given as a Hub id or path (TRL's name for them),
             e.g. `{"device_map": "auto"}` to spread a large teacher over this process's GPUs, or
             `{"device_map": {...: "disk"}, "offload_folder": "offload"}` to keep some of its layers on disk, each read
             for its forward (one process only; docs/distributed.md). `dtype` is `teacher_dtype`'s, and what it loads
@@ -222,7 +222,7 @@ class DistillationConfig(TrainingArguments):
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
-            "help": "More from_pretrained arguments for a teacher given as a Hub id or path, as a JSON mapping, e.g. "
+            "help": "More from_pretrained arguments for a frozen teacher given as a Hub id or path, as a JSON mapping: "
             '\'{"device_map": "auto"}\' (one process only).'
         },
     )

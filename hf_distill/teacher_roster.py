@@ -230,8 +230,8 @@ def loaded(
     teacher: nn.Module | str, student: nn.Module, attention: str | None, args: DistillationConfig, frozen: bool = True
 ) -> nn.Module:
     """A teacher given as a Hub id or path, loaded with the student's task head (a `frozen` one in `teacher_dtype`
-    when that is set, so it is never held in float32 first, and with `teacher_model_init_kwargs`); `"ema"`, a copy of the student (the start of its moving
-    average); a model as it is."""
+    when that is set, so it is never held in float32 first, and with `teacher_model_init_kwargs`); `"ema"`, a copy
+    of the student (the start of its moving average); a model as it is."""
     if teacher == EMA_TEACHER:
         return copy.deepcopy(student)
     if not isinstance(teacher, str):
