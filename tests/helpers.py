@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from typing import NoReturn
 
@@ -269,6 +270,44 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def launch_two_nodes(script: str, *arguments: str) -> list[str]:
+    """`torchrun --nnodes 2 --node_rank 0|1` of the test script `script`, one process each, meeting at 127.0.0.1 as
+    two machines would at the first one's address; what each printed (each must end with status 0)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    environment = {**os.environ, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                "torchrun",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                os.path.join(tests, script),
+                *arguments,
+            ],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    printed = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+        printed.append(stdout)
+    return printed
 
 
 def end_launched_process() -> NoReturn:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fsdp_run import trainer
-from helpers import causal_lm, free_port
+from helpers import causal_lm, free_port, launch_two_nodes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -32,44 +32,6 @@ def launch(output_dir: Path, *mode: str, processes: int = 2, check: bool = True)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def launch_two_nodes(output_dir: Path, mode: str) -> list[str]:
-    """`torchrun --nnodes 2 --node_rank 0|1`, one process each, meeting at 127.0.0.1 as two machines would at the
-    first one's address; what each printed."""
-    port = str(free_port())
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    nodes = [
-        subprocess.Popen(
-            [
-                "torchrun",
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(rank),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                str(TESTS / "fsdp_run.py"),
-                str(output_dir),
-                mode,
-            ],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    printed = []
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
-        printed.append(stdout)
-    return printed
 
 
 def one_plain_process(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -142,7 +104,7 @@ def test_a_run_under_fsdp_resumes_exactly_from_its_checkpoint_and_saves_a_plain_
 def test_fsdp_across_two_nodes_trains_like_one_plain_process(tmp_path):
     """Two machines' launches on one host (one process per node), student and teacher sharded across them: the
     weights of one plain process with the combined batch, to 1e-5, each node holding half of the teacher."""
-    printed = launch_two_nodes(tmp_path / "nodes", "train")
+    printed = launch_two_nodes("fsdp_run.py", str(tmp_path / "nodes"), "train")
     held = [line.split() for output in printed for line in output.splitlines() if line.startswith("TEACHER")]
     assert sorted(line[2] for line in held) == ["0", "1"], printed
     assert all(int(line[4]) <= int(line[-1]) * 0.55 for line in held)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_run import run, run_on_policy
-from helpers import free_port
+from helpers import free_port, launch_two_nodes
 from safetensors.torch import load_file
 
 TESTS = Path(__file__).parent
@@ -63,35 +63,7 @@ def test_two_processes_match_one_process_with_the_combined_batch(tmp_path, teach
 def test_two_nodes_on_one_host_match_one_process_with_the_combined_batch(tmp_path):
     """`torchrun --nnodes 2 --node_rank 0|1`, one process each, meeting at 127.0.0.1 as two machines would at their
     master's address: the same weights as one process with the combined batch."""
-    environment = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [
-                "torchrun",
-                "--nnodes",
-                "2",
-                "--node_rank",
-                str(rank),
-                "--nproc_per_node",
-                "1",
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                str(TESTS / "ddp_run.py"),
-                str(tmp_path / "nodes"),
-            ],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    for node in nodes:
-        _, stderr = node.communicate(timeout=300)
-        assert node.returncode == 0, stderr[-3000:]
+    launch_two_nodes("ddp_run.py", str(tmp_path / "nodes"))
     two_nodes = load_file(tmp_path / "nodes" / "final.safetensors")
     single = run(tmp_path / "single", batch_size=8)
     for key, value in single.model.state_dict().items():
