@@ -8,7 +8,8 @@ micro-batches (4 examples per micro-batch shared by the processes), a GPT-2 stud
 MODE: `train` (default; writes the student's full weights to OUTPUT_DIR/final.safetensors and prints what each
 process holds of the teacher); `save` (AdamW, a checkpoint after each step, then `save_model` to OUTPUT_DIR/student)
 and `resume` (from OUTPUT_DIR/checkpoint-1, the weights to OUTPUT_DIR/resumed.safetensors), each with `_sharded` for
-sharded state dicts; `refuse_projectors`, `refuse_cache` (print the error raised before training).
+sharded state dicts; `on_policy` (lmbda 1, completions of other lengths per process, `UnevenLengths`);
+`refuse_projectors`, `refuse_cache` (print the error raised before training).
 """
 
 import os
