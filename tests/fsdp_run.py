@@ -16,11 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from helpers import UnevenLengths, causal_lm, config, end_launched_process, pad_right, prompt_completion_dataset
 from safetensors.torch import save_file
 
 from hf_distill import DistillationTrainer
+from hf_distill.saving import whole_fsdp_weights
 
 LOSSES = {
     "soft_target": {"weight": 1.0, "temperature": 2.0},
@@ -71,15 +71,6 @@ def trainer(
     )
 
 
-def full_state(run: DistillationTrainer) -> dict[str, torch.Tensor]:
-    """The student's whole weights on every process (a collective under FSDP: every process calls it)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(run.model, options=options)
-    return {key: value.clone().contiguous() for key, value in state.items()}
-
-
 if __name__ == "__main__":
     fsdp_on_cpus()
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
@@ -114,7 +105,7 @@ if __name__ == "__main__":
     held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
     whole = sum(p.numel() for p in teacher.parameters())
     print(f"TEACHER rank {run.args.process_index} holds {held} of {whole}", flush=True)
-    state = full_state(run)
+    state = {key: value.clone().contiguous() for key, value in whole_fsdp_weights(run.model).items()}  # a collective
     if run.args.process_index == 0:
         save_file(state, str(output_dir / f"{'resumed' if mode.startswith('resume') else 'final'}.safetensors"))
     end_launched_process()
