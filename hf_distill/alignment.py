@@ -157,6 +157,8 @@ class Alignment:
             order within each group.
         student_first, teacher_first (`torch.Tensor`, `[groups]`): each group's first token.
         groups (`list[list[tuple[range, range]]]`): each example's scored groups (student, teacher token indices).
+        teacher_grouped (`bool`): the teacher's side is already one row per group (read from a teacher cache): its
+            outputs need no merging, and `group_means` returns its rows as they are.
     """
 
     student_rows: torch.Tensor
@@ -166,6 +168,7 @@ class Alignment:
     student_first: torch.Tensor
     teacher_first: torch.Tensor
     groups: list[list[tuple[range, range]]] = field(default_factory=list)
+    teacher_grouped: bool = False
 
     @property
     def count(self) -> int:
@@ -173,6 +176,8 @@ class Alignment:
 
     def group_means(self, hidden: torch.Tensor, side: str) -> torch.Tensor:
         """`[groups, width]`: the mean of `hidden` (`[batch, length, width]`, one side's) over each group's tokens."""
+        if side == "teacher" and self.teacher_grouped:
+            return hidden
         rows, _, later = self.side(side)
         groups = torch.arange(rows.numel(), device=rows.device)
         positions = torch.cat([rows + 1, later[:, 0] + 1])  # a group's tokens follow the positions predicting them
@@ -187,7 +192,8 @@ class Alignment:
 
     def to(self, device: torch.device) -> Alignment:
         names = ("student_rows", "teacher_rows", "student_later", "teacher_later", "student_first", "teacher_first")
-        return Alignment(**{name: getattr(self, name).to(device) for name in names}, groups=self.groups)
+        return Alignment(**{name: getattr(self, name).to(device) for name in names}, groups=self.groups,
+                         teacher_grouped=self.teacher_grouped)  # fmt: skip
 
     def side(self, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One side's (rows, first tokens, later tokens)."""

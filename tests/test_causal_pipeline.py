@@ -221,12 +221,16 @@ def test_the_cross_tokenizer_recipe_trains_the_teacher_in_its_own_tokens_and_dis
         ["--recipe", "letters-cross-tokenizer", "--output_dir", str(tmp_path), "--teacher_max_train_samples", "64",
          "--max_train_samples", "16", "--max_eval_samples", "8", "--teacher_num_train_epochs", "1",
          "--per_device_eval_batch_size", "8", "--latency_repeats", "1", "--latency_batch_sizes", "1",
-         "--student_kinds", "gold_last", "--use_cpu", "true", "--disable_tqdm", "true"]
+         "--student_kinds", "gold_last", "--use_cpu", "true", "--disable_tqdm", "true",
+         "--teacher_cache", str(tmp_path / "cache")]
     )  # fmt: skip
     report = run_student_kinds(args, config, recipe)
     assert list(report["results"]) == ["teacher", "gold_last", "gold_last baseline"]
     teacher = AutoTokenizer.from_pretrained(os.path.join(tmp_path, "teacher"))
     assert teacher.convert_ids_to_tokens(teacher("a c")["input_ids"]) == ["[BOS]", "a", " ", "c"]
+    # The student distilled from a cache of the teacher's aligned groups, in the teacher's own vocabulary.
+    cached = json.load(open(os.path.join(tmp_path, "cache", "cache.json"), encoding="utf-8"))["contents"]["groups"]
+    assert cached["variants"] == [[1.0, "last"]] and cached["width"] == len(teacher)
     run = report["kinds"]["gold_last"]
     assert run["losses"]["gold"]["merge"] == "last" and run["training_steps"]["student"] == 1
     for row in report["results"].values():

@@ -15,6 +15,7 @@ from ..losses.row_terms import group_rows
 from ..model_kind import describe
 from ..positions import position_mask, token_mask
 from ..seq2seq import stack_size
+from .groups import GroupTargets, group_contents, groups_mismatch, stored_groups
 
 #: The fewest rows of a token-level teacher's logits a cache build projects and reduces to its top k at a time.
 BUILD_CHUNK_ROWS = 256
@@ -33,32 +34,38 @@ STATE_PREFIXES = {"": None, "encoder_": "encoder", "decoder_": "decoder"}
 _ABSENT = {
     "seq2seq": False,
     "teacher_columns": None,  # the teacher's logits cut to the student's vocabulary (hf_distill.vocabulary)
+    "groups": None,  # a teacher with another tokenizer: its aligned groups (hf_distill.cache.groups)
     **{f"{prefix}hidden_layers": [] for prefix in STATE_PREFIXES},
     **{f"num_{prefix}hidden_states": None for prefix in STATE_PREFIXES},
 }
 
 
-def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> dict[str, Any]:
+def cache_contents(
+    losses: list[DistillationLoss], teacher: Any, top_k: int, retokenizer: Any = None
+) -> dict[str, Any]:
     """What the cache must hold for `losses` (already `setup`): a JSON-able description, part of its record.
 
     `teacher` is the teacher model (or an object with its `config`), read for the depth of its layer stacks;
-    `top_k` is used for token-level logits (0 keeps every logit).
+    `top_k` is used for token-level logits and a cross-tokenizer teacher's groups (0 keeps every logit);
+    `retokenizer` is the teacher's `Retokenizer` when cross-tokenizer losses (`uld`, `gold`) read it.
     """
     teacher_losses = [loss for loss in losses if loss.needs_teacher]
     refused = [loss.term for loss in teacher_losses if not loss.cacheable]
     if refused:
         raise ValueError(
             f"the losses {refused} read the teacher in ways a teacher cache cannot replay (forward hooks on its "
-            "modules, probes, attention maps too large to store, or a teacher with another tokenizer): train them "
-            "online (teacher_cache=None) or "
-            "drop them"
+            "modules, probes, attention maps too large to store): train them online (teacher_cache=None) or drop them"
         )
-    asked = {loss.term: loss.cached_logits() for loss in teacher_losses}
+    cross = [loss.term for loss in teacher_losses if getattr(loss, "cross_tokenizer", False)]
+    if cross and retokenizer is None:
+        raise ValueError(f"the losses {cross} distil across tokenizers: the cache needs both tokenizers to align them")
+    positional = [loss for loss in teacher_losses if not getattr(loss, "cross_tokenizer", False)]
+    asked = {loss.term: loss.cached_logits() for loss in positional}
     requests = [request for request in asked.values() if request is not None]
     span = any(request.level == "span" for request in requests)
     token_level = any(request.level == "token" for request in requests)
-    reads_logits = any("logits" in loss.teacher_outputs for loss in teacher_losses)
-    if token_level and any("logits" in loss.teacher_outputs and asked[loss.term] is None for loss in teacher_losses):
+    reads_logits = any("logits" in loss.teacher_outputs for loss in positional)
+    if token_level and any("logits" in loss.teacher_outputs and asked[loss.term] is None for loss in positional):
         raise ValueError(
             "only losses that say how they read a cache's logits (cached_logits: soft_target) can read a token-level "
             "teacher's logits from a cache (it stores the counted positions only); train the other logit losses online"
@@ -72,6 +79,7 @@ def cache_contents(losses: list[DistillationLoss], teacher: Any, top_k: int) -> 
         "top_k": None if dense or not reads_logits else int(top_k),
         "temperatures": [] if dense or not reads_logits else sorted({request.temperature for request in requests}),
         "seq2seq": describe(teacher).seq2seq,
+        "groups": group_contents(teacher_losses, retokenizer, teacher, top_k) if cross else None,
     }
     # An encoder-decoder's hidden states come per stack (the losses name theirs); other models have one.
     for prefix, stack in STATE_PREFIXES.items():
@@ -122,7 +130,7 @@ def contents_mismatch(stored: dict[str, Any], needed: dict[str, Any]) -> list[st
         missing = sorted(set(needed[key]) - set(stored[key]))
         if missing:
             problems.append(f"{key} {missing} are needed but the cache has only {stored[key]}")
-    return problems
+    return problems + groups_mismatch(stored["groups"], needed["groups"])
 
 
 def input_checksums(inputs: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
@@ -212,10 +220,12 @@ class OutputExtractor:
                     f"the teacher returned {rows.shape[0]} logit rows for {int(mask.sum())} counted positions"
                 )
             stored.update(token_rows(rows, contents))
+        if contents.get("groups"):
+            stored.update(stored_groups(inputs, outputs, contents))
         if contents.get("seq2seq"):
             stored["label_checksum"] = label_checksums(inputs)
         for prefix, stack in STATE_PREFIXES.items():
-            if not contents.get(f"{prefix}hidden_layers"):
+            if not contents.get(f"{prefix}hidden_layers") or (not prefix and _grouped_hidden(contents)):
                 continue
             # Real tokens (labeled positions for a decoder) only; without a mask, whole examples.
             mask = position_mask(inputs, stack)
@@ -267,8 +277,15 @@ def token_rows(rows: torch.Tensor | ProjectedRows, contents: dict[str, Any]) -> 
     return {key: torch.cat(tensors) for key, tensors in parts.items()}
 
 
+def _grouped_hidden(contents: dict[str, Any]) -> bool:
+    """Whether the teacher's hidden states are stored as the means of aligned groups (another tokenizer)."""
+    return bool((contents.get("groups") or {}).get("aligned_hidden"))
+
+
 def _row_counts_key(key: str) -> str | None:
     """The key of the per-example row counts of a stored row tensor, None for per-example tensors."""
+    if key.startswith("group."):
+        return "group_rows"
     if key.startswith("span."):
         return "span_rows"
     if key.startswith("token."):
@@ -280,7 +297,7 @@ def _row_counts_key(key: str) -> str | None:
 
 def _teacher_value(key: str) -> bool:
     """Whether a stored tensor is the teacher's own output (the log-normaliser and tail are derived from them)."""
-    return key == "logits" or key.startswith(("token.logits", "token.values", "span.")) or "hidden." in key
+    return key == "logits" or key.startswith(("token.logits", "token.values", "span.", "group.")) or "hidden." in key
 
 
 def nonfinite_examples(stored: dict[str, torch.Tensor]) -> list[int]:
@@ -360,6 +377,15 @@ class CachedTeacherOutputs:
         self.start_logits, self.end_logits = start_logits, end_logits
         self.encoder_hidden_states, self.decoder_hidden_states = encoder_hidden_states, decoder_hidden_states
         self.attentions = None
+        #: A teacher with another tokenizer: the batch's aligned groups and the teacher's side of each.
+        self.group_targets: GroupTargets | None = None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The batch's `Alignment` under "alignment" (a teacher with another tokenizer), as a model output carries
+        it online; `default` for anything else."""
+        if key == "alignment" and self.group_targets is not None:
+            return self.group_targets.alignment
+        return default
 
     @property
     def logits(self) -> torch.Tensor:
@@ -379,9 +405,14 @@ def assemble(
     token_targets = None
     if contents["token_level"] and contents["logits"] is not None:
         token_targets = TokenTargets(gathered, contents["temperatures"], device)
-    hidden = {}
+    hidden, group_targets = {}, None
+    if contents.get("groups"):
+        group_targets = GroupTargets(gathered, inputs, contents, device)
     for prefix, stack in STATE_PREFIXES.items():
         if not contents.get(f"{prefix}hidden_layers"):
+            continue
+        if not prefix and _grouped_hidden(contents):  # one row per aligned group
+            hidden["hidden_states"] = CachedHiddenStates(group_targets.hidden_layers(), contents["num_hidden_states"])
             continue
         mask = position_mask(inputs, stack)
         layers = {}
@@ -405,7 +436,9 @@ def assemble(
             else:  # real tokens back in place; padding stays zero (the loss leaves it out)
                 spans[name] = rows.new_zeros(mask.shape).masked_scatter(mask.bool().to(device), rows)
     logits = _maybe(gathered, "logits", device)
-    return CachedTeacherOutputs(logits=logits, token_targets=token_targets, **hidden, **spans)
+    outputs = CachedTeacherOutputs(logits=logits, token_targets=token_targets, **hidden, **spans)
+    outputs.group_targets = group_targets
+    return outputs
 
 
 def _maybe(gathered: dict[str, torch.Tensor], name: str, device: torch.device) -> torch.Tensor | None:

@@ -15,7 +15,10 @@ example) with `token.logits` `[rows, vocab]` or `token.values` / `token.indices`
 `span.end_logits` by real token with `span_rows` (real tokens per example); and `hidden.<layer>`, by example, or
 for text by real token with `hidden_rows` (real tokens per example); an encoder-decoder's by stack, as
 `encoder_hidden.<layer>` (with `encoder_hidden_rows`) and `decoder_hidden.<layer>` by labeled position (with
-`decoder_hidden_rows`), next to `label_checksum` (its labels set the decoder's inputs).
+`decoder_hidden_rows`), next to `label_checksum` (its labels set the decoder's inputs). A teacher with another
+tokenizer adds its aligned groups by group, with `group_rows` (groups per example): `group.start` / `group.stop`,
+the teacher's distribution of each (`group.<i>.log_probs`, or `group.<i>.values` / `group.<i>.indices`) and, for
+hidden states, `group.hidden.<layer>` ([`hf_distill.cache.groups`]).
 Reading slices the memory-mapped shards, so no whole-cache tensor is ever loaded.
 """
 
@@ -47,6 +50,7 @@ ROW_COUNTS = {
     "encoder_hidden.": "encoder_hidden_rows",
     "decoder_hidden.": "decoder_hidden_rows",
     "span.": "span_rows",
+    "group.": "group_rows",
 }
 
 

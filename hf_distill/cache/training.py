@@ -150,7 +150,13 @@ class TeacherCacheMixin:
                     "not given: pass it in teacher_model to build (or finish) its cache"
                 )
             opened[name] = self._use_teacher_cache(
-                directories[name], caches[name], source, references[name], losses, self.roster.columns.get(name)
+                directories[name],
+                caches[name],
+                source,
+                references[name],
+                losses,
+                self.roster.columns.get(name),
+                self.roster.retokenizers.get(name),
             )
         return opened
 
@@ -162,10 +168,12 @@ class TeacherCacheMixin:
         reference: Any,
         losses: list[Any],
         columns: int | None = None,
+        retokenizer: Any = None,
     ) -> TeacherCache:
         """Open one teacher's cache in `directory`, building (or finishing) it first with `source` (a
         `FrozenTeacher`) if needed, and check it serves this run (`columns`: the student's vocabulary, when the
-        teacher's logits are cut to it)."""
+        teacher's logits are cut to it; `retokenizer`: how its batches are aligned, for a teacher with another
+        tokenizer)."""
         # ZeRO-3 and FSDP leave each process a shard of the teacher's weights: nothing to hash, or to build from.
         split_by = "DeepSpeed ZeRO-3" if zero_stage(self.accelerator) == 3 else None
         split_by = "FSDP" if sharding_engine(self.accelerator) == "FSDP" else split_by
@@ -176,7 +184,7 @@ class TeacherCacheMixin:
                 "across processes (so they cannot be hashed for the cache's record): build it once without "
                 f"{split_by} (one process, DDP or ZeRO-2), then train from it under {split_by} with no teacher at all"
             )
-        contents = cache_contents(losses, reference, self.args.teacher_cache_top_k)
+        contents = cache_contents(losses, reference, self.args.teacher_cache_top_k, retokenizer)
         if columns is not None and contents["logits"] is not None:
             contents["teacher_columns"] = columns
         in_memory = None if source is None or split_teacher else source.reference

@@ -19,7 +19,8 @@ next-token distribution. Q_g and P_g live in different vocabularies, so they are
 Each loss sums over the scored groups; its items are the student's predicted completion tokens, so with one
 tokenizer (every group one token) it is the mean over tokens, and gradient accumulation and several processes
 stay exact as for the other token-level terms. Groups the alignment cannot score (a teacher input cut shorter, a
-tail where the two never end on the same byte) add nothing.
+tail where the two never end on the same byte) add nothing. A teacher cache stores the alignment and the teacher's
+merged distributions ([`hf_distill.cache.groups`]).
 """
 
 from __future__ import annotations
@@ -140,7 +141,6 @@ class CrossTokenizerLoss(DistillationLoss):
     student_outputs = teacher_outputs = frozenset({"logits"})
     #: Read by the trainer: this loss takes a teacher with another tokenizer (its inputs re-tokenized and aligned).
     cross_tokenizer = True
-    cacheable = False
 
     def __init__(self, temperature: float = 1.0, merge: str = "first"):
         super().__init__()
@@ -177,6 +177,9 @@ class CrossTokenizerLoss(DistillationLoss):
             )
         rows, first, later = alignment.side("student")
         student = group_log_probs(student_outputs.logits, rows, later, self.temperature, first, self.merge)
+        cached = getattr(teacher_outputs, "group_targets", None)
+        if cached is not None:  # a teacher cache: the teacher's groups as they were merged when it was built
+            return student, cached.log_probs(self.temperature, self.merge)
         with torch.no_grad():
             rows, first, later = alignment.side("teacher")
             teacher = group_log_probs(
