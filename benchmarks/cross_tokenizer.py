@@ -22,11 +22,16 @@ same initialisation) for the same steps, batch, learning rate and examples:
 - `same_tokenizer_kd`: labels + forward KL to a teacher of the same shape trained the same way in the student's own
   tokens (`soft_target`): what distillation gives where the two tokenizers agree.
 Scored on 500 held-out prompts: validity of greedy and of sampled (temperature 1) answers, and each arm's time.
+
+With `--sizes '{"warm_steps": N}'` every arm starts from the same student trained first on the labels alone for N
+steps (batch 32, the arms' learning rate, constant), as GKD's students start from a supervised fine-tuning: the arms
+then compare what each objective adds to a student that already writes some valid answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -115,11 +120,12 @@ def gpt2(shape: list[int], tok: PreTrainedTokenizerFast, seed: int) -> GPT2LMHea
                                       n_head=heads, **ids))  # fmt: skip
 
 
-def plain_training(model, data, steps: int, seed: int, folder: str) -> None:
+def plain_training(model, data, steps: int, seed: int, folder: str, batch: int = 64, learning_rate: float = 1e-3,
+                   schedule: str = "cosine") -> None:  # fmt: skip
     args = TrainingArguments(
-        output_dir=folder, max_steps=steps, per_device_train_batch_size=64, learning_rate=1e-3, warmup_steps=0.05,
-        lr_scheduler_type="cosine", save_strategy="no", report_to="none", use_cpu=True, seed=seed,
-        disable_tqdm=True, logging_strategy="no",
+        output_dir=folder, max_steps=steps, per_device_train_batch_size=batch, learning_rate=learning_rate,
+        warmup_steps=0.05 if schedule == "cosine" else 0, lr_scheduler_type=schedule, save_strategy="no",
+        report_to="none", use_cpu=True, seed=seed, disable_tqdm=True, logging_strategy="no",
     )  # fmt: skip
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
 
@@ -174,11 +180,20 @@ def one_seed(seed: int, sizes: dict, folder: str, arms: list[str]) -> dict:
         record[f"teacher_{name}"] = {**score(teacher, tok, held_out, seed), "time_s": time.perf_counter() - start}
         print(f"seed {seed} teacher ({name} tokens): {json.dumps(record[f'teacher_{name}'])}", flush=True)
     distil = tokenized(train[: sizes["distil_examples"]], student_tok)
+    first_student = gpt2(sizes["student"], student_tok, seed + 1)
+    if sizes.get("warm_steps"):
+        set_seed(seed)
+        start = time.perf_counter()
+        plain_training(first_student, distil, sizes["warm_steps"], seed, os.path.join(folder, "warm"), batch=32,
+                       learning_rate=sizes["learning_rate"], schedule="constant")  # fmt: skip
+        record["warm_start"] = {**score(first_student, student_tok, held_out, seed),
+                                "time_s": time.perf_counter() - start}  # fmt: skip
+        print(f"seed {seed} warm start: {json.dumps(record['warm_start'])}", flush=True)
     record["arms"] = {}
     for arm in arms:
         losses, which = ARMS[arm]
         teacher, teacher_tok = teachers[which]
-        student = gpt2(sizes["student"], student_tok, seed + 1)
+        student = copy.deepcopy(first_student)
         args = DistillationConfig(
             output_dir=os.path.join(folder, arm), max_steps=sizes["arm_steps"], per_device_train_batch_size=32,
             learning_rate=sizes["learning_rate"], warmup_steps=0.05, save_strategy="no", report_to="none",
@@ -224,6 +239,8 @@ def report(records: dict[int, dict], facts: str) -> str:
     for key in ("teacher_characters", "teacher_student"):
         if key in records[seeds[0]]:
             lines.append(row(f"teacher ({key.split('_')[1]} tokens)", [records[s][key] for s in seeds]))
+    if "warm_start" in records[seeds[0]]:
+        lines.append(row("warm start (every arm's first student)", [records[s]["warm_start"] for s in seeds]))
     for arm in arms:
         lines.append(row(arm, [records[s]["arms"][arm] for s in seeds]))
     lines += ["", "Against `sft` (the labels alone), paired by seed (validity in points; bits per character, lower "

@@ -89,6 +89,18 @@ def test_a_dense_cross_tokenizer_cache_trains_exactly_like_online_and_then_needs
     assert_same_run(cached_left, online_left, losses)
 
 
+def test_with_one_tokenizer_on_both_sides_the_cache_keeps_one_group_per_token_and_trains_like_online(tmp_path):
+    losses = {"gold": {"weight": 1.0, "beta": 0.3}, "hidden_state": {"weight": 0.5, "layer_map": [[-1, -1]]}}
+    teacher, cache = gpt2(WORDS, 1, width=16), str(tmp_path / "cache")
+    online = run(tmp_path, "online", losses, teacher=teacher, teacher_tokenizer=WORDS)
+    built = run(tmp_path, "built", losses, teacher=teacher, teacher_tokenizer=WORDS, teacher_cache=cache,
+                teacher_cache_top_k=0)  # fmt: skip
+    assert_same_run(built, online, losses)
+    stored = TeacherCache(cache).reader.gather([0])
+    assert torch.equal(stored["group.stop"] - stored["group.start"], torch.ones_like(stored["group.start"]))
+    assert "hidden_rows" in stored  # hidden states by position, as for any teacher of the student's tokens
+
+
 def test_a_top_k_cross_tokenizer_cache_is_close_to_online_and_exact_when_k_covers_the_teachers_vocabulary(tmp_path):
     losses = {"gold": {"weight": 1.0, "beta": 0.5, "merge": "first"}}
     teacher = gpt2(PIECES, 1, width=16)
