@@ -229,7 +229,8 @@ def test_the_cross_tokenizer_recipe_trains_the_teacher_in_its_own_tokens_and_dis
     teacher = AutoTokenizer.from_pretrained(os.path.join(tmp_path, "teacher"))
     assert teacher.convert_ids_to_tokens(teacher("a c")["input_ids"]) == ["[BOS]", "a", " ", "c"]
     # The student distilled from a cache of the teacher's aligned groups, in the teacher's own vocabulary.
-    cached = json.load(open(os.path.join(tmp_path, "cache", "cache.json"), encoding="utf-8"))["contents"]["groups"]
+    cache = os.path.join(tmp_path, "cache", "gold_last")  # each kind its own cache
+    cached = json.load(open(os.path.join(cache, "cache.json"), encoding="utf-8"))["contents"]["groups"]
     assert cached["variants"] == [[1.0, "last"]] and cached["width"] == len(teacher)
     run = report["kinds"]["gold_last"]
     assert run["losses"]["gold"]["merge"] == "last" and run["training_steps"]["student"] == 1

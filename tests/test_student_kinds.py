@@ -105,6 +105,19 @@ def test_none_turns_off_a_recipes_width_and_quantization():
     assert (args.student_width, args.student_quantization) == (None, None)
 
 
+def test_each_student_kind_reads_its_own_teacher_cache(tmp_path):
+    from hf_distill.pipeline import parse_args
+    from hf_distill.pipeline.kinds import kind_run, kind_settings
+
+    argv = ["--recipe", "letters-cross-tokenizer", "--output_dir", str(tmp_path), "--teacher_cache", "cache"]
+    args, config, _ = parse_args(argv)
+    runs = {kind: kind_run(args, config, kind, settings)[1] for kind, settings in kind_settings(args, config).items()}
+    assert {kind: run.teacher_cache for kind, run in runs.items()} == {
+        kind: os.path.join("cache", kind) for kind in ("gold_last", "gold_first", "uld")
+    }
+    assert kind_run(*parse_args(argv[:-2])[:2], "uld", {})[1].teacher_cache is None
+
+
 def kinds_run(tmp_path, *flags):
     """The quick-start recipe on a tiny encoder, comparing student kinds: (report, output folder)."""
     from pipeline_assets import write_encoder_teacher, write_sentiment_dataset

@@ -69,7 +69,8 @@ def kind_run(
     args: PipelineArguments, config: DistillationConfig, kind: str, settings: dict[str, Any]
 ) -> tuple[PipelineArguments, DistillationConfig]:
     """The arguments and training settings of one kind's run: the run's own with the kind's settings over them,
-    in `<output_dir>/<kind>`, sharing the teacher of `<output_dir>/teacher`."""
+    in `<output_dir>/<kind>`, sharing the teacher of `<output_dir>/teacher`; a teacher cache in `<teacher_cache>/<kind>`
+    (what it stores follows each kind's losses and student)."""
     student = {key: value for key, value in settings.items() if key in KIND_ARGUMENTS}
     one = dataclasses.replace(
         args,
@@ -79,6 +80,8 @@ def kind_run(
         **student,
     )
     training = {key: value for key, value in settings.items() if key not in KIND_ARGUMENTS}
+    if config.teacher_cache is not None:
+        training.setdefault("teacher_cache", os.path.join(config.teacher_cache, kind))
     return one, dataclasses.replace(config, output_dir=os.path.join(config.output_dir, kind), **training)
 
 
