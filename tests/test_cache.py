@@ -190,6 +190,47 @@ def test_mismatched_cache_is_refused(tmp_path):
     make()  # the matching settings are accepted
 
 
+def test_the_weights_fingerprint_hashes_shared_memory_once_on_any_number_of_threads_and_sees_every_change(
+    monkeypatch,
+):
+    from hf_distill.cache import teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "HASH_PIECE_BYTES", 256)  # many pieces even in a tiny model
+    monkeypatch.setattr(teacher_cache, "HASH_BATCH_BYTES", 4096)
+    tied = causal_lm(0)
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+    value = teacher_cache.weights_fingerprint(tied, threads=1)
+    assert teacher_cache.weights_fingerprint(tied, threads=3) == value
+    untied = copy.deepcopy(tied)
+    untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    assert teacher_cache.weights_fingerprint(untied) != value  # the same numbers, but no longer one tensor
+    for name, parameter in tied.named_parameters():
+        changed = copy.deepcopy(tied)
+        with torch.no_grad():
+            dict(changed.named_parameters())[name].view(-1)[-1] += 1e-3
+        assert teacher_cache.weights_fingerprint(changed) != value, name
+
+
+def test_a_cache_recorded_with_the_earlier_weights_hash_is_still_recognised(tmp_path):
+    from hf_distill.cache import weights_sha256
+
+    teacher, student = mlm_pair()
+    data, cache_dir = masked_lm_dataset(24), str(tmp_path / "cache")
+    train(tmp_path, "build", teacher, copy.deepcopy(student), data, Stack(), MLM_LOSSES, teacher_cache=cache_dir)
+    for name in ("cache.json", "building.json"):  # as a cache written before the fingerprint was
+        path = os.path.join(cache_dir, name)
+        record = json.load(open(path, encoding="utf-8"))
+        assert record["teacher"].pop("weights_hash") == 2
+        record["teacher"]["weights_sha256"] = weights_sha256(teacher)
+        json.dump(record, open(path, "w", encoding="utf-8"))
+    again = train(tmp_path, "again", teacher, copy.deepcopy(student), data, Stack(), MLM_LOSSES,
+                  teacher_cache=cache_dir)  # fmt: skip
+    assert again.teacher_model is None
+    with pytest.raises(ValueError, match="teacher's weights differ"):
+        train(tmp_path, "other", bert_masked_lm(seed=5), copy.deepcopy(student), data, Stack(), MLM_LOSSES,
+              teacher_cache=cache_dir)  # fmt: skip
+
+
 def test_random_masking_and_random_augmentation_are_refused_before_training(tmp_path):
     teacher, student = mlm_pair()
     masking = DataCollatorForLanguageModeling(tokenizer(), mlm_probability=0.15)

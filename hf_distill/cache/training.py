@@ -25,7 +25,7 @@ from ..teacher_sources import DEFAULT_TEACHER
 from .building import ProcessGroup, build_teacher_cache
 from .contents import OutputExtractor, cache_contents
 from .store import BUILDING_NAME, read_json, write_json_atomically
-from .teacher_cache import INDEX_KEY, TeacherCache, cache_record
+from .teacher_cache import INDEX_KEY, WEIGHTS_HASH, TeacherCache, cache_record, recorded_weights_hash
 
 #: In a cache folder of several teachers: their names, one subfolder (a whole cache) each.
 TEACHERS_INDEX = "teachers.json"
@@ -190,7 +190,9 @@ class TeacherCacheMixin:
         in_memory = None if source is None or split_teacher else source.reference
         # The teacher's size as given (a GPU run may have cast it to half precision since).
         facts = None if source is None else source.facts
-        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts)
+        # Hashed as the cache already there was (an older cache's way), or the newest way for a new one.
+        hashing = recorded_weights_hash(directory) if os.path.isdir(directory) else WEIGHTS_HASH
+        record = cache_record(in_memory, self.train_dataset, self.data_collator, contents, facts, hashing)
         if cache is None and not TeacherCache.is_finished(directory):
             # Every process builds its share of the examples (the directory must be on a file system they share).
             cache = build_teacher_cache(
