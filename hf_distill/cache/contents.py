@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..alignment import ALIGNMENT_KEY
 from ..logit_rows import ProjectedRows
 from ..losses import DistillationLoss, rows_per_chunk
 from ..losses.functional import teacher_top_k
@@ -383,7 +384,7 @@ class CachedTeacherOutputs:
     def get(self, key: str, default: Any = None) -> Any:
         """The batch's `Alignment` under "alignment" (a teacher with another tokenizer), as a model output carries
         it online; `default` for anything else."""
-        if key == "alignment" and self.group_targets is not None:
+        if key == ALIGNMENT_KEY and self.group_targets is not None:
             return self.group_targets.alignment
         return default
 
