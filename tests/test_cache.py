@@ -201,10 +201,13 @@ def test_the_weights_fingerprint_hashes_shared_memory_once_on_any_number_of_thre
     assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
     value = teacher_cache.weights_fingerprint(tied, threads=1)
     assert teacher_cache.weights_fingerprint(tied, threads=3) == value
+    monkeypatch.setattr(teacher_cache, "HASH_BATCH_BYTES", 1 << 30)  # every tensor in one batch: the same value
+    assert teacher_cache.weights_fingerprint(tied, threads=2) == value
+    monkeypatch.setattr(teacher_cache, "HASH_BATCH_BYTES", 4096)
     untied = copy.deepcopy(tied)
     untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
     assert teacher_cache.weights_fingerprint(untied) != value  # the same numbers, but no longer one tensor
-    for name, parameter in tied.named_parameters():
+    for name, _ in tied.named_parameters():
         changed = copy.deepcopy(tied)
         with torch.no_grad():
             dict(changed.named_parameters())[name].view(-1)[-1] += 1e-3

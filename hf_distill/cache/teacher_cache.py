@@ -62,43 +62,46 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def weights_fingerprint(model: nn.Module, threads: int | None = None) -> str:
-    """A sha256 hash of a model's weights, as a teacher cache records them (`WEIGHTS_HASH` 2): every tensor of its
-    state dict by name, dtype and shape; a tensor that is another one's view of the same memory (tied embeddings) by
-    that name, its bytes hashed once; the bytes in pieces of `HASH_PIECE_BYTES`, each piece's sha256 taken on one
-    of `threads` threads (hashlib works without the GIL), and the hash of all of them in order. The value does not
-    depend on the number of threads."""
+    """A sha256 hash of a model's weights, as a teacher cache records them (`WEIGHTS_HASH` 2): for every tensor of
+    its state dict, in name order, its name, dtype and shape, then the sha256 of each `HASH_PIECE_BYTES` piece of
+    its bytes, each piece hashed on one of `threads` threads (hashlib works without the GIL); a tensor that is
+    another one's view of the same memory (tied embeddings) by that name instead, its bytes hashed once. The value
+    depends on neither the number of threads nor how many bytes are hashed at a time."""
     threads = threads or min(8, os.cpu_count() or 1)
     digest = hashlib.sha256()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for header, pieces in _weight_pieces(model):
-            digest.update(header)
-            for piece_digest in pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces):
-                digest.update(piece_digest)
+        for batch in _weight_batches(model):
+            pieces = [piece for _, tensor_pieces in batch for piece in tensor_pieces]
+            digests = iter(pool.map(lambda piece: hashlib.sha256(piece).digest(), pieces))
+            for header, tensor_pieces in batch:
+                digest.update(header)
+                for _ in tensor_pieces:
+                    digest.update(next(digests))
     return digest.hexdigest()
 
 
-def _weight_pieces(model: nn.Module) -> Iterator[tuple[bytes, list[Any]]]:
-    """(header bytes, pieces of weight bytes to hash) in state-dict order, at most `HASH_BATCH_BYTES` of pieces at a
-    time (a GPU model is copied to the host that much at a time)."""
+def _weight_batches(model: nn.Module) -> Iterator[list[tuple[bytes, list[Any]]]]:
+    """The state dict's tensors in name order as (header, pieces of their bytes), in batches of at least
+    `HASH_BATCH_BYTES` (a GPU model is copied to the host about that much at a time)."""
     seen: dict[tuple, str] = {}
-    header, pieces, pending = b"", [], 0
+    batch, pending = [], 0
     for name, tensor in sorted(model.state_dict().items()):
         tensor = _in_memory(name, tensor)
-        header += f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode()
+        header = f"{name}:{tensor.dtype}:{tuple(tensor.shape)};"
         where = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                  tuple(tensor.stride()), tensor.dtype)  # fmt: skip
         if tensor.numel() and where in seen:
-            header += f"={seen[where]};".encode()
+            batch.append((f"{header}={seen[where]};".encode(), []))
             continue
         seen[where] = name
         data = tensor.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        for start in range(0, len(data), HASH_PIECE_BYTES):
-            pieces.append(data[start : start + HASH_PIECE_BYTES])
+        batch.append((header.encode(), [data[start : start + HASH_PIECE_BYTES]
+                                        for start in range(0, len(data), HASH_PIECE_BYTES)]))  # fmt: skip
         pending += len(data)
         if pending >= HASH_BATCH_BYTES:
-            yield header, pieces
-            header, pieces, pending = b"", [], 0
-    yield header, pieces
+            yield batch
+            batch, pending = [], 0
+    yield batch
 
 
 def recorded_weights_hash(directory: str) -> int:
