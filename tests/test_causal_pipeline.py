@@ -221,7 +221,7 @@ def test_the_cross_tokenizer_recipe_trains_the_teacher_in_its_own_tokens_and_dis
         ["--recipe", "letters-cross-tokenizer", "--output_dir", str(tmp_path), "--teacher_max_train_samples", "64",
          "--max_train_samples", "16", "--max_eval_samples", "8", "--teacher_num_train_epochs", "1",
          "--per_device_eval_batch_size", "8", "--latency_repeats", "1", "--latency_batch_sizes", "1",
-         "--student_kinds", "gold_last", "--use_cpu", "true", "--disable_tqdm", "true",
+         "--student_kinds", "gold_last", "--num_train_epochs", "1", "--use_cpu", "true", "--disable_tqdm", "true",
          "--teacher_cache", str(tmp_path / "cache")]
     )  # fmt: skip
     report = run_student_kinds(args, config, recipe)
