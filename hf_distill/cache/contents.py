@@ -17,6 +17,7 @@ from ..model_kind import describe
 from ..positions import position_mask, token_mask
 from ..seq2seq import stack_size
 from .groups import GroupTargets, group_contents, groups_mismatch, stored_groups
+from .store import row_counts_key
 
 #: The fewest rows of a token-level teacher's logits a cache build projects and reduces to its top k at a time.
 BUILD_CHUNK_ROWS = 256
@@ -283,19 +284,6 @@ def _grouped_hidden(contents: dict[str, Any]) -> bool:
     return bool((contents.get("groups") or {}).get("aligned_hidden"))
 
 
-def _row_counts_key(key: str) -> str | None:
-    """The key of the per-example row counts of a stored row tensor, None for per-example tensors."""
-    if key.startswith("group."):
-        return "group_rows"
-    if key.startswith("span."):
-        return "span_rows"
-    if key.startswith("token."):
-        return "rows"
-    if "hidden." in key:
-        return key.split("hidden.")[0] + "hidden_rows"
-    return None
-
-
 def _teacher_value(key: str) -> bool:
     """Whether a stored tensor is the teacher's own output (the log-normaliser and tail are derived from them)."""
     return key == "logits" or key.startswith(("token.logits", "token.values", "span.", "group.")) or "hidden." in key
@@ -310,7 +298,7 @@ def nonfinite_examples(stored: dict[str, torch.Tensor]) -> list[int]:
     bad = torch.zeros(examples, dtype=torch.bool)
     for key, tensor in checked.items():
         finite_rows = torch.isfinite(tensor.reshape(len(tensor), -1)).all(1).cpu()
-        counts = stored.get(_row_counts_key(key) or "")
+        counts = stored.get(row_counts_key(key) or "")
         if counts is not None:
             owner = torch.repeat_interleave(torch.arange(examples), counts.cpu())
             bad[owner[~finite_rows]] = True

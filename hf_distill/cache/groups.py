@@ -135,8 +135,9 @@ class GroupTargets:
         counts = gathered["group_rows"].to(device).long()
         owner = torch.repeat_interleave(torch.arange(examples, device=device), counts)
         offset = owner * length + _first_positions(inputs, examples, device)[owner]
-        start = gathered["group.start"].to(device).long() + offset  # flat position of each group's first token
-        sizes = gathered["group.stop"].to(device).long() - gathered["group.start"].to(device).long()
+        first = gathered["group.start"].to(device).long()
+        sizes = gathered["group.stop"].to(device).long() - first
+        start = first + offset  # flat position of each group's first token
         count = start.numel()
         group = torch.repeat_interleave(torch.arange(count, device=device), sizes - 1)
         step = torch.arange(group.numel(), device=device) - torch.repeat_interleave(

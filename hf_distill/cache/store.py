@@ -54,6 +54,11 @@ ROW_COUNTS = {
 }
 
 
+def row_counts_key(name: str) -> str | None:
+    """The key of the per-example row counts of stored tensor `name`, None for a tensor stored by example."""
+    return next((counts for prefix, counts in ROW_COUNTS.items() if name.startswith(prefix)), None)
+
+
 def shard_name(start: int, end: int) -> str:
     return f"shard-{start:09d}-{end:09d}.safetensors"
 
@@ -188,8 +193,8 @@ class _Shard:
         """The part of tensor `name` that belongs to `example` (an index into the whole cache)."""
         self.verify()
         local = example - self.start
-        counts = next((c for prefix, c in ROW_COUNTS.items() if name.startswith(prefix) and c in self.offsets), None)
-        if counts is None:
+        counts = row_counts_key(name)
+        if counts not in self.offsets:
             return self.file.get_slice(name)[local : local + 1]
         offsets = self.offsets[counts]
         return self.file.get_slice(name)[offsets[local] : offsets[local + 1]]
