@@ -60,7 +60,10 @@ def cache_contents(
         )
     cross = [loss.term for loss in teacher_losses if getattr(loss, "cross_tokenizer", False)]
     if cross and retokenizer is None:
-        raise ValueError(f"the losses {cross} distil across tokenizers: the cache needs both tokenizers to align them")
+        raise ValueError(
+            f"the losses {cross} distil across tokenizers, and the cache aligns the two: pass the student's tokenizer "
+            "as processing_class and the teacher's as teacher_processing_class"
+        )
     positional = [loss for loss in teacher_losses if not getattr(loss, "cross_tokenizer", False)]
     asked = {loss.term: loss.cached_logits() for loss in positional}
     requests = [request for request in asked.values() if request is not None]
